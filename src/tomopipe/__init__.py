@@ -1,0 +1,3 @@
+"""tomopipe: cryo-electron tomography from tilt-series movies to subtomogram averages."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The ``tomopipe`` command: one entry point, one subcommand per job, ``--help`` everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tomopipe import __version__
+from tomopipe.errors import TomopipeError
+
+log = logging.getLogger("tomopipe")
+
+
+def _add_project_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", "-p", default=".", type=Path,
+                        help="project folder (default: the current folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tomopipe",
+        description="Cryo-ET from tilt-series movies to subtomogram averages, in one package.",
+    )
+    parser.add_argument("--version", action="version", version=f"tomopipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages on the terminal and in logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    project = commands.add_parser("project", help="create a project")
+    project_commands = project.add_subparsers(dest="project_command", required=True, metavar="ACTION")
+    init = project_commands.add_parser("init", help="create a project folder with its database")
+    init.add_argument("folder", type=Path)
+
+    run = commands.add_parser("run", help="run a workflow file (resumes: finished, unchanged steps are skipped)")
+    run.add_argument("workflow", type=Path, help="workflow TOML file, e.g. workflows/apoferritin_tutorial.toml")
+    _add_project_argument(run)
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                     help="override a parameter of the file (repeatable), e.g. import.files_directory=/data/TS")
+    run.add_argument("--until", metavar="STEP", help="stop after this step")
+    run.add_argument("--jobs", "-j", type=int, default=1, help="local worker processes (work is split per tilt series)")
+    run.add_argument("--dask", metavar="SCHEDULER", help="run tasks on Dask: a scheduler address, or 'local'")
+
+    status = commands.add_parser("status", help="list the runs of a project")
+    _add_project_argument(status)
+
+    show = commands.add_parser("show", help="show one run: parameters, inputs, outputs, log")
+    show.add_argument("run", help="run id or step name (the newest run of that name)")
+    _add_project_argument(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    export = commands.add_parser("export", help="write the project's data in another tool's layout")
+    export.add_argument("format", choices=["relion5", "imod"])
+    _add_project_argument(export)
+    export.add_argument("--out", required=True, type=Path, help="output folder")
+
+    inspect = commands.add_parser("inspect", help="print what tomopipe reads from a file (mdoc, MRC, STAR, IMOD, Warp XML, movie)")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON (keys carry their units)")
+
+    steps = commands.add_parser("steps", help="list step types, or show one step's parameters")
+    steps.add_argument("type", nargs="?", help="a step type, e.g. import_movies")
+
+    from tomopipe.simulate.command import add_arguments as add_simulate_arguments
+
+    simulate = commands.add_parser("simulate", help="simulate a tilt-series acquisition (movies + mdoc + truth)")
+    add_simulate_arguments(simulate)
+
+    demo = commands.add_parser("demo", help="simulate the small apoferritin data set and run the tutorial workflow")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the data and the project")
+    demo.add_argument("--preset", default="small", help="simulation preset (small; tiny for a quick look)")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--jobs", "-j", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    log.addHandler(handler)
+    try:
+        return COMMANDS[args.command](args)
+    except TomopipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        log.removeHandler(handler)
+
+
+def cmd_project(args) -> int:
+    from tomopipe.project.store import Project
+
+    with Project.init(args.folder) as project:
+        print(f"created project {project.folder}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tomopipe.engine.executors import make_executor
+    from tomopipe.engine.runner import run_workflow
+    from tomopipe.engine.workflow import load_workflow
+    from tomopipe.project.store import Project
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    executor = make_executor(args.jobs, args.dask)
+    try:
+        with Project.open_or_init(args.project) as project:
+            print(f"project {project.folder} · workflow {workflow.name} · {executor.describe()}")
+            report = run_workflow(project, workflow, executor, until=args.until, verbose=args.verbose)
+    finally:
+        executor.close()
+    return 0 if report.ok else 1
+
+
+def cmd_status(args) -> int:
+    from tomopipe.project.store import Project
+
+    with Project.open(args.project) as project:
+        runs = project.runs()
+        if not runs:
+            print("no runs yet")
+            return 0
+        print(f"{'id':>4}  {'name':20s} {'type':20s} {'status':9s} {'time':>8s}  outputs")
+        for run in runs:
+            outputs = ", ".join(f"{name}({record.n_items})" for name, record in project.sets_of_run(run.id).items())
+            elapsed = f"{run.elapsed_s:.1f}s" if run.elapsed_s is not None else "-"
+            print(f"{run.id:>4}  {run.name:20s} {run.step_type:20s} {run.status:9s} {elapsed:>8s}  {outputs}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from tomopipe.project.store import Project
+
+    with Project.open(args.project) as project:
+        run = project.find_run(args.run)
+        outputs = {name: {"set_id": s.id, "kind": s.kind, "items": s.n_items}
+                   for name, s in project.sets_of_run(run.id).items()}
+        inputs = {port: set_id for role, port, set_id in project.provenance(run.id) if role == "input"}
+        document = {
+            "id": run.id, "name": run.name, "step_type": run.step_type, "status": run.status,
+            "workflow": run.workflow, "params": run.params, "inputs": inputs, "outputs": outputs,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at)) if run.started_at else None,
+            "elapsed_s": run.elapsed_s, "error": run.error, "summary": run.summary,
+            "folder": str(project.absolute_path(run.folder)), "log": str(project.absolute_path(run.log_path)),
+        }
+        if args.json:
+            print(json.dumps(document, indent=2, default=str))
+        else:
+            for key, value in document.items():
+                if isinstance(value, dict):
+                    print(f"{key}:")
+                    for sub_key, sub_value in value.items():
+                        print(f"  {sub_key} = {sub_value}")
+                else:
+                    print(f"{key}: {value}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tomopipe.export import export_project
+    from tomopipe.project.store import Project
+
+    with Project.open(args.project) as project:
+        written = export_project(project, args.format, args.out)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tomopipe.io.inspect import format_inspect, inspect_file
+
+    summary = inspect_file(args.file)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_inspect(summary))
+    return 0
+
+
+def cmd_steps(args) -> int:
+    from tomopipe.steps.base import REGISTRY, render_step_help, step_class
+
+    if args.type:
+        print(render_step_help(step_class(args.type)))
+        return 0
+    step_class("import_movies")  # loads the registry
+    for name, cls in REGISTRY.items():
+        print(f"{name:24s} {cls.title}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from tomopipe.simulate.command import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_demo(args) -> int:
+    from tomopipe.demo import run_demo
+
+    return run_demo(args.out, preset=args.preset, seed=args.seed, jobs=args.jobs)
+
+
+COMMANDS = {
+    "project": cmd_project,
+    "run": cmd_run,
+    "status": cmd_status,
+    "show": cmd_show,
+    "export": cmd_export,
+    "inspect": cmd_inspect,
+    "steps": cmd_steps,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

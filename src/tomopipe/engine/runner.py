@@ -1,0 +1,143 @@
+"""Run a workflow against a project: resume what is up to date, run what changed, stop dependents
+of a failed step.
+
+A step's signature is a hash of its type and version, its validated parameters, the
+fingerprint of the files it reads from outside the project (``Step.fingerprint``) and the
+signatures of the runs that produced its inputs. A finished run with the same signature is
+reused; a changed parameter changes the signature of that step and of every step after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from tomopipe.engine.context import RunContext
+from tomopipe.engine.executors import LOGGER_NAME, Executor
+from tomopipe.engine.workflow import Workflow, WorkflowStep
+from tomopipe.errors import TomopipeError
+from tomopipe.project.store import Project, RunRecord, SetRecord, dumps
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    status: str  # finished (ran now), skipped (up to date), failed, blocked
+    run: RunRecord | None = None
+    message: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class WorkflowReport:
+    outcomes: list[StepOutcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(outcome.status in ("finished", "skipped") for outcome in self.outcomes)
+
+
+def step_signature(step: WorkflowStep, input_signatures: dict[str, str]) -> str:
+    document = {
+        "type": step.step.type_name,
+        "version": step.step.version,
+        "params": step.params,
+        "fingerprint": step.step.fingerprint(step.params),
+        "inputs": input_signatures,
+    }
+    return hashlib.sha256(dumps(document).encode()).hexdigest()
+
+
+def run_workflow(project: Project, workflow: Workflow, executor: Executor, until: str | None = None,
+                 verbose: bool = False, echo=print) -> WorkflowReport:
+    """Run the steps in file order (up to and including ``until``) and report each one."""
+    if until is not None and until not in workflow.step_names():
+        raise TomopipeError(f"--until {until!r}: no such step in {workflow.path} "
+                            f"(steps: {', '.join(workflow.step_names())})")
+    for run_id in project.mark_stale_runs():
+        echo(f"note: run {run_id} was interrupted earlier and is marked killed")
+    produced: dict[str, tuple[str, dict[str, SetRecord]]] = {}  # step -> (signature, outputs)
+    broken: set[str] = set()
+    outcomes: list[StepOutcome] = []
+    for step in workflow.steps:
+        upstream = {ref.step for ref in step.inputs.values()}
+        if upstream & broken:
+            broken.add(step.name)
+            outcome = StepOutcome(step.name, "blocked", message=f"not run: depends on {', '.join(sorted(upstream & broken))}")
+        else:
+            outcome = _run_one(project, workflow, step, produced, executor, verbose, echo)
+            if outcome.status not in ("finished", "skipped"):
+                broken.add(step.name)
+        outcomes.append(outcome)
+        echo(_outcome_line(outcome))
+        if step.name == until:
+            break
+    return WorkflowReport(outcomes)
+
+
+def _outcome_line(outcome: StepOutcome) -> str:
+    if outcome.status == "skipped":
+        return f"[{outcome.name}] up to date (run {outcome.run.id}), skipped"
+    if outcome.status == "finished":
+        return f"[{outcome.name}] finished in {outcome.run.elapsed_s:.1f} s (run {outcome.run.id})"
+    return f"[{outcome.name}] {outcome.status.upper()}: {outcome.message}"
+
+
+def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
+             produced: dict[str, tuple[str, dict[str, SetRecord]]], executor: Executor,
+             verbose: bool, echo) -> StepOutcome:
+    input_sets = {port: produced[ref.step][1][ref.output] for port, ref in step.inputs.items()}
+    input_signatures = {port: f"{produced[ref.step][0]}:{ref.output}" for port, ref in step.inputs.items()}
+    try:
+        signature = step_signature(step, input_signatures)
+    except TomopipeError as error:
+        return StepOutcome(step.name, "failed", message=str(error))
+    previous = project.finished_run_with_signature(signature)
+    if previous is not None:
+        produced[step.name] = (signature, project.sets_of_run(previous.id))
+        return StepOutcome(step.name, "skipped", run=previous, summary=previous.summary)
+
+    run = project.create_run(step.name, step.step.type_name, step.params,
+                             {port: record.id for port, record in input_sets.items()}, signature, workflow.name)
+    log_path = project.absolute_path(run.log_path)
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ctx = RunContext(project, run, step.name, step.params, input_sets,
+                     {port.name: port.kind for port in step.step.outputs}, executor, logger, verbose)
+    started = time.time()
+    logger.info("run %d: step %s (%s) with %s on %s", run.id, step.name, step.step.type_name,
+                dumps(step.params), executor.describe())
+    try:
+        summary = step.step().run(ctx) or {}
+        missing = [p.name for p in step.step.outputs if not p.optional and p.name not in ctx.outputs]
+        if missing:
+            raise RuntimeError(f"step {step.name!r} finished without writing output(s) {', '.join(missing)}")
+        summary = {"seconds": round(time.time() - started, 3), **summary}
+        project.finish_run(run.id, summary)
+        logger.info("run %d finished in %.1f s", run.id, time.time() - started)
+    except KeyboardInterrupt:
+        project.fail_run(run.id, "interrupted by the user", status="killed")
+        raise
+    except TomopipeError as error:
+        logger.error("%s", error)
+        project.fail_run(run.id, str(error))
+        return StepOutcome(step.name, "failed", run=project.get_run(run.id),
+                           message=f"{error} (log: {log_path})")
+    except Exception as error:  # a bug or an unexpected failure: keep the traceback in the log
+        logger.error("%s", traceback.format_exc())
+        project.fail_run(run.id, f"{type(error).__name__}: {error}")
+        return StepOutcome(step.name, "failed", run=project.get_run(run.id),
+                           message=f"{type(error).__name__}: {error} (log: {log_path})")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(previous_level)
+    produced[step.name] = (signature, project.sets_of_run(run.id))
+    return StepOutcome(step.name, "finished", run=project.get_run(run.id), summary=summary)

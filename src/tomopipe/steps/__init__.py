@@ -1,0 +1,3 @@
+"""Pipeline steps, one module per seed step. Importing this package registers them all."""
+
+from tomopipe.steps import import_movies  # noqa: F401

@@ -1,0 +1,53 @@
+"""Shared fixtures: paths to the real metadata files, and a small hand-made acquisition on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"the real metadata files are expected in {SHARED_DATA}"
+    return SHARED_DATA
+
+
+def write_acquisition(folder: Path, ts_names=("TS_01", "TS_02"), tilt_angles=(0.0, 3.0, -3.0, 6.0, -6.0),
+                      frames: int = 2, size: int = 32, dose_per_tilt: float = 3.0, pixel_size_A: float = 2.0,
+                      tilt_axis_deg: float = -85.6, seed: int = 0) -> Path:
+    """Movies (LZW TIFF, integer counts) and a SerialEM-style mdoc per tilt series, in ``folder``.
+    Sections are written in acquisition order (the order of ``tilt_angles``) with DateTime."""
+    from tomopipe.io.mdoc import write_mdoc
+    from tomopipe.io.movies import write_movie
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for ts in ts_names:
+        sections = []
+        for index, angle in enumerate(tilt_angles):
+            name = f"{ts}_{index + 1:03d}_{angle:.1f}.tif"
+            write_movie(folder / name, rng.poisson(1.0, size=(frames, size, size)).astype(np.uint8))
+            sections.append({
+                "TiltAngle": angle,
+                "StagePosition": [10.0, -5.0],
+                "Magnification": 64000,
+                "ExposureDose": dose_per_tilt,
+                "PixelSpacing": pixel_size_A,
+                "ExposureTime": 1.0,
+                "NumSubFrames": frames,
+                "TargetDefocus": -2.5,
+                "SubFramePath": f"X:\\frames\\{name}",
+                "DateTime": f"24-Nov-26  10:{index:02d}:00",
+            })
+        write_mdoc(folder / f"{ts}.mdoc",
+                   {"PixelSpacing": pixel_size_A, "Voltage": 300, "ImageFile": f"{ts}.mrc",
+                    "ImageSize": [size, size], "DataMode": 1},
+                   ["[T = SerialEM: test acquisition]",
+                    f"[T =     Tilt axis angle = {tilt_axis_deg}, binning = 1  spot = 8  camera = 0]"],
+                   sections)
+    return folder
