@@ -123,7 +123,6 @@ def test_fourier_crop_bin_preserves_mean_and_sinusoids(shape, factor):
     delta[h // 2, w // 2] = 1.0
     peak = f.fourier_crop_bin(delta, factor)
     assert divmod(int(peak.argmax()), new_w) == (new_h // 2, new_w // 2)
-    assert float(peak[new_h // 2, :].sum() - peak[new_h // 2, :].flip(0).sum()) == pytest.approx(0.0, abs=1e-9) or new_w % 2 == 0
     # noise image: the mean is preserved exactly, content above the new Nyquist is removed
     noise = torch.randn(3, h, w, generator=gen, dtype=F64) + 2.0
     binned = f.fourier_crop_bin(noise, factor)

@@ -41,11 +41,15 @@ class WorkflowReport:
 
 
 def step_signature(step: WorkflowStep, input_signatures: dict[str, str]) -> str:
+    try:
+        fingerprint = step.step.fingerprint(step.params)
+    except TomopipeError as error:  # the run itself will fail with this error, in its log
+        fingerprint = {"error": str(error)}
     document = {
         "type": step.step.type_name,
         "version": step.step.version,
         "params": step.params,
-        "fingerprint": step.step.fingerprint(step.params),
+        "fingerprint": fingerprint,
         "inputs": input_signatures,
     }
     return hashlib.sha256(dumps(document).encode()).hexdigest()
@@ -91,10 +95,7 @@ def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
              verbose: bool, echo) -> StepOutcome:
     input_sets = {port: produced[ref.step][1][ref.output] for port, ref in step.inputs.items()}
     input_signatures = {port: f"{produced[ref.step][0]}:{ref.output}" for port, ref in step.inputs.items()}
-    try:
-        signature = step_signature(step, input_signatures)
-    except TomopipeError as error:
-        return StepOutcome(step.name, "failed", message=str(error))
+    signature = step_signature(step, input_signatures)
     previous = project.finished_run_with_signature(signature)
     if previous is not None:
         produced[step.name] = (signature, project.sets_of_run(previous.id))

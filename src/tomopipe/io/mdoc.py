@@ -39,18 +39,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pydantic
 from mdocfile.data_models import Mdoc
 
 from tomopipe.errors import InputFileError
 from tomopipe.io._atomic import write_text_atomic
+from tomopipe.model.acquisition import parse_serialem_datetime
 
 _SECTION_HEADER = re.compile(r"^\[\s*(ZValue|FrameSet|MontSection)\s*=\s*([^\]]*)\]\s*$")
 _TITLE = re.compile(r"^\[\s*T\s*=(.*)\]\s*$")
 _BARE_TITLE = re.compile(r"^T\s*=(.*)$")
 _TILT_AXIS = re.compile(r"tilt\s*axis\s*angle\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
 _TITLE_BINNING = re.compile(r"binning\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+))", re.IGNORECASE)
-_DATE_FORMATS = ("%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S")
 SERIALEM_DATE_FORMAT = "%d-%b-%y  %H:%M:%S"
 
 # SerialEM key -> our column name (units in the module docstring); other keys: snake_case.
@@ -76,9 +75,6 @@ _COLUMN_NAMES = {
     "SubFramePath": "sub_frame_path",
     "Voltage": "voltage_kV",
 }
-
-log = logging.getLogger(__name__)
-
 
 def _snake(name: str) -> str:
     s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
@@ -127,15 +123,7 @@ class MdocTiltSeries:
 
 def parse_mdoc_datetime(text: Any) -> pd.Timestamp:
     """SerialEM ``DateTime`` (``30-Nov-15  15:21:38``) -> Timestamp; NaT when absent/unparseable."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return pd.NaT
-    value = " ".join(str(text).split())
-    for fmt in _DATE_FORMATS:
-        try:
-            return pd.Timestamp(datetime.strptime(value, fmt))
-        except ValueError:
-            continue
-    return pd.NaT
+    return parse_serialem_datetime(text)
 
 
 def movie_name_from_path(sub_frame_path: Any) -> str | None:
@@ -278,7 +266,10 @@ def _first_number(frames: Sequence[pd.DataFrame], column: str) -> float | None:
     return None
 
 
-def _validation_message(exc: pydantic.ValidationError) -> str:
+def _validation_message(exc: ValueError) -> str:
+    """mdocfile raises pydantic ValidationErrors (ValueError subclasses with ``.errors()``)."""
+    if not hasattr(exc, "errors"):
+        return str(exc)
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(p) for p in err.get("loc", ()))
@@ -305,9 +296,11 @@ def read_mdoc(path: str | os.PathLike, *, require_tilt_series: bool = False) -> 
     mdocfile_logger.setLevel(logging.ERROR)  # it warns about every unknown field
     try:
         mdoc = Mdoc.from_lines(lines)
-    except pydantic.ValidationError as exc:
-        raise InputFileError(path, f"invalid mdoc value: {_validation_message(exc)}") from exc
-    except (ValueError, TypeError, IndexError) as exc:
+    except ValueError as exc:
+        if hasattr(exc, "errors"):
+            raise InputFileError(path, f"invalid mdoc value: {_validation_message(exc)}") from exc
+        raise InputFileError(path, f"cannot parse mdoc ({exc})") from exc
+    except (TypeError, IndexError) as exc:
         raise InputFileError(path, f"cannot parse mdoc ({exc})") from exc
     finally:
         mdocfile_logger.setLevel(previous_level)

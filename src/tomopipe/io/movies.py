@@ -100,6 +100,8 @@ def _decode_page(path: Path, page: Any, index: int) -> np.ndarray:
 
 
 def _is_eer(path: Path, tif: tifffile.TiffFile) -> bool:
+    if len(tif.pages) == 0:
+        raise InputFileError(path, "TIFF file has no images")
     return _suffix(path) in EER_SUFFIXES or int(tif.pages.first.compression) in EER_COMPRESSIONS
 
 

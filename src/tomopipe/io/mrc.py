@@ -141,25 +141,47 @@ def read_mrc(path: str | os.PathLike, mmap: bool = False) -> tuple[np.ndarray, f
     return data, voxel_size_A
 
 
+_STATS_CHUNK = 1 << 22  # values per chunk (32 MB as float64)
+
+
 def _stats(data: np.ndarray) -> dict[str, float]:
-    """min/max/mean/std computed in float64, a few MB at a time (works on memmaps)."""
-    flat = data.reshape(-1, data.shape[-1]) if data.ndim >= 2 else data.reshape(1, -1)
-    rows_per_chunk = max(1, (1 << 22) // max(1, flat.shape[1]))
-    chunks = range(0, flat.shape[0], rows_per_chunk)
+    """min/max/mean/std of all values, in bounded memory (works on memmaps).
+
+    8- and 16-bit integers: exact, from a histogram of the values. Other types: one pass in
+    float64 about a shift (the first chunk's mean), so large offsets lose no precision.
+    """
+    flat = data.reshape(-1)
     n = flat.size
-    total = 0.0
+    if np.issubdtype(data.dtype, np.integer) and data.dtype.itemsize <= 2:
+        unsigned = np.dtype(f"u{data.dtype.itemsize}")
+        hist = np.zeros(1 << (8 * data.dtype.itemsize), dtype=np.int64)
+        for start in range(0, n, _STATS_CHUNK):
+            chunk = np.ascontiguousarray(flat[start : start + _STATS_CHUNK]).view(unsigned)
+            hist += np.bincount(chunk, minlength=hist.size)
+        values = np.arange(hist.size, dtype=np.int64)
+        if np.issubdtype(data.dtype, np.signedinteger):  # bit pattern -> signed value
+            values = values.astype(unsigned).view(data.dtype.newbyteorder("=")).astype(np.int64)
+        present = hist > 0
+        values, counts = values[present], hist[present]
+        mean = float((values * counts).sum()) / n
+        var = float((np.square(values - mean) * counts).sum()) / n
+        return {"min": float(values.min()), "max": float(values.max()), "mean": mean, "std": float(np.sqrt(var))}
+    shift = None
+    s1 = s2 = 0.0
     lo, hi = np.inf, -np.inf
-    for start in chunks:
-        chunk = np.asarray(flat[start : start + rows_per_chunk], dtype=np.float64)
-        total += float(chunk.sum())
+    for start in range(0, n, _STATS_CHUNK):
+        chunk = np.asarray(flat[start : start + _STATS_CHUNK])
         lo = min(lo, float(chunk.min()))
         hi = max(hi, float(chunk.max()))
-    mean = total / n
-    sq_dev = 0.0  # second pass about the mean: no cancellation error
-    for start in chunks:
-        chunk = np.asarray(flat[start : start + rows_per_chunk], dtype=np.float64)
-        sq_dev += float(np.square(chunk - mean).sum())
-    return {"min": lo, "max": hi, "mean": mean, "std": float(np.sqrt(sq_dev / n))}
+        d = chunk.astype(np.float64)
+        if shift is None:
+            shift = float(d.mean())
+        d -= shift
+        s1 += float(d.sum())
+        s2 += float(np.dot(d, d))
+    mean_d = s1 / n
+    var = max(s2 / n - mean_d * mean_d, 0.0)
+    return {"min": lo, "max": hi, "mean": shift + mean_d, "std": float(np.sqrt(var))}
 
 
 def read_mrc_header(path: str | os.PathLike, *, compute_stats: bool = False) -> dict[str, Any]:
@@ -257,29 +279,41 @@ def _write(path: str | os.PathLike, data: Any, voxel_size_A: Any, *, stack: bool
     if array.size == 0:
         raise ValueError(f"{path}: cannot write an empty array (shape {array.shape})")
     voxel = None if voxel_size_A is None else _normalise_voxel_size(voxel_size_A)
-    array = np.ascontiguousarray(array)
     is_uint8 = array.dtype == np.uint8
-    to_store = array.view(np.int8) if is_uint8 else array
-
     with atomic_path(path) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # float16 stats overflow warnings
+        if array.dtype == np.complex64:  # rare: let mrcfile compute the statistics
             with mrcfile.new(tmp, overwrite=True) as mrc:
-                mrc.set_data(to_store)
-                if stack:
-                    mrc.set_image_stack()
-                elif array.ndim == 3:
-                    mrc.set_volume()
-                if voxel is not None:
-                    mrc.voxel_size = voxel
-                if is_uint8 or array.dtype == np.float16:  # mrcfile's stats see int8 / overflow
-                    stats = _stats(array)
-                    mrc.header.dmin = stats["min"]
-                    mrc.header.dmax = stats["max"]
-                    mrc.header.dmean = stats["mean"]
-                    mrc.header.rms = stats["std"]
-                byte_order = mrcfile.utils.byte_order_from_machine_stamp(mrc.header.machst)
+                mrc.set_data(np.ascontiguousarray(array))
+                _finish_header(mrc, array.ndim, stack, voxel)
+            return
+        # memory-mapped output, filled and measured a few MB at a time: no full-size
+        # float64 temporaries (mrcfile's set_data computes its statistics on the whole array)
+        stored_dtype = np.dtype(np.int8) if is_uint8 else array.dtype
+        mode = int(mrcfile.utils.mode_from_dtype(stored_dtype))
+        with mrcfile.new_mmap(tmp, array.shape, mrc_mode=mode, overwrite=True) as mrc:
+            target = mrc.data.reshape(-1, array.shape[-1])
+            source = array.reshape(-1, array.shape[-1])
+            rows = max(1, (1 << 22) // max(1, array.shape[-1]))
+            for start in range(0, source.shape[0], rows):
+                chunk = source[start : start + rows]
+                target[start : start + rows] = chunk.view(np.int8) if is_uint8 else chunk
+            stats = _stats(array)
+            mrc.header.dmin = stats["min"]
+            mrc.header.dmax = stats["max"]
+            mrc.header.dmean = stats["mean"]
+            mrc.header.rms = stats["std"]
+            _finish_header(mrc, array.ndim, stack, voxel)
+            byte_order = mrcfile.utils.byte_order_from_machine_stamp(mrc.header.machst)
         if is_uint8:
             with open(tmp, "r+b") as fh:
                 fh.seek(_IMOD_STAMP_OFFSET)
                 fh.write(struct.pack(byte_order + "ii", IMOD_STAMP, 0))  # stamp, flags: unsigned bytes
+
+
+def _finish_header(mrc: Any, ndim: int, stack: bool, voxel: tuple[float, float, float] | None) -> None:
+    if stack:
+        mrc.set_image_stack()
+    elif ndim == 3:
+        mrc.set_volume()
+    if voxel is not None:
+        mrc.voxel_size = voxel

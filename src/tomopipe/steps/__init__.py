@@ -1,3 +1,4 @@
 """Pipeline steps, one module per seed step. Importing this package registers them all."""
 
 from tomopipe.steps import import_movies  # noqa: F401
+from tomopipe.steps import motion_ctf  # noqa: F401

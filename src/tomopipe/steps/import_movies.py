@@ -75,7 +75,8 @@ def read_tilt_series(task: dict) -> dict:
     if params["dose_per_tilt_e_per_A2"] is not None:
         doses = np.full(len(sections), params["dose_per_tilt_e_per_A2"], dtype=float)
     else:
-        doses = np.array([dose_per_tilt_e_per_A2(row, pixel_size_A) for _, row in sections.iterrows()],
+        camera_pixel_A = mdoc.unbinned_pixel_size_A or pixel_size_A  # DoseRate is per unbinned camera pixel
+        doses = np.array([dose_per_tilt_e_per_A2(row, camera_pixel_A) for _, row in sections.iterrows()],
                          dtype=object)
         if any(dose is None for dose in doses):
             raise InputFileError(mdoc_path, "no dose in the mdoc (ExposureDose, FrameDosesAndNumber or DoseRate "

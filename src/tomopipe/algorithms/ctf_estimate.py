@@ -1,0 +1,904 @@
+"""Tilt-aware per-tilt CTF estimation (issue 4): defocus U/V/angle, phase shift, fit resolution.
+
+Conventions (``shared/notes/conventions.md`` §4, §7): defocus in Å, underfocus positive;
+DefocusU along ``defocus_angle_deg`` measured from +x toward +y (index space, +y = increasing
+row index), reported CTFFIND-style with U ≥ V and angle in (−90, 90]; the defocus of a point
+is ``Δf = Δf_centre + hand·z_P`` (RELION ``rlnTomoHand``), z_P = depth of the point after the
+projection rotation ``Rz(axis)·Ry(tilt)`` (:mod:`tomopipe.algorithms.geometry`). Image positions
+are measured from the FFT centre ``N // 2`` of the image.
+
+Method, per tilt image:
+
+1. Periodograms of overlapping windows (``window_px``, 50 % overlap, cosine edge taper). The
+   specimen is taken as a flat slab (z = 0): each window's centre has a known depth z_P, so its
+   defocus is ``Δf_centre + hand·z_P``.
+2. Each window's spectrum is reduced to azimuthal sectors × 1-pixel radial bins, whitened by
+   a smooth background (``P / bg − 1``) and detrended (a quadratic in k is projected out of data
+   and model alike, so that a residual background cannot favour any defocus).
+3. Score = weighted normalised cross-correlation (CTFFIND-style) between these profiles and
+   the model CTF² (averaged over each radial bin) within the fit range. Because the score is
+   linear in the data, per-window correlation tables ``N(Δf)`` are computed once by a matrix
+   product and shifted by each window's defocus offset: an exhaustive search over the centre
+   defocus (50 Å steps), astigmatism and (optionally) phase shift costs only table look-ups.
+4. Local refinement of (defocus, astigmatism vector, phase) with torch autograd + L-BFGS.
+5. Second pass: background and envelope are fitted by least squares against the first model
+   (``P ≈ bg(k) + env(k)·CTF²``); the search and refinement are repeated with the data whitened
+   by ``bg`` and the model weighted by the signal-to-noise envelope ``env / bg`` (a matched
+   filter, which keeps noise-dominated high frequencies from creating false maxima).
+
+Tilt series: the handedness check compares the best scores with ``hand = −1`` and ``+1``
+(a wrong hand smears the Thon rings of tilted images); then a consistency stage re-fits, in a
+narrowed defocus range around the median of the neighbouring tilts, every tilt whose defocus
+deviates strongly from its neighbours, and keeps the narrowed fit when it scores at least half
+as well. Finally a ``gy × gx`` grid of local defocus values is fitted per tilt.
+
+Fit resolution (documented rule): the whitened spectrum and the model are averaged in bins of
+the CTF phase χ (π/12 wide, over all sectors and windows, so astigmatism and tilt are
+corrected), and for every Thon ring n (χ from nπ to (n+1)π) the weighted Pearson correlation
+between data and model is computed over rings n−1..n+1. Going outward from the first ring inside
+the fit range, the fit resolution is 1/k at the outer zero of the last ring before the first
+ring whose correlation is below ``FIT_RESOLUTION_THRESHOLD`` (0.5); k is evaluated up to
+``0.96 × Nyquist``. If the first ring already fails, the low-resolution limit is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, defocus_at_azimuth_A, enforce_ctffind_convention
+from tomopipe.algorithms.geometry import projection_rotations
+from tomopipe.errors import TomopipeError
+
+__all__ = [
+    "CtfEstimationError",
+    "FIT_RESOLUTION_THRESHOLD",
+    "tile_origins_px",
+    "power_spectrum_tiles",
+    "specimen_plane_depth_A",
+    "fit_ctf_1d",
+    "fit_resolution_from_phase_profile",
+    "estimate_tilt_series_ctf",
+]
+
+FIT_RESOLUTION_THRESHOLD = 0.5
+_F64 = torch.float64
+_SUBSAMPLES = 4  # model samples per radial bin (the model is averaged over the bin width)
+_DETREND_DEGREE = 2  # polynomial in k projected out of data and model within the fit range
+_ASTIG_HALF_A = (0.0, 150.0, 300.0, 500.0, 800.0, 1200.0, 1700.0, 2300.0)  # (U − V)/2 grid
+_ASTIG_ANGLES_DEG = tuple(range(0, 180, 15))
+_PHASE_GRID_DEG = tuple(range(0, 180, 15))
+
+
+class CtfEstimationError(TomopipeError):
+    """Settings or images with which a CTF cannot be estimated (the message says what to change)."""
+
+
+# ----------------------------------------------------------------------------- windows
+def tile_origins_px(size_px: int, window_px: int, overlap: float = 0.5) -> list[int]:
+    """Origins of windows of ``window_px`` covering ``size_px`` with at least ``overlap`` overlap.
+
+    The first window starts at 0, the last one ends at the image edge, the others are spread
+    evenly in between.
+    """
+    if window_px > size_px:
+        raise CtfEstimationError(f"window of {window_px} px is larger than the image ({size_px} px)")
+    if not 0.0 <= overlap < 1.0:
+        raise CtfEstimationError(f"window overlap must be in [0, 1), got {overlap}")
+    step = max(1.0, window_px * (1.0 - overlap))
+    n = max(1, math.ceil((size_px - window_px) / step) + 1)
+    if n == 1:
+        return [0]
+    return [round(i * (size_px - window_px) / (n - 1)) for i in range(n)]
+
+
+def _taper(window_px: int, edge_px: int, device) -> torch.Tensor:
+    """Separable 2-D window: 1 inside, raised-cosine edges of ``edge_px``."""
+    ramp = torch.ones(window_px, dtype=torch.float32, device=device)
+    if edge_px > 0:
+        x = (torch.arange(edge_px, dtype=torch.float32, device=device) + 0.5) / edge_px
+        edge = 0.5 - 0.5 * torch.cos(math.pi * x)
+        ramp[:edge_px] = edge
+        ramp[-edge_px:] = edge.flip(0)
+    return ramp[:, None] * ramp[None, :]
+
+
+def power_spectrum_tiles(image: torch.Tensor, window_px: int = 512, overlap: float = 0.5,
+                         edge_taper_px: int | None = None):
+    """Periodograms of overlapping windows of one image (or of the frames of one movie).
+
+    ``image`` ``[h, w]`` or ``[frames, h, w]`` (frame periodograms are summed). Each window has
+    its (taper-weighted) mean removed, is multiplied by a raised-cosine edge taper
+    (``edge_taper_px``, default ``window_px // 16``) and gives ``|rfft2|² / Σ taper²``.
+    Returns ``(spectra [t, window, window//2 + 1] float32 (torch.fft layout, DC at [0, 0]),
+    centres_px [t, 2] float64 (x, y) window centres in image pixels)``.
+    """
+    img = torch.as_tensor(image)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3:
+        raise CtfEstimationError(f"power_spectrum_tiles: expected [h, w] or [frames, h, w], got {tuple(img.shape)}")
+    img = img.to(torch.float32)
+    _, h, w = img.shape
+    if window_px > min(h, w):
+        raise CtfEstimationError(f"window of {window_px} px is larger than the image ({w} x {h} px)")
+    oy, ox = tile_origins_px(h, window_px, overlap), tile_origins_px(w, window_px, overlap)
+    taper = _taper(window_px, window_px // 16 if edge_taper_px is None else int(edge_taper_px), img.device)
+    norm = float((taper * taper).sum())
+    spectra, centres = [], []
+    for y0 in oy:
+        for x0 in ox:
+            tile = img[:, y0:y0 + window_px, x0:x0 + window_px]
+            mean = (tile * taper).sum(dim=(-2, -1), keepdim=True) / taper.sum()
+            f = torch.fft.rfft2((tile - mean) * taper)
+            spectra.append((f.real ** 2 + f.imag ** 2).sum(0) / norm)
+            centres.append((x0 + (window_px - 1) / 2.0, y0 + (window_px - 1) / 2.0))
+    return torch.stack(spectra), torch.tensor(centres, dtype=_F64)
+
+
+def specimen_plane_depth_A(positions_A, tilt_axis_angle_deg, tilt_angles_deg) -> torch.Tensor:
+    """Depth z_P (Å) of the flat specimen (z = 0) seen at image positions, per tilt: ``[n, m]``.
+
+    ``positions_A`` ``[m, 2]`` (x, y) in Å from the image centre; the specimen point (X, Y, 0)
+    with ``[R·(X, Y, 0)]_xy = (x, y)`` is solved for, R = ``projection_rotations(axis, tilt)``,
+    and its depth ``[R·(X, Y, 0)]_z`` returned (for a tilt θ about an axis along +y:
+    ``z_P = −x·tan θ``).
+    """
+    rot = projection_rotations(torch.as_tensor(tilt_axis_angle_deg, dtype=_F64),
+                               torch.as_tensor(tilt_angles_deg, dtype=_F64))
+    p = torch.as_tensor(positions_A, dtype=_F64).reshape(-1, 2)
+    plane = torch.linalg.solve(rot[:, :2, :2], p.T[None].expand(rot.shape[0], 2, p.shape[0]))
+    return torch.einsum("nj,njm->nm", rot[:, 2, :2], plane)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class _Setup:
+    """Everything that is the same for all tilts of one call."""
+
+    pixel_size_A: float
+    window_px: int
+    voltage_kV: float
+    cs_mm: float
+    amplitude_contrast: float
+    n_sectors: int
+    j: torch.Tensor  # radial bins (Fourier pixels) [n_k]
+    k: torch.Tensor  # bin centres (1/Å) [n_k]
+    k_sub: torch.Tensor  # sub-samples [n_k, Q]
+    fit: torch.Tensor  # bool [n_k]: inside the fit range
+    sector_deg: torch.Tensor  # sector centres [n_sec]
+    bin_index: torch.Tensor  # rfft pixel -> flat (sector, bin) index, for masked pixels
+    pixel_mask: torch.Tensor  # bool [w, w//2+1]
+    detrend: torch.Tensor  # (I − V·Vᵀ) [n_fit, n_fit]
+    step_A: float
+    table_defocus_A: torch.Tensor  # [L]
+    search_lo: int  # first candidate index (centre defocus) in the table
+    search_hi: int  # last candidate index
+    k_low: float
+    k_high: float
+    astig_half_A: tuple = _ASTIG_HALF_A
+    astig_angles_deg: tuple = _ASTIG_ANGLES_DEG
+    models: dict = field(default_factory=dict)  # phase_deg -> CTF² table [n_k, L]
+
+    def model_table(self, phase_deg: float) -> torch.Tensor:
+        """Bin-averaged CTF² ``[n_k, L]`` for every table defocus."""
+        key = round(float(phase_deg), 6)
+        if key not in self.models:
+            c = ctf_1d(self.k_sub[:, :, None], self.table_defocus_A[None, None, :], self.voltage_kV,
+                       self.cs_mm, self.amplitude_contrast, phase_shift_deg=key)
+            self.models[key] = (c * c).mean(1)
+        return self.models[key]
+
+
+def _validate(images, pixel_size_A, tilt_angles_deg, window_px, resolution_range_A, defocus_range_A,
+              defocus_grid, hand, amplitude_contrast):
+    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise CtfEstimationError(f"images must be a tensor [n, h, w] (or [n, frames, h, w]), got {shape}")
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    if n < 1:
+        raise CtfEstimationError("images: the tilt series has no images")
+    if len(tilt_angles_deg) != n:
+        raise CtfEstimationError(f"{len(tilt_angles_deg)} tilt angles for {n} images")
+    if not pixel_size_A > 0:
+        raise CtfEstimationError(f"pixel_size_A must be > 0, got {pixel_size_A}")
+    if int(window_px) != window_px or window_px < 64 or window_px % 2:
+        raise CtfEstimationError(f"window_px must be an even number of pixels >= 64, got {window_px}")
+    if window_px > min(h, w):
+        raise CtfEstimationError(
+            f"the CTF window ({window_px} px) is larger than the images ({w} x {h} px); use window_px <= {min(h, w)}")
+    low, high = (float(x) for x in resolution_range_A)
+    if not low > high > 0:
+        raise CtfEstimationError(
+            f"resolution_range_A must be (low, high) with low > high > 0 Å, got {tuple(resolution_range_A)}")
+    nyquist = 2.0 * pixel_size_A
+    if high < nyquist:
+        raise CtfEstimationError(
+            f"the fit resolution range reaches {high:g} Å, beyond Nyquist ({nyquist:g} Å at {pixel_size_A:g} Å/px); "
+            f"use a high-resolution limit >= {nyquist:g} Å")
+    if window_px * pixel_size_A / low < 4.0:
+        raise CtfEstimationError(
+            f"the low-resolution limit {low:g} Å is too coarse for a {window_px} px window at {pixel_size_A:g} Å/px "
+            f"(it must be below {window_px * pixel_size_A / 4.0:g} Å)")
+    d_lo, d_hi = (float(x) for x in defocus_range_A)
+    if not 0 < d_lo < d_hi:
+        raise CtfEstimationError(f"defocus_range_A must be (min, max) with 0 < min < max, got {tuple(defocus_range_A)}")
+    gy, gx = (int(x) for x in defocus_grid)
+    if gy < 1 or gx < 1:
+        raise CtfEstimationError(f"defocus_grid must be (gy, gx) >= (1, 1), got {tuple(defocus_grid)}")
+    if hand not in (-1, 1, "auto"):
+        raise CtfEstimationError(f"hand must be -1, +1 or 'auto', got {hand!r}")
+    if not 0 <= amplitude_contrast < 1:
+        raise CtfEstimationError(f"amplitude_contrast must be in [0, 1), got {amplitude_contrast}")
+    if not bool(torch.isfinite(images).all()):
+        raise CtfEstimationError("images contain NaN or infinite values")
+
+
+def _make_setup(pixel_size_A, window_px, voltage_kV, cs_mm, amplitude_contrast, resolution_range_A,
+                defocus_range_A, max_offset_A, n_sectors=36, step_A=50.0) -> _Setup:
+    w = int(window_px)
+    low, high = (float(x) for x in resolution_range_A)
+    k_low, k_high = 1.0 / low, 1.0 / high
+    to_px = w * pixel_size_A  # radius (Fourier px) = k · to_px
+    j0 = max(2, int(math.floor(0.8 * k_low * to_px)))
+    j1 = int(math.floor(0.96 * (w // 2)))
+    j = torch.arange(j0, j1 + 1, dtype=_F64)
+    k = j / to_px
+    q = (torch.arange(_SUBSAMPLES, dtype=_F64) + 0.5) / _SUBSAMPLES - 0.5
+    k_sub = (j[:, None] + q[None, :]) / to_px
+    fit = (k >= k_low - 0.5 / to_px) & (k <= k_high + 0.5 / to_px)
+    # rfft grid -> (sector, radial bin)
+    ky = torch.fft.fftfreq(w, d=1.0 / w, dtype=_F64)[:, None]
+    kx = torch.fft.rfftfreq(w, d=1.0 / w, dtype=_F64)[None, :]
+    r = torch.sqrt(kx * kx + ky * ky)
+    ky, kx = torch.broadcast_tensors(ky, kx)
+    phi = torch.rad2deg(torch.atan2(ky, kx))  # [-90, 90] on the rfft half plane
+    rb = torch.round(r).long()
+    mask = (rb >= j0) & (rb <= j1)
+    sec = torch.clamp(torch.floor((phi + 90.0) / (180.0 / n_sectors)).long(), 0, n_sectors - 1)
+    index = (sec * len(j) + (rb - j0))[mask]
+    sector_deg = -90.0 + (torch.arange(n_sectors, dtype=_F64) + 0.5) * (180.0 / n_sectors)
+    # detrend projector within the fit range
+    kf = k[fit]
+    t = (kf - kf.mean()) / max(float(kf.max() - kf.min()), 1e-12) * 2.0
+    basis = torch.stack([t ** d for d in range(_DETREND_DEGREE + 1)], 1)
+    qmat, _ = torch.linalg.qr(basis)
+    detrend = torch.eye(len(kf), dtype=_F64) - qmat @ qmat.T
+    # defocus table: the search range padded by the largest window offset and astigmatism
+    d_lo, d_hi = (float(x) for x in defocus_range_A)
+    pad = max_offset_A + max(_ASTIG_HALF_A) + 2500.0
+    first = math.floor((d_lo - pad) / step_A)
+    last = math.ceil((d_hi + pad) / step_A)
+    table = torch.arange(first, last + 1, dtype=_F64) * step_A
+    search_lo = int(round(d_lo / step_A)) - first
+    search_hi = int(round(d_hi / step_A)) - first
+    return _Setup(pixel_size_A=float(pixel_size_A), window_px=w, voltage_kV=float(voltage_kV), cs_mm=float(cs_mm),
+                  amplitude_contrast=float(amplitude_contrast), n_sectors=n_sectors, j=j, k=k, k_sub=k_sub, fit=fit,
+                  sector_deg=sector_deg, bin_index=index, pixel_mask=mask, detrend=detrend, step_A=step_A,
+                  table_defocus_A=table, search_lo=search_lo, search_hi=search_hi, k_low=k_low, k_high=k_high)
+
+
+# ----------------------------------------------------------------------------- per-tilt data
+@dataclass
+class _Tilt:
+    """Sector profiles of one tilt's windows, and the windows' geometry."""
+
+    profiles: torch.Tensor  # [t, n_sec, n_k] mean power per (sector, radial bin)
+    depth_A: torch.Tensor  # [t] z_P of the window centres
+    centres_A: torch.Tensor  # [t, 2] (x, y) from the image centre
+    mean_spectrum: torch.Tensor  # [w, w//2+1] mean periodogram (diagnostic)
+    tilt_deg: float
+    axis_deg: float
+    bg: torch.Tensor | None = None  # [n_k] background used for whitening
+    snr: torch.Tensor | None = None  # [n_k] model weight (env / bg) or ones
+
+
+def _sector_profiles(spectra: torch.Tensor, setup: _Setup) -> torch.Tensor:
+    n_k, n_sec = len(setup.j), setup.n_sectors
+    flat = spectra.reshape(spectra.shape[0], -1)[:, setup.pixel_mask.reshape(-1)].to(_F64)
+    sums = torch.zeros(spectra.shape[0], n_sec * n_k, dtype=_F64).index_add_(1, setup.bin_index, flat)
+    counts = torch.zeros(n_sec * n_k, dtype=_F64).index_add_(0, setup.bin_index, torch.ones(len(setup.bin_index), dtype=_F64))
+    prof = (sums / counts.clamp(min=1)).reshape(-1, n_sec, n_k)
+    empty = (counts == 0).reshape(n_sec, n_k)
+    if bool(empty.any()):  # fill empty cells with the rotational average of the same radius
+        full = (sums.reshape(-1, n_sec, n_k).sum(1) / counts.reshape(n_sec, n_k).sum(0).clamp(min=1))
+        prof = torch.where(empty[None], full[:, None, :], prof)
+    return prof
+
+
+def _prepare_tilt(image, tilt_deg, axis_deg, setup: _Setup, overlap: float) -> _Tilt:
+    spectra, centres_px = power_spectrum_tiles(image, setup.window_px, overlap)
+    h, w = image.shape[-2], image.shape[-1]
+    centres_A = (centres_px - torch.tensor([w // 2, h // 2], dtype=_F64)) * setup.pixel_size_A
+    depth = specimen_plane_depth_A(centres_A, axis_deg, tilt_deg)[0]
+    return _Tilt(profiles=_sector_profiles(spectra, setup), depth_A=depth, centres_A=centres_A,
+                 mean_spectrum=spectra.mean(0), tilt_deg=float(tilt_deg), axis_deg=float(axis_deg))
+
+
+def _smooth_log_background(profile: torch.Tensor, k: torch.Tensor, degree: int = 4) -> torch.Tensor:
+    """Robust smooth fit of a radial power profile: polynomial in k fitted to log P (2 reweightings)."""
+    t = (k - k.mean()) / (k.max() - k.min()) * 2.0
+    basis = torch.stack([t ** d for d in range(degree + 1)], 1)
+    y = torch.log(profile.clamp(min=1e-30))
+    wts = torch.ones_like(y)
+    for _ in range(3):
+        sw = wts.sqrt()[:, None]
+        coef = torch.linalg.lstsq(basis * sw, (y * sw[:, 0])[:, None]).solution[:, 0]
+        res = y - basis @ coef
+        scale = 1.4826 * res.abs().median().clamp(min=1e-6)
+        wts = 1.0 / (1.0 + (res / (2.0 * scale)) ** 2)
+    return torch.exp(basis @ coef)
+
+
+# ----------------------------------------------------------------------------- rows (grouped windows)
+@dataclass
+class _Groups:
+    """Windows grouped by depth (``step_A`` bins): mean power, number of windows, mean depth."""
+
+    power: torch.Tensor  # [rows, n_sec, n_k]
+    weight: torch.Tensor  # [rows]
+    depth_A: torch.Tensor  # [rows]
+
+
+@dataclass
+class _Rows:
+    """Grouped windows whitened (``P / bg − 1``) and detrended within the fit range."""
+
+    s_fit: torch.Tensor  # [rows, n_sec, n_fit]
+    weight: torch.Tensor  # [rows]
+    depth_A: torch.Tensor  # [rows]
+    data_norm: float  # Σ w·s²
+
+
+def _group(tilt: _Tilt, setup: _Setup, select=None, depth_ref_A: float = 0.0) -> _Groups:
+    prof, depth = tilt.profiles, tilt.depth_A - depth_ref_A
+    if select is not None:
+        prof, depth = prof[select], depth[select]
+    _, inv = torch.unique(torch.round(depth / setup.step_A).long(), return_inverse=True)
+    n = int(inv.max()) + 1
+    wsum = torch.zeros(n, dtype=_F64).index_add_(0, inv, torch.ones_like(depth))
+    psum = torch.zeros((n,) + prof.shape[1:], dtype=_F64).index_add_(0, inv, prof)
+    dsum = torch.zeros(n, dtype=_F64).index_add_(0, inv, depth)
+    return _Groups(power=psum / wsum[:, None, None], weight=wsum, depth_A=dsum / wsum)
+
+
+def _rows(groups: _Groups, tilt: _Tilt, setup: _Setup) -> _Rows:
+    s = groups.power[..., setup.fit] / tilt.bg[setup.fit] - 1.0
+    s_fit = s @ setup.detrend.T
+    norm = float((groups.weight[:, None, None] * s_fit * s_fit).sum())
+    return _Rows(s_fit=s_fit, weight=groups.weight, depth_A=groups.depth_A, data_norm=max(norm, 1e-30))
+
+
+# ----------------------------------------------------------------------------- tables and search
+@dataclass
+class _Fit:
+    score: float
+    defocus_A: float  # mean defocus (U + V) / 2 at the image centre
+    astig_x_A: float  # (U − V)/2 · cos 2θ
+    astig_y_A: float  # (U − V)/2 · sin 2θ
+    phase_deg: float
+
+    @property
+    def half_astig_A(self) -> float:
+        return math.hypot(self.astig_x_A, self.astig_y_A)
+
+    @property
+    def angle_deg(self) -> float:
+        return math.degrees(0.5 * math.atan2(self.astig_y_A, self.astig_x_A))
+
+
+def _model_fit(setup: _Setup, snr_fit: torch.Tensor, phase_deg: float) -> torch.Tensor:
+    """Detrended, SNR-weighted model table ``[n_fit, L]``."""
+    return setup.detrend @ (setup.model_table(phase_deg)[setup.fit] * snr_fit[:, None])
+
+
+def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo: int, hi: int):
+    """Correlation tables for candidate centre-defocus indices ``lo..hi`` of the table grid.
+
+    ``num [n_sec, c]`` = Σ_rows w·Σ_k s·model(Δf + hand·z_row) and ``den [c]`` = Σ_rows w·‖model‖²
+    (per sector). The table is padded so that shifted indices stay inside it.
+    """
+    offsets = torch.round(hand * rows.depth_A / setup.step_A).long()
+    idx = (torch.arange(lo, hi + 1)[None, :] + offsets[:, None]).clamp(0, mfit.shape[1] - 1)  # [rows, c]
+    num = torch.einsum("rsj,jrc->sc", rows.s_fit * rows.weight[:, None, None], mfit[:, idx])
+    den = torch.einsum("r,rc->c", rows.weight, (mfit * mfit).sum(0)[idx])
+    return num, den
+
+
+def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, fit_astig: bool = True) -> _Fit:
+    """Exhaustive search over centre defocus (table indices lo..hi), astigmatism and phase grids."""
+    half = [a for a in setup.astig_half_A if a > 0] if fit_astig else []
+    combos = [(0.0, 0.0)] + [(a, th) for a in half for th in setup.astig_angles_deg]
+    a_t = torch.tensor([c[0] for c in combos], dtype=_F64)
+    th_t = torch.tensor([c[1] for c in combos], dtype=_F64)
+    e = torch.round(a_t[:, None] * torch.cos(2 * torch.deg2rad(setup.sector_deg[None, :] - th_t[:, None]))
+                    / setup.step_A).long()  # [combo, n_sec] defocus offset of each sector (grid steps)
+    e_max = int(e.abs().max())
+    n_c = hi - lo + 1
+    x = torch.arange(n_c)[None, None, :] + e[:, :, None] + e_max
+    best = _Fit(-math.inf, 0.0, 0.0, 0.0, 0.0)
+    for phase in phases_deg:
+        num, den = _shift_tables(rows, _model_fit(setup, snr_fit, phase), hand, setup, lo - e_max, hi + e_max)
+        tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)  # [combo, c]
+        tot_den = den[x].sum(1)
+        score = tot_num / torch.sqrt(rows.data_norm * tot_den.clamp(min=1e-30))
+        ci, xi = divmod(int(torch.argmax(score)), n_c)
+        if float(score[ci, xi]) > best.score:
+            th = math.radians(2 * float(th_t[ci]))
+            a = float(a_t[ci])
+            best = _Fit(float(score[ci, xi]), float(setup.table_defocus_A[lo + xi]), a * math.cos(th),
+                        a * math.sin(th), float(phase))
+    return best
+
+
+def _row_model(setup: _Setup, depth_A, hand: int, defocus_A, ax_A, ay_A, phase_deg, columns) -> torch.Tensor:
+    """Bin-averaged CTF² ``[rows, n_sec, n_cols]`` for continuous parameters (differentiable)."""
+    phi = torch.deg2rad(setup.sector_deg)
+    df = (defocus_A + hand * depth_A[:, None] + ax_A * torch.cos(2 * phi)[None, :]
+          + ay_A * torch.sin(2 * phi)[None, :])
+    c = ctf_1d(setup.k_sub[columns][None, None], df[:, :, None, None], setup.voltage_kV, setup.cs_mm,
+               setup.amplitude_contrast, phase_shift_deg=phase_deg)
+    return (c * c).mean(-1)
+
+
+def _local_tables(rows: _Rows, setup: _Setup, snr_fit, phase_deg: float, d_first: float, n_d: int, step_A: float):
+    """Fine correlation tables on the defocus grid ``d_first + i·step_A``: ``num [rows, n_sec, n_d]``
+    (already multiplied by the row weights) and per-column model norms ``den [n_d]``."""
+    d = d_first + step_A * torch.arange(n_d, dtype=_F64)
+    c = ctf_1d(setup.k_sub[setup.fit][:, :, None], d[None, None, :], setup.voltage_kV, setup.cs_mm,
+               setup.amplitude_contrast, phase_shift_deg=phase_deg)
+    m = setup.detrend @ ((c * c).mean(1) * snr_fit[:, None])  # [n_fit, n_d]
+    num = torch.einsum("rsj,jd->rsd", rows.s_fit * rows.weight[:, None, None], m)
+    return num, (m * m).sum(0)
+
+
+def _refine(rows: _Rows, setup: _Setup, snr_fit, hand: int, start: _Fit, fit_phase: bool,
+            radius_A: float = 400.0, step_A: float = 5.0) -> _Fit:
+    """Local refinement of (defocus, astigmatism vector, phase) by Nelder–Mead on the exact
+    correlation, tabulated on a 5 Å defocus grid (and a 2.5° phase grid) and interpolated linearly."""
+    from scipy.optimize import minimize
+
+    a_lim = max(setup.astig_half_A) + 500.0
+    offs = hand * rows.depth_A
+    d_first = start.defocus_A - radius_A - a_lim + float(offs.min()) - 2 * step_A
+    n_d = int(math.ceil((2 * radius_A + 2 * a_lim + float(offs.max() - offs.min())) / step_A)) + 5
+    phases = [start.phase_deg + dp for dp in torch.arange(-15.0, 15.01, 2.5).tolist()] if fit_phase else [start.phase_deg]
+    tabs = [_local_tables(rows, setup, snr_fit, p, d_first, n_d, step_A) for p in phases]
+    num = torch.stack([t[0] for t in tabs])  # [P, rows, n_sec, n_d]
+    den = torch.stack([t[1] for t in tabs])  # [P, n_d]
+    phi = torch.deg2rad(setup.sector_deg)
+    c2, s2 = torch.cos(2 * phi)[None, :], torch.sin(2 * phi)[None, :]
+    n_r, n_s = num.shape[1], num.shape[2]
+    flat_num = num.reshape(len(phases), n_r * n_s, n_d)
+    row_ix = torch.arange(n_r * n_s)
+    wts = rows.weight[:, None].expand(n_r, n_s).reshape(-1)
+
+    def score(x) -> float:
+        dm, ax, ay = 100.0 * x[0], 100.0 * x[1], 100.0 * x[2]
+        df = (start.defocus_A + dm + offs[:, None] + ax * c2 + ay * s2).reshape(-1)
+        pos = (df - d_first) / step_A
+        if bool((pos < 0).any()) or bool((pos > n_d - 2).any()):
+            return -1.0
+        i0 = pos.floor().long()
+        f = pos - i0
+        pp = (10.0 * x[3] + 15.0) / 2.5 if fit_phase else 0.0
+        if not 0.0 <= pp <= len(phases) - 1:
+            return -1.0
+        p0 = min(int(math.floor(pp)), len(phases) - 2) if fit_phase else 0
+        fp = pp - p0
+        total_num, total_den = 0.0, 0.0
+        for p, wp in ((p0, 1.0 - fp), (p0 + 1, fp)) if fit_phase else ((0, 1.0),):
+            nv = flat_num[p, row_ix, i0] * (1 - f) + flat_num[p, row_ix, i0 + 1] * f
+            dv = den[p, i0] * (1 - f) + den[p, i0 + 1] * f
+            total_num += wp * float(nv.sum())
+            total_den += wp * float((wts * dv).sum())
+        return total_num / math.sqrt(rows.data_norm * max(total_den, 1e-30))
+
+    x0 = [0.0, start.astig_x_A / 100.0, start.astig_y_A / 100.0, 0.0]
+    if not fit_phase:
+        x0 = x0[:3]
+    simplex = [x0] + [[v + (0.6 if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
+    res = minimize(lambda x: -score(list(x) + ([] if fit_phase else [0.0])), x0, method="Nelder-Mead",
+                   options={"initial_simplex": simplex, "xatol": 0.02, "fatol": 1e-7, "maxiter": 600})
+    x = list(res.x) + ([] if fit_phase else [0.0])
+    final = score(x)
+    if not math.isfinite(final) or final < start.score:
+        return start
+    phase = (start.phase_deg + 10.0 * x[3]) % 180.0 if fit_phase else start.phase_deg
+    return _Fit(final, start.defocus_A + 100.0 * x[0], 100.0 * x[1], 100.0 * x[2], phase)
+
+
+def _fit_rows(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, fit_phase: bool) -> _Fit:
+    phases = _PHASE_GRID_DEG if fit_phase else (0.0,)
+    return _refine(rows, setup, snr_fit, hand, _search(rows, setup, snr_fit, hand, lo, hi, phases), fit_phase)
+
+
+def _local_defocus(rows: _Rows, setup: _Setup, snr_fit, hand: int, fit: _Fit, centre_A: float, range_A: float):
+    """Best centre defocus of ``rows`` within ``centre_A ± range_A``, astigmatism and phase fixed
+    (parabolic interpolation between table steps); returns (defocus_A, score)."""
+    first = float(setup.table_defocus_A[0])
+    lo = max(0, int(round((centre_A - range_A - first) / setup.step_A)))
+    hi = min(len(setup.table_defocus_A) - 1, int(round((centre_A + range_A - first) / setup.step_A)))
+    e = torch.round((fit.astig_x_A * torch.cos(2 * torch.deg2rad(setup.sector_deg))
+                     + fit.astig_y_A * torch.sin(2 * torch.deg2rad(setup.sector_deg))) / setup.step_A).long()
+    e_max = int(e.abs().max())
+    num, den = _shift_tables(rows, _model_fit(setup, snr_fit, fit.phase_deg), hand, setup, lo - e_max, hi + e_max)
+    x = torch.arange(hi - lo + 1)[None, :] + e[:, None] + e_max
+    score = torch.gather(num, 1, x).sum(0) / torch.sqrt(rows.data_norm * den[x].sum(0).clamp(min=1e-30))
+    i = int(torch.argmax(score))
+    shift = 0.0
+    if 0 < i < len(score) - 1:
+        y0, y1, y2 = (float(score[i + d]) for d in (-1, 0, 1))
+        curv = y0 - 2 * y1 + y2
+        if curv < 0:
+            shift = 0.5 * (y0 - y2) / curv
+    return float(setup.table_defocus_A[lo + i]) + shift * setup.step_A, float(score[i])
+
+
+# ----------------------------------------------------------------------------- background / envelope
+def _hat_basis(k: torch.Tensor, n_knots: int) -> torch.Tensor:
+    knots = torch.linspace(float(k.min()), float(k.max()), n_knots, dtype=_F64)
+    return torch.clamp(1.0 - (k[:, None] - knots[None, :]).abs() / (knots[1] - knots[0]), min=0.0)
+
+
+def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n_knots: int = 10):
+    """Least squares ``P ≈ bg(k) + env(k)·CTF²`` over all windows and sectors, with piecewise-linear
+    bg and env (weights 1/bg₀², the periodogram variance); returns ``(bg, env/bg normalised to a
+    maximum of 1 in the fit range)`` or None when no positive envelope is found."""
+    groups = _group(tilt, setup)
+    cols = torch.ones(len(setup.k), dtype=torch.bool)
+    with torch.no_grad():
+        c = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
+    basis = _hat_basis(setup.k, n_knots)
+    nb = basis.shape[1]
+    design = torch.cat([basis[None, None].expand(c.shape + (nb,)), basis[None, None] * c[..., None]], -1)
+    sw = (groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2).expand_as(c).sqrt().reshape(-1, 1)
+    sol = torch.linalg.lstsq(design.reshape(-1, 2 * nb) * sw, groups.power.reshape(-1, 1) * sw).solution[:, 0]
+    bg, env = basis @ sol[:nb], basis @ sol[nb:]
+    if not bool((bg > 0).all()):
+        return None
+    snr = (env / bg).clamp(min=0.0)
+    peak = float(snr[setup.fit].max())
+    if not peak > 0:
+        return None
+    return bg, snr / peak
+
+
+# ----------------------------------------------------------------------------- fit resolution
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation (like ``numpy.interp``) for increasing ``xp``."""
+    i = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
+    t = ((x - xp[i - 1]) / (xp[i] - xp[i - 1])).clamp(0.0, 1.0)
+    return fp[i - 1] + t * (fp[i] - fp[i - 1])
+
+
+def _unwrapped_phase(setup: _Setup, defocus_A: torch.Tensor, phase_deg: float, k: torch.Tensor) -> torch.Tensor:
+    """CTF phase χ (rad) for defocus values ``[...]`` at frequencies ``k [m]`` → ``[..., m]``: from
+    ``ctf_1d`` (sin χ and sin(χ + π/2)) on a fine grid from k = 0, unwrapped, interpolated."""
+    n_fine = 2048
+    kf = torch.linspace(0.0, float(k.max()) * 1.0001, n_fine, dtype=_F64)
+    d = defocus_A[..., None]
+    s = ctf_1d(kf, d, setup.voltage_kV, setup.cs_mm, setup.amplitude_contrast, phase_shift_deg=phase_deg)
+    c = ctf_1d(kf, d, setup.voltage_kV, setup.cs_mm, setup.amplitude_contrast, phase_shift_deg=phase_deg + 90.0)
+    wrapped = torch.atan2(s, c)
+    step = torch.diff(wrapped, dim=-1)
+    step = step - 2 * math.pi * torch.round(step / (2 * math.pi))
+    start = wrapped[..., :1] % (2 * math.pi)
+    chi = torch.cat([start, start + torch.cumsum(step, -1)], -1)
+    pos = (k / float(kf[-1]) * (n_fine - 1)).clamp(0, n_fine - 1)
+    i0 = pos.floor().long().clamp(max=n_fine - 2)
+    f = pos - i0
+    return chi[..., i0] * (1 - f) + chi[..., i0 + 1] * f
+
+
+def fit_resolution_from_phase_profile(chi_rad: torch.Tensor, data: torch.Tensor, model: torch.Tensor,
+                                      weight: torch.Tensor, chi_start_rad: float,
+                                      threshold: float = FIT_RESOLUTION_THRESHOLD, bins_per_ring: int = 12):
+    """Phase χ (rad) of the fit-resolution limit from samples (χ, data, model, weight) of a spectrum.
+
+    Samples are averaged in χ bins of π/``bins_per_ring``; ring n spans χ ∈ [nπ, (n+1)π) and its
+    quality is the weighted Pearson correlation of data and model over rings n−1..n+1 (χ ≥
+    ``chi_start_rad``). Going outward from the ring containing ``chi_start_rad``, the limit is the
+    outer phase (n+1)π of the last ring before the first one with correlation < ``threshold``
+    (``chi_start_rad`` if the first ring fails). Returns ``(chi_limit_rad, ring_correlations)``.
+    """
+    width = math.pi / bins_per_ring
+    b = torch.floor(chi_rad.reshape(-1) / width).long()
+    b0 = int(b.min())
+    b = b - b0
+    nb = int(b.max()) + 1
+    wt = weight.reshape(-1).to(_F64)
+    wsum = torch.zeros(nb, dtype=_F64).index_add_(0, b, wt)
+    dm = torch.zeros(nb, dtype=_F64).index_add_(0, b, wt * data.reshape(-1).to(_F64)) / wsum.clamp(min=1e-300)
+    mm = torch.zeros(nb, dtype=_F64).index_add_(0, b, wt * model.reshape(-1).to(_F64)) / wsum.clamp(min=1e-300)
+    ok = wsum > 0
+    centres = (torch.arange(nb, dtype=_F64) + b0 + 0.5) * width
+    ring_first = int(math.floor(chi_start_rad / math.pi))
+    ring_last = int(math.floor(float(centres[ok].max()) / math.pi)) - 1
+    corrs, limit, failed = [], chi_start_rad, False
+    for n in range(ring_first, ring_last + 1):
+        sel = ok & (centres >= max((n - 1) * math.pi, chi_start_rad)) & (centres < (n + 2) * math.pi)
+        r = 0.0
+        if int(sel.sum()) >= bins_per_ring:
+            w_, d_, m_ = wsum[sel], dm[sel], mm[sel]
+            d_c, m_c = d_ - (w_ * d_).sum() / w_.sum(), m_ - (w_ * m_).sum() / w_.sum()
+            den = float(torch.sqrt((w_ * d_c * d_c).sum() * (w_ * m_c * m_c).sum()))
+            r = float((w_ * d_c * m_c).sum()) / den if den > 0 else 0.0
+        corrs.append(r)
+        if not failed and r >= threshold:
+            limit = (n + 1) * math.pi
+        else:
+            failed = True
+    return limit, torch.tensor(corrs, dtype=_F64)
+
+
+def _fit_resolution_A(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, threshold: float) -> float:
+    groups = _group(tilt, setup)
+    cols = setup.k >= setup.k_low
+    k = setup.k[cols]
+    s = groups.power[..., cols] / tilt.bg[cols] - 1.0
+    with torch.no_grad():
+        model = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A,
+                           fit.phase_deg, cols)
+        phi = torch.deg2rad(setup.sector_deg)
+        df = (fit.defocus_A + hand * groups.depth_A[:, None] + fit.astig_x_A * torch.cos(2 * phi)[None, :]
+              + fit.astig_y_A * torch.sin(2 * phi)[None, :])
+        chi = _unwrapped_phase(setup, df, fit.phase_deg, k)
+        chi_centre = _unwrapped_phase(setup, torch.tensor(fit.defocus_A, dtype=_F64), fit.phase_deg, k)
+    chi_start = float(_interp(torch.tensor([setup.k_low], dtype=_F64), k, chi_centre)[0])
+    limit, _ = fit_resolution_from_phase_profile(chi, s, model, groups.weight[:, None, None].expand_as(s),
+                                                 chi_start, threshold)
+    if limit <= chi_start:
+        return 1.0 / setup.k_low
+    increasing = bool((torch.diff(chi_centre) > 0).all())
+    if not increasing:  # beyond the Cs turnover: keep the monotonic part
+        stop = int(torch.nonzero(torch.diff(chi_centre) <= 0)[0])
+        chi_centre, k = chi_centre[: stop + 1], k[: stop + 1]
+    k_lim = float(_interp(torch.tensor([limit], dtype=_F64), chi_centre, k)[0])
+    return 1.0 / max(k_lim, setup.k_low)
+
+
+# ----------------------------------------------------------------------------- 1-D fit (rotational average)
+def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_contrast,
+               defocus_range_A=(5000.0, 80000.0), resolution_range_A=(30.0, 7.0), phase_shift_deg=0.0,
+               step_A: float = 50.0) -> dict:
+    """Exhaustive 1-D defocus search on a rotationally averaged power spectrum (no astigmatism).
+
+    The profile is whitened by a smooth background (polynomial fit to log P), a quadratic in k is
+    projected out of data and model within the fit range, and the normalised cross-correlation
+    with CTF² is computed for every defocus on a ``step_A`` grid; the maximum is refined by
+    parabolic interpolation. Returns ``{"defocus_A", "score", "defocus_grid_A", "scores"}``.
+    """
+    p = torch.as_tensor(power_profile, dtype=_F64).reshape(-1)
+    k = torch.as_tensor(frequency_per_A, dtype=_F64).reshape(-1)
+    if p.shape != k.shape or len(k) < 8:
+        raise CtfEstimationError(f"fit_ctf_1d: profile ({len(p)}) and frequencies ({len(k)}) must match, >= 8 values")
+    low, high = (float(x) for x in resolution_range_A)
+    fit = (k >= 1.0 / low) & (k <= 1.0 / high)
+    if int(fit.sum()) < 8:
+        raise CtfEstimationError(f"fit_ctf_1d: fewer than 8 frequencies inside the fit range {low:g}-{high:g} Å")
+    d_lo, d_hi = (float(x) for x in defocus_range_A)
+    grid = torch.arange(math.floor(d_lo / step_A), math.ceil(d_hi / step_A) + 1, dtype=_F64) * step_A
+    sel = k > 0
+    bg = _smooth_log_background(p[sel], k[sel])
+    s = (p[fit] / bg[fit[sel]] - 1.0)
+    kf = k[fit]
+    t = (kf - kf.mean()) / max(float(kf.max() - kf.min()), 1e-12) * 2.0
+    qmat, _ = torch.linalg.qr(torch.stack([t ** d for d in range(_DETREND_DEGREE + 1)], 1))
+    proj = torch.eye(len(kf), dtype=_F64) - qmat @ qmat.T
+    s = proj @ s
+    c = ctf_1d(kf[:, None], grid[None, :], voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg=phase_shift_deg)
+    m = proj @ (c * c)
+    scores = (s @ m) / torch.sqrt((s * s).sum() * (m * m).sum(0)).clamp(min=1e-30)
+    i = int(torch.argmax(scores))
+    shift = 0.0
+    if 0 < i < len(grid) - 1:
+        y0, y1, y2 = (float(scores[i + d]) for d in (-1, 0, 1))
+        if y0 - 2 * y1 + y2 < 0:
+            shift = 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)
+    return {"defocus_A": float(grid[i]) + shift * step_A, "score": float(scores[i]),
+            "defocus_grid_A": grid, "scores": scores}
+
+
+# ----------------------------------------------------------------------------- tilt series
+def _consistency(tilts, rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angles, neighbours: int = 3,
+                 min_deviation_A: float = 2000.0, accept_ratio: float = 0.5):
+    """Re-fit tilts whose defocus deviates from the median of their neighbours (in tilt-angle order)
+    by more than ``max(4·σ_robust, min_deviation_A)``, in that window around the median; keep the
+    narrowed fit if it scores at least ``accept_ratio`` × the unconstrained one."""
+    n = len(fits)
+    refit = [False] * n
+    if n < 3:
+        return fits, refit
+    order = sorted(range(n), key=lambda i: tilt_angles[i])
+    pos = {i: p for p, i in enumerate(order)}
+    d = torch.tensor([f.defocus_A for f in fits], dtype=_F64)
+    ref = torch.empty(n, dtype=_F64)
+    for i in range(n):
+        p = pos[i]
+        nb = [order[q] for q in range(max(0, p - neighbours), min(n, p + neighbours + 1)) if q != p]
+        ref[i] = d[nb].median()
+    dev = (d - ref).abs()
+    window = max(4.0 * 1.4826 * float(dev.median()), min_deviation_A)
+    first = float(setup.table_defocus_A[0])
+    for i in range(n):
+        if float(dev[i]) <= window:
+            continue
+        lo = max(setup.search_lo, int(round((float(ref[i]) - window - first) / setup.step_A)))
+        hi = min(setup.search_hi, int(round((float(ref[i]) + window - first) / setup.step_A)))
+        if hi < lo:
+            continue
+        narrowed = _fit_rows(rows_of[i], setup, snr_of[i], hand, lo, hi, fit_phase)
+        if narrowed.score >= accept_ratio * fits[i].score:
+            fits[i] = narrowed
+            refit[i] = True
+    return fits, refit
+
+
+def _cells(image_shape, grid, centres_px):
+    """Per grid cell: (centre (x, y) px, tile selection). Tiles whose centre lies in the cell
+    (edges inclusive) belong to it; a cell without any takes the nearest tile(s)."""
+    h, w = image_shape
+    gy, gx = grid
+    out = []
+    for iy in range(gy):
+        for ix in range(gx):
+            x0, x1 = ix * w / gx, (ix + 1) * w / gx
+            y0, y1 = iy * h / gy, (iy + 1) * h / gy
+            centre = torch.tensor([(x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5], dtype=_F64)
+            inside = ((centres_px[:, 0] >= x0 - 0.5) & (centres_px[:, 0] <= x1 - 0.5)
+                      & (centres_px[:, 1] >= y0 - 0.5) & (centres_px[:, 1] <= y1 - 0.5))
+            if not bool(inside.any()):
+                dist = (centres_px - centre).norm(dim=1)
+                inside = dist <= dist.min() + 1e-6
+            out.append((centre, inside))
+    return out
+
+
+def _full_spectrum(half: torch.Tensor) -> torch.Tensor:
+    """rfft-layout power ``[w, w//2+1]`` -> full fftshifted ``[w, w]`` (Friedel symmetry)."""
+    w = half.shape[0]
+    kx = torch.fft.fftfreq(w, d=1.0 / w).long()  # -w/2..w/2-1 per column of the full grid
+    ky = torch.fft.fftfreq(w, d=1.0 / w).long()
+    rows = torch.where(kx[None, :] >= 0, ky[:, None] % w, (-ky[:, None]) % w)
+    cols = kx.abs()[None, :].expand(w, w)
+    cols = cols.clamp(max=half.shape[1] - 1)
+    full = half[rows, cols]
+    return torch.fft.fftshift(full)
+
+
+def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tensor:
+    """CTFFIND-style diagnostic ``[w, w]`` (DC at ``w//2``): left half the whitened observed
+    spectrum, right half the fitted model (per sector and radial bin: SNR-weighted CTF² mixed over
+    the windows' defocus offsets); both standardised within the fit range and clipped to ±4."""
+    w = setup.window_px
+    f = torch.fft.fftshift(torch.fft.fftfreq(w, d=setup.pixel_size_A, dtype=_F64))
+    kk = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    kc = kk.reshape(-1).clamp(float(setup.k[0]), float(setup.k[-1]))
+    obs = _full_spectrum(tilt.mean_spectrum.to(_F64)) / _interp(kc, setup.k, tilt.bg).reshape(w, w) - 1.0
+    groups = _group(tilt, setup)
+    cols = torch.ones(len(setup.k), dtype=torch.bool)
+    with torch.no_grad():
+        m = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
+    m = (groups.weight[:, None, None] * m).sum(0) / groups.weight.sum() * tilt.snr
+    half = torch.zeros(setup.pixel_mask.shape, dtype=_F64)
+    half[setup.pixel_mask] = m.reshape(-1)[setup.bin_index]
+    model = _full_spectrum(half)
+    ring = (kk >= setup.k_low) & (kk <= setup.k_high)
+    out = torch.empty(w, w, dtype=_F64)
+    left = torch.arange(w)[None, :].expand(w, w) < w // 2
+    for img, part in ((obs, left), (model, ~left)):
+        sel = ring & part
+        vals = img[sel]
+        std = float(vals.std())
+        out[part] = ((img - vals.mean()) / (std if std > 0 else 1.0))[part]
+    return out.clamp(-4.0, 4.0).to(torch.float32)
+
+
+def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_angles_deg, tilt_axis_angle_deg,
+                             voltage_kV: float, cs_mm: float, amplitude_contrast: float, window_px: int = 512,
+                             resolution_range_A=(30.0, 7.0), defocus_range_A=(5000.0, 80000.0),
+                             defocus_grid=(2, 2), fit_phase: bool = False, hand=-1, *, overlap: float = 0.5,
+                             fit_resolution_threshold: float = FIT_RESOLUTION_THRESHOLD) -> dict:
+    """Tilt-aware CTF estimation of every image of a tilt series (see the module docstring).
+
+    ``images`` ``[n, h, w]`` (or ``[n, frames, h, w]``: frame periodograms are summed);
+    ``tilt_angles_deg`` ``[n]``; ``tilt_axis_angle_deg`` scalar or ``[n]`` (RELION ``rlnTomoZRot``,
+    from +y CCW, for the arrays as given); ``hand``: −1 / +1 (RELION ``rlnTomoHand``) to fit with
+    that handedness, or ``"auto"`` to fit with the one the data support.
+
+    Returns per-tilt float32 tensors ``defocus_u_A, defocus_v_A, defocus_angle_deg`` (U ≥ V,
+    angle in (−90, 90], from +x toward +y), ``phase_shift_deg`` (0 unless ``fit_phase``),
+    ``fit_resolution_A``, ``fit_score`` (normalised cross-correlation in the fit range),
+    ``refit`` (bool: changed by the tilt-series consistency stage), ``power_spectra [n, w, w]``
+    (diagnostic, DC at ``w//2``: left half observed, right half model), ``defocus_grid_A
+    [n, gy, gx]`` (mean defocus at the centres of a gy × gx grid of image cells, fitted locally),
+    and ``handedness``: ``{"hand"`` (the hand the data support), ``"hand_used"`` (the hand of the
+    reported defocus values), ``"score_minus_one", "score_plus_one"`` (mean best fit score over
+    tilts with either hand), ``"gradient_slope"`` (slope of the grid defocus against the plane
+    depth z_P: ≈ hand)``}``.
+    """
+    tilt_list = [float(a) for a in torch.as_tensor(tilt_angles_deg, dtype=_F64).reshape(-1)]
+    _validate(images, pixel_size_A, tilt_list, window_px, resolution_range_A, defocus_range_A, defocus_grid,
+              hand, amplitude_contrast)
+    n = images.shape[0]
+    h, w = images.shape[-2], images.shape[-1]
+    axes = torch.as_tensor(tilt_axis_angle_deg, dtype=_F64).reshape(-1)
+    if axes.numel() == 1:
+        axes = axes.expand(n)
+    if axes.numel() != n:
+        raise CtfEstimationError(f"tilt_axis_angle_deg needs 1 or {n} values, got {axes.numel()}")
+    tilts_t = torch.tensor(tilt_list, dtype=_F64)
+    corners = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [-w / 2, h / 2], [w / 2, h / 2]],
+                           dtype=_F64) * pixel_size_A
+    max_offset = float(specimen_plane_depth_A(corners, axes, tilts_t).abs().max())
+    setup = _make_setup(pixel_size_A, window_px, voltage_kV, cs_mm, amplitude_contrast, resolution_range_A,
+                        defocus_range_A, max_offset)
+    tilts = []
+    for i in range(n):
+        t = _prepare_tilt(images[i], tilt_list[i], float(axes[i]), setup, overlap)
+        t.bg = _smooth_log_background(t.profiles.mean((0, 1)), setup.k)
+        t.snr = torch.ones_like(setup.k)
+        tilts.append(t)
+    lo, hi = setup.search_lo, setup.search_hi
+    # pass 1: unweighted model, given hand (or -1)
+    hand0 = -1 if hand == "auto" else int(hand)
+    phases = _PHASE_GRID_DEG if fit_phase else (0.0,)
+    fits = [_search(_rows(_group(t, setup), t, setup), setup, t.snr[setup.fit], hand0, lo, hi, phases) for t in tilts]
+    # pass 2: background and SNR envelope from the first model; search with both hands
+    for t, f in zip(tilts, fits):
+        res = _fit_background_envelope(t, setup, hand0, f)
+        if res is not None:
+            t.bg, t.snr = res
+    rows_of = [_rows(_group(t, setup), t, setup) for t in tilts]
+    snr_of = [t.snr[setup.fit] for t in tilts]
+    starts = {hd: [_search(r, setup, s, hd, lo, hi, phases) for r, s in zip(rows_of, snr_of)] for hd in (-1, 1)}
+    score_m = sum(f.score for f in starts[-1]) / n
+    score_p = sum(f.score for f in starts[1]) / n
+    detected = 1 if score_p > score_m else -1 if score_m > score_p else hand0
+    hand_used = detected if hand == "auto" else int(hand)
+    fits = [_refine(r, setup, s, hand_used, st, fit_phase) for r, s, st in zip(rows_of, snr_of, starts[hand_used])]
+    fits, refit = _consistency(tilts, rows_of, fits, setup, snr_of, hand_used, fit_phase, tilt_list)
+    # per-tilt outputs
+    gy, gx = (int(g) for g in defocus_grid)
+    out_u, out_v, out_a, out_res, grid_out, spectra = [], [], [], [], [], []
+    slope_num = slope_den = 0.0
+    for t, f, r, s in zip(tilts, fits, rows_of, snr_of):
+        u, v, a = enforce_ctffind_convention(torch.tensor(f.defocus_A + f.half_astig_A, dtype=_F64),
+                                             torch.tensor(f.defocus_A - f.half_astig_A, dtype=_F64),
+                                             torch.tensor(f.angle_deg, dtype=_F64))
+        out_u.append(float(u)), out_v.append(float(v)), out_a.append(float(a))
+        out_res.append(_fit_resolution_A(t, setup, hand_used, f, fit_resolution_threshold))
+        cells = _cells((h, w), (gy, gx), t.centres_A / setup.pixel_size_A + torch.tensor([w // 2, h // 2], dtype=_F64))
+        values, depths = [], []
+        for centre_px, sel in cells:
+            c_A = (centre_px - torch.tensor([w // 2, h // 2], dtype=_F64)) * setup.pixel_size_A
+            z = float(specimen_plane_depth_A(c_A[None], t.axis_deg, t.tilt_deg)[0, 0])
+            cell_rows = _rows(_group(t, setup, sel, depth_ref_A=z), t, setup)
+            predicted = f.defocus_A + hand_used * z
+            value, _ = _local_defocus(cell_rows, setup, s, hand_used, f, predicted, 2000.0)
+            values.append(value)
+            depths.append(z)
+        vals_t, dep_t = torch.tensor(values, dtype=_F64), torch.tensor(depths, dtype=_F64)
+        grid_out.append(vals_t.reshape(gy, gx))
+        dz = dep_t - dep_t.mean()
+        slope_num += float((dz * (vals_t - vals_t.mean())).sum())
+        slope_den += float((dz * dz).sum())
+        spectra.append(_diagnostic(t, setup, hand_used, f))
+    f32 = torch.float32
+    return {
+        "defocus_u_A": torch.tensor(out_u, dtype=f32),
+        "defocus_v_A": torch.tensor(out_v, dtype=f32),
+        "defocus_angle_deg": torch.tensor(out_a, dtype=f32),
+        "phase_shift_deg": torch.tensor([f.phase_deg for f in fits], dtype=f32),
+        "fit_resolution_A": torch.tensor(out_res, dtype=f32),
+        "fit_score": torch.tensor([f.score for f in fits], dtype=f32),
+        "refit": torch.tensor(refit, dtype=torch.bool),
+        "power_spectra": torch.stack(spectra),
+        "defocus_grid_A": torch.stack(grid_out).to(f32),
+        "handedness": {"hand": int(detected), "hand_used": int(hand_used), "score_minus_one": float(score_m),
+                       "score_plus_one": float(score_p),
+                       "gradient_slope": slope_num / slope_den if slope_den > 0 else float("nan")},
+    }

@@ -1,0 +1,212 @@
+"""The ``motion_ctf`` step end to end: movies + mdoc + gain on disk -> import_movies -> motion_ctf.
+
+The movies are a CTF-modulated random texture (Thon rings at a known defocus) moved by a known
+sub-pixel trajectory per tilt, divided by a gain and sampled with Poisson noise, so that the
+gain-corrected frames have the expected counts. The step's stored trajectories are compared
+with the truth; its stacks, items and attributes are checked against the project contracts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tomopipe.algorithms.ctf import ctf_2d
+from tomopipe.algorithms.motion import MotionModel, fourier_shift_2d, frame_times
+from tomopipe.engine.executors import LocalExecutor
+from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.workflow import load_workflow
+from tomopipe.errors import InputFileError, TomopipeError
+from tomopipe.io.mdoc import write_mdoc
+from tomopipe.io.movies import write_movie
+from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.project.store import Project
+from tomopipe.steps.motion_ctf import process_tilt_series
+
+PIXEL_A = 1.0
+DEFOCUS_A = 20000.0
+TILTS_DEG = (0.0, 3.0, -3.0)  # acquisition order
+
+
+def _texture(size: int, seed: int) -> torch.Tensor:
+    """Zero-mean unit-SD texture: low-pass noise (for the alignment) + CTF-filtered noise (Thon rings)."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.fft.rfft2(torch.randn(size, size, generator=g, dtype=torch.float64))
+    k = torch.sqrt(torch.fft.fftfreq(size, dtype=torch.float64)[:, None] ** 2
+                   + torch.fft.rfftfreq(size, dtype=torch.float64)[None, :] ** 2) / PIXEL_A
+    ctf = ctf_2d((size, size), PIXEL_A, DEFOCUS_A, DEFOCUS_A, 0.0, 300.0, 2.7, 0.1, rfft=True).to(torch.float64)
+    texture = torch.fft.irfft2(spectrum * (torch.exp(-((k * 40.0) ** 2)) * 3.0 + ctf), s=(size, size))
+    return (texture - texture.mean()) / texture.std()
+
+
+def _trajectory_px(n_frames: int, scale: float) -> torch.Tensor:
+    t = frame_times(n_frames)
+    traj = torch.stack([scale * 3.5 * (1 - torch.exp(-t / 0.4)), -scale * 2.0 * t - 0.5 * t**2], dim=-1)
+    return traj - traj.mean(0)
+
+
+def write_synthetic_acquisition(folder: Path, size: int = 256, n_frames: int = 6, counts: float = 1.5,
+                                dose_per_tilt: float = 3.0, gain_size: int | None = None, seed: int = 0) -> dict:
+    """One tilt series TS_01 (movies, mdoc, gain) and its true per-frame shifts (x, y) Å by tilt angle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    gain_size = gain_size or size
+    gain = rng.uniform(0.8, 1.25, size=(gain_size, gain_size)).astype(np.float32)
+    write_mrc(folder / "gain.mrc", gain, PIXEL_A)
+    truth, sections = {}, []
+    for index, angle in enumerate(TILTS_DEG):
+        frames_here = n_frames
+        texture = _texture(size, seed + index)
+        trajectory = _trajectory_px(frames_here, 1.0 + 0.4 * index)
+        expected = [counts * (1 + 0.25 * fourier_shift_2d(texture, trajectory[f])).clamp_min(0)
+                    for f in range(frames_here)]
+        expected = torch.stack(expected).numpy()
+        raw = rng.poisson(expected / gain[:size, :size] if gain_size == size else expected).astype(np.uint8)
+        name = f"TS_01_{index + 1:03d}_{angle:.1f}.tif"
+        write_movie(folder / name, raw)
+        truth[angle] = (trajectory * PIXEL_A).float()
+        sections.append({"TiltAngle": angle, "ExposureDose": dose_per_tilt, "PixelSpacing": PIXEL_A,
+                         "NumSubFrames": frames_here, "SubFramePath": f"X:\\frames\\{name}",
+                         "DateTime": f"24-Nov-26  10:{index:02d}:00", "TargetDefocus": -DEFOCUS_A / 1e4})
+    write_mdoc(folder / "TS_01.mdoc", {"PixelSpacing": PIXEL_A, "Voltage": 300, "ImageFile": "TS_01.mrc",
+                                       "ImageSize": [size, size]},
+               ["[T = SerialEM: synthetic]", "[T =     Tilt axis angle = 85.0, binning = 1  spot = 8  camera = 0]"],
+               sections)
+    return truth
+
+
+WORKFLOW = """
+[workflow]
+name = "motion_test"
+
+[steps.import]
+type = "import_movies"
+files_directory = "{data}"
+gain_image = "{data}/gain.mrc"
+
+[steps.motion]
+type = "motion_ctf"
+movies = "import.movies"
+{motion}
+"""
+
+
+def run_steps(tmp_path: Path, data: Path, motion_params: str):
+    workflow = tmp_path / "wf.toml"
+    workflow.write_text(WORKFLOW.format(data=data, motion=motion_params))
+    with Project.open_or_init(tmp_path / "project") as project:
+        report = run_workflow(project, load_workflow(workflow), LocalExecutor(1), echo=lambda *_: None)
+    return report, tmp_path / "project"
+
+
+def _rms_A(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).sum(-1).mean().sqrt())
+
+
+def test_motion_step_matches_the_true_trajectories(tmp_path):
+    data = tmp_path / "data"
+    truth = write_synthetic_acquisition(data)
+    report, project_dir = run_steps(tmp_path, data, "binning_factor = 2.0\neven_odd = true\nestimate_ctf = false")
+    assert [o.status for o in report.outcomes] == ["finished", "finished"], report.outcomes[-1].message
+    with Project.open(project_dir) as project:
+        run = project.find_run("motion")
+        sets = project.sets_of_run(run.id)
+        assert set(sets) == {"tilt_series"}  # no ctf set without estimate_ctf
+        record = sets["tilt_series"]
+        items = project.read_items(record.id)
+        stack_path = project.absolute_path(items["image_path"].iloc[0])
+        motion_path = project.absolute_path(items["motion_path"].iloc[0])
+        even_path = project.absolute_path(items["image_even_path"].iloc[0])
+        odd_path = project.absolute_path(items["image_odd_path"].iloc[0])
+        attrs = record.attrs
+    # items: sorted by tilt angle, movie columns gone, the per-tilt columns kept
+    assert items["tilt_angle_deg"].tolist() == [-3.0, 0.0, 3.0]
+    assert items["image_section"].tolist() == [0, 1, 2] and items["tilt_index"].tolist() == [0, 1, 2]
+    assert "movie_path" not in items.columns and "frame_count" not in items.columns
+    for column in ("acquisition_order", "pre_exposure_e_per_A2", "accumulated_dose_e_per_A2", "dose_e_per_A2",
+                   "motion_total_A"):
+        assert column in items.columns
+    acquisition = attrs["tilt_series"]["TS_01"]
+    assert acquisition["pixel_size_A"] == pytest.approx(2.0) and acquisition["image_size_px"] == [128, 128]
+    assert "frame_count" not in acquisition and attrs["dose_weighted"] is True
+    # the stack: binned sums, one per tilt, in tilt_index order
+    stack, voxel_A = read_mrc(stack_path)
+    assert stack.shape == (3, 128, 128) and voxel_A == pytest.approx(2.0)
+    even, _ = read_mrc(even_path)
+    odd, _ = read_mrc(odd_path)
+    assert np.allclose(even + odd, stack, atol=1e-3 * float(np.abs(stack).max()))
+    assert float(stack.mean()) == pytest.approx(6 * 1.5, rel=0.05)  # 6 frames x 1.5 counts/px after the gain
+    # trajectories vs the truth, read from the stored model and the CSV table
+    document = json.loads(motion_path.read_text())
+    table = pd.read_csv(motion_path.with_suffix(".csv"))
+    for entry, (_, row) in zip(document["tilts"], items.iterrows()):
+        model = MotionModel.from_dict(entry)
+        true_A = truth[row["tilt_angle_deg"]]
+        assert _rms_A(model.shifts_A, true_A) <= 0.5, (row["tilt_angle_deg"], model.shifts_A, true_A)
+        rows = table[table["tilt_index"] == row["tilt_index"]]
+        assert np.allclose(rows[["shift_x_A", "shift_y_A"]].to_numpy(), model.shifts_A.numpy(), atol=1e-4)
+        assert row["motion_total_A"] > 3.0
+    # frame doses: pre-exposure of the tilt + 0.5 e/Å² per frame (3 e/Å² over 6 frames), end of frame
+    first = items[items["tilt_angle_deg"] == 3.0].iloc[0]  # acquired second: 3 e/Å² before it
+    doses = table[table["tilt_index"] == first["tilt_index"]]["accumulated_dose_e_per_A2"].to_numpy()
+    assert np.allclose(doses, 3.0 + 0.5 * np.arange(1, 7))
+
+
+def test_one_frame_movie_fails_naming_the_movie(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_acquisition(data, size=128, n_frames=1)  # the import accepts it, motion correction cannot
+    report, _ = run_steps(tmp_path, data, "estimate_ctf = false")
+    assert [o.status for o in report.outcomes] == ["finished", "failed"]
+    message = report.outcomes[1].message
+    assert "TS_01_003_-3.0.tif: holds 1 frame: motion correction needs a movie of at least 2 frames" in message
+
+
+def test_gain_of_the_wrong_size_is_refused(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_acquisition(data, size=128, gain_size=160)
+    wrong_gain = data / "gain.mrc"
+    task = {"ts_id": "TS_01",
+            "tilts": [{"tilt_index": 0, "tilt_angle_deg": 0.0, "movie_path": str(data / "TS_01_001_0.0.tif"),
+                       "dose_e_per_A2": 3.0, "pre_exposure_e_per_A2": 0.0}],
+            "acquisition": {"pixel_size_A": PIXEL_A, "voltage_kV": 300.0, "tilt_axis_angle_deg": 85.0,
+                            "spherical_aberration_mm": 2.7, "amplitude_contrast": 0.1},
+            "gain_path": str(wrong_gain), "folder": str(tmp_path),
+            "params": {"device": "cpu", "estimate_ctf": False, "use_movie_average": False, "motion_grid_x": 1,
+                       "motion_grid_y": 1, "motion_grid_temporal": 3, "fit_resolution_min_A": 500.0,
+                       "fit_resolution_max_A": 10.0, "b_factor_A2": -500.0, "dose_weighting": True,
+                       "binning_factor": 1.0, "even_odd": False}}
+    with pytest.raises(InputFileError, match=r"gain\.mrc: gain is 160 x 160 px but the frames of "
+                                             r"TS_01_001_0\.0\.tif are 128 x 128 px"):
+        process_tilt_series(task)
+    # the import step refuses it too, before any motion correction
+    report, _ = run_steps(tmp_path, data, "estimate_ctf = false")
+    assert report.outcomes[0].status == "failed" and "gain is 160 x 160 px" in report.outcomes[0].message
+
+
+def test_parameter_checks(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_acquisition(data, size=64, n_frames=2)
+    report, _ = run_steps(tmp_path, data, "fit_resolution_min_A = 5.0\nfit_resolution_max_A = 10.0")
+    assert report.outcomes[1].status == "failed"
+    assert "fit_resolution_min_A (5.0) must be larger" in report.outcomes[1].message
+
+
+def test_eer_grouping_and_frame_dose_fractions(tmp_path):
+    from tomopipe.steps.motion_ctf import eer_frames_per_group, read_frames
+
+    assert eer_frames_per_group(400, 4.0, 16, None) == 16  # the seed's EER fraction
+    assert eer_frames_per_group(10, 4.0, 16, None) == 10  # never more than the movie has
+    assert eer_frames_per_group(400, 4.0, 16, 0.2) == 20  # 0.01 e/Å² per EER frame -> 20 per 0.2 e/Å² group
+    assert eer_frames_per_group(400, 4.0, 16, 100.0) == 400
+    with pytest.raises(TomopipeError, match="needs the dose of the tilt"):
+        eer_frames_per_group(400, 0.0, 16, 0.2)
+    movie = tmp_path / "m.mrc"
+    write_movie(movie, np.ones((4, 16, 16), dtype=np.uint8))
+    frames, fraction = read_frames(movie, 3.0, {"eer_fraction": 16, "eer_group_exposure_e_per_A2": None})
+    assert frames.shape == (4, 16, 16) and np.allclose(fraction, [0.25, 0.5, 0.75, 1.0])
