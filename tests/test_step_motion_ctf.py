@@ -210,3 +210,29 @@ def test_eer_grouping_and_frame_dose_fractions(tmp_path):
     write_movie(movie, np.ones((4, 16, 16), dtype=np.uint8))
     frames, fraction = read_frames(movie, 3.0, {"eer_fraction": 16, "eer_group_exposure_e_per_A2": None})
     assert frames.shape == (4, 16, 16) and np.allclose(fraction, [0.25, 0.5, 0.75, 1.0])
+
+
+@pytest.mark.parametrize("use_movie_average", [False, True])
+def test_ctf_of_the_aligned_tilts(tmp_path, use_movie_average):
+    data = tmp_path / "data"
+    write_synthetic_acquisition(data)
+    report, project_dir = run_steps(tmp_path, data, f"ctf_window_px = 128\nuse_movie_average = "
+                                                    f"{str(use_movie_average).lower()}")
+    assert [o.status for o in report.outcomes] == ["finished", "finished"], report.outcomes[-1].message
+    with Project.open(project_dir) as project:
+        sets = project.sets_of_run(project.find_run("motion").id)
+        ctf = project.read_items(sets["ctf"].id)
+        tilt_series = project.read_items(sets["tilt_series"].id)
+        spectra_path = project.absolute_path(ctf["diagnostic_path"].iloc[0])
+        attrs = sets["ctf"].attrs
+    assert ctf["tilt_angle_deg"].tolist() == tilt_series["tilt_angle_deg"].tolist() == [-3.0, 0.0, 3.0]
+    assert ctf["tilt_index"].tolist() == [0, 1, 2] and ctf["diagnostic_section"].tolist() == [0, 1, 2]
+    mean_defocus = (ctf["defocus_u_A"] + ctf["defocus_v_A"]) / 2
+    assert np.all(np.abs(mean_defocus - DEFOCUS_A) < 500), mean_defocus.tolist()
+    assert np.all(ctf["defocus_u_A"] >= ctf["defocus_v_A"]) and np.all(ctf["phase_shift_deg"] == 0)
+    assert ctf["defocus_hand"].tolist() == [-1, -1, -1]
+    assert np.all(ctf["fit_resolution_A"] < 30) and np.all(ctf["fit_score"] > 0)
+    assert len(json.loads(ctf["defocus_grid_A"].iloc[0])) == 2  # the seed's 2 x 2 defocus grid
+    assert "TS_01" in attrs["handedness"] and attrs["tilt_series"]["TS_01"]["pixel_size_A"] == pytest.approx(1.0)
+    spectra, _ = read_mrc(spectra_path)
+    assert spectra.shape == (3, 128, 128)

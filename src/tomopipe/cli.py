@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_project_argument(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
+    exclude = commands.add_parser("exclude", help="exclude tilts by hand: a new run whose subsets flag them")
+    exclude.add_argument("--run", required=True, help="run (id or step name) whose tilt series / CTFs to subset")
+    exclude.add_argument("--tilts", required=True, action="append", metavar="TS:VIEWS",
+                         help="tilt series and 1-based views, e.g. TS_01:3,5-7 (repeatable, or joined with ';')")
+    exclude.add_argument("--name", default="exclude", help="name of the new run (default: exclude)")
+    _add_project_argument(exclude)
+
     export = commands.add_parser("export", help="write the project's data in another tool's layout")
     export.add_argument("format", choices=["relion5", "imod"])
     _add_project_argument(export)
@@ -161,6 +168,33 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_exclude(args) -> int:
+    from tomopipe.engine.executors import LocalExecutor
+    from tomopipe.engine.runner import run_step, step_signature
+    from tomopipe.engine.workflow import WorkflowStep
+    from tomopipe.project.store import Project
+    from tomopipe.steps.exclude import ExcludeViews
+
+    with Project.open(args.project) as project:
+        source = project.find_run(args.run)
+        if source.status != "finished":
+            raise TomopipeError(f"run {source.id} ({source.name}) is {source.status}, not finished")
+        ports = {port.name for port in ExcludeViews.inputs}
+        input_sets = {record.kind: record for record in project.sets_of_run(source.id).values() if record.kind in ports}
+        if not input_sets:
+            raise TomopipeError(f"run {source.id} ({source.name}) has no tilt_series or ctf output to subset")
+        params = ExcludeViews.validate_params(args.name, {"exclude_tilts": ";".join(args.tilts)})
+        step = WorkflowStep(args.name, ExcludeViews, params, {})
+        signature = step_signature(step, {port: f"{source.signature}:{record.name}" for port, record in input_sets.items()})
+        outcome = run_step(project, step, input_sets, signature, LocalExecutor(1), verbose=args.verbose)
+    if outcome.status != "finished":
+        print(f"error: {outcome.message}", file=sys.stderr)
+        return 1
+    print(f"run {outcome.run.id} ({args.name}): {outcome.summary['excluded_now']} tilt(s) newly excluded; "
+          f"outputs {', '.join(input_sets)}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from tomopipe.export import export_project
     from tomopipe.project.store import Project
@@ -209,6 +243,7 @@ COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
     "show": cmd_show,
+    "exclude": cmd_exclude,
     "export": cmd_export,
     "inspect": cmd_inspect,
     "steps": cmd_steps,

@@ -291,19 +291,21 @@ class _Tilt:
     mean_spectrum: torch.Tensor  # [w, w//2+1] mean periodogram (diagnostic)
     tilt_deg: float
     axis_deg: float
+    groups: object = None  # _Groups of all windows (by depth)
     bg: torch.Tensor | None = None  # [n_k] background used for whitening
     snr: torch.Tensor | None = None  # [n_k] model weight (env / bg) or ones
 
 
 def _sector_profiles(spectra: torch.Tensor, setup: _Setup) -> torch.Tensor:
+    """Mean power per (sector, radial bin) of each window: ``[t, n_sec, n_k]``."""
     n_k, n_sec = len(setup.j), setup.n_sectors
-    flat = spectra.reshape(spectra.shape[0], -1)[:, setup.pixel_mask.reshape(-1)].to(_F64)
-    sums = torch.zeros(spectra.shape[0], n_sec * n_k, dtype=_F64).index_add_(1, setup.bin_index, flat)
-    counts = torch.zeros(n_sec * n_k, dtype=_F64).index_add_(0, setup.bin_index, torch.ones(len(setup.bin_index), dtype=_F64))
-    prof = (sums / counts.clamp(min=1)).reshape(-1, n_sec, n_k)
+    flat = spectra.reshape(spectra.shape[0], -1)[:, setup.pixel_mask.reshape(-1)].T.to(_F64)  # [pix, t]
+    sums = torch.zeros(n_sec * n_k, spectra.shape[0], dtype=_F64).index_add_(0, setup.bin_index, flat)
+    counts = torch.bincount(setup.bin_index, minlength=n_sec * n_k).to(_F64)
+    prof = (sums / counts.clamp(min=1)[:, None]).T.reshape(-1, n_sec, n_k)
     empty = (counts == 0).reshape(n_sec, n_k)
     if bool(empty.any()):  # fill empty cells with the rotational average of the same radius
-        full = (sums.reshape(-1, n_sec, n_k).sum(1) / counts.reshape(n_sec, n_k).sum(0).clamp(min=1))
+        full = sums.T.reshape(-1, n_sec, n_k).sum(1) / counts.reshape(n_sec, n_k).sum(0).clamp(min=1)
         prof = torch.where(empty[None], full[:, None, :], prof)
     return prof
 
@@ -407,8 +409,11 @@ def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo:
     return num, den
 
 
-def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, fit_astig: bool = True) -> _Fit:
-    """Exhaustive search over centre defocus (table indices lo..hi), astigmatism and phase grids."""
+def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, fit_astig: bool = True,
+            n_peaks: int = 6, window_A: float = 600.0) -> _Fit:
+    """Exhaustive search over the centre defocus (table indices lo..hi, ``step_A`` apart) and the
+    phase grid without astigmatism, then over the astigmatism grid (``(U − V)/2`` × angle) within
+    ``± window_A`` of the ``n_peaks`` best local maxima."""
     half = [a for a in setup.astig_half_A if a > 0] if fit_astig else []
     combos = [(0.0, 0.0)] + [(a, th) for a in half for th in setup.astig_angles_deg]
     a_t = torch.tensor([c[0] for c in combos], dtype=_F64)
@@ -417,18 +422,26 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
                     / setup.step_A).long()  # [combo, n_sec] defocus offset of each sector (grid steps)
     e_max = int(e.abs().max())
     n_c = hi - lo + 1
-    x = torch.arange(n_c)[None, None, :] + e[:, :, None] + e_max
+    win = int(round(window_A / setup.step_A))
     best = _Fit(-math.inf, 0.0, 0.0, 0.0, 0.0)
     for phase in phases_deg:
         num, den = _shift_tables(rows, _model_fit(setup, snr_fit, phase), hand, setup, lo - e_max, hi + e_max)
-        tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)  # [combo, c]
-        tot_den = den[x].sum(1)
-        score = tot_num / torch.sqrt(rows.data_norm * tot_den.clamp(min=1e-30))
-        ci, xi = divmod(int(torch.argmax(score)), n_c)
+        core = slice(e_max, e_max + n_c)
+        score0 = num[:, core].sum(0) / torch.sqrt(rows.data_norm * (num.shape[0] * den[core]).clamp(min=1e-30))
+        peak = torch.ones(n_c, dtype=torch.bool)
+        peak[1:] &= score0[1:] >= score0[:-1]
+        peak[:-1] &= score0[:-1] >= score0[1:]
+        cand = torch.nonzero(peak)[:, 0]
+        cand = cand[torch.argsort(score0[cand], descending=True)[:n_peaks]]
+        xs = torch.unique(torch.clamp(cand[:, None] + torch.arange(-win, win + 1)[None, :], 0, n_c - 1).reshape(-1))
+        x = xs[None, None, :] + e[:, :, None] + e_max  # [combo, sec, c]
+        tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)
+        score = tot_num / torch.sqrt(rows.data_norm * den[x].sum(1).clamp(min=1e-30))
+        ci, xi = divmod(int(torch.argmax(score)), len(xs))
         if float(score[ci, xi]) > best.score:
             th = math.radians(2 * float(th_t[ci]))
             a = float(a_t[ci])
-            best = _Fit(float(score[ci, xi]), float(setup.table_defocus_A[lo + xi]), a * math.cos(th),
+            best = _Fit(float(score[ci, xi]), float(setup.table_defocus_A[lo + int(xs[xi])]), a * math.cos(th),
                         a * math.sin(th), float(phase))
     return best
 
@@ -545,17 +558,28 @@ def _hat_basis(k: torch.Tensor, n_knots: int) -> torch.Tensor:
 
 def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n_knots: int = 10):
     """Least squares ``P ≈ bg(k) + env(k)·CTF²`` over all windows and sectors, with piecewise-linear
-    bg and env (weights 1/bg₀², the periodogram variance); returns ``(bg, env/bg normalised to a
-    maximum of 1 in the fit range)`` or None when no positive envelope is found."""
-    groups = _group(tilt, setup)
+    bg and env in k (weights 1/bg₀², the periodogram variance); returns ``(bg, env/bg normalised to
+    a maximum of 1 in the fit range)``, or None when no positive envelope is found."""
+    groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
         c = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
-    basis = _hat_basis(setup.k, n_knots)
+    basis = _hat_basis(setup.k, n_knots)  # [n_k, nb]
     nb = basis.shape[1]
-    design = torch.cat([basis[None, None].expand(c.shape + (nb,)), basis[None, None] * c[..., None]], -1)
-    sw = (groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2).expand_as(c).sqrt().reshape(-1, 1)
-    sol = torch.linalg.lstsq(design.reshape(-1, 2 * nb) * sw, groups.power.reshape(-1, 1) * sw).solution[:, 0]
+    wt = groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2  # [rows, 1, n_k]
+    wt = wt.expand_as(c)
+    # normal equations with columns [basis(k), basis(k)·c]
+    s0 = wt.sum((0, 1))  # [n_k]
+    s1 = (wt * c).sum((0, 1))
+    s2 = (wt * c * c).sum((0, 1))
+    y0 = (wt * groups.power).sum((0, 1))
+    y1 = (wt * c * groups.power).sum((0, 1))
+    bb = basis[:, :, None] * basis[:, None, :]  # [n_k, nb, nb]
+    ata = torch.cat([torch.cat([(s0[:, None, None] * bb).sum(0), (s1[:, None, None] * bb).sum(0)], 1),
+                     torch.cat([(s1[:, None, None] * bb).sum(0), (s2[:, None, None] * bb).sum(0)], 1)], 0)
+    aty = torch.cat([basis.T @ y0, basis.T @ y1])
+    ata = ata + 1e-12 * torch.trace(ata) / len(ata) * torch.eye(len(ata), dtype=_F64)
+    sol = torch.linalg.solve(ata, aty)
     bg, env = basis @ sol[:nb], basis @ sol[nb:]
     if not bool((bg > 0).all()):
         return None
@@ -635,7 +659,7 @@ def fit_resolution_from_phase_profile(chi_rad: torch.Tensor, data: torch.Tensor,
 
 
 def _fit_resolution_A(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, threshold: float) -> float:
-    groups = _group(tilt, setup)
+    groups = tilt.groups
     cols = setup.k >= setup.k_low
     k = setup.k[cols]
     s = groups.power[..., cols] / tilt.bg[cols] - 1.0
@@ -778,7 +802,7 @@ def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tenso
     kk = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
     kc = kk.reshape(-1).clamp(float(setup.k[0]), float(setup.k[-1]))
     obs = _full_spectrum(tilt.mean_spectrum.to(_F64)) / _interp(kc, setup.k, tilt.bg).reshape(w, w) - 1.0
-    groups = _group(tilt, setup)
+    groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
         m = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
@@ -839,6 +863,7 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     tilts = []
     for i in range(n):
         t = _prepare_tilt(images[i], tilt_list[i], float(axes[i]), setup, overlap)
+        t.groups = _group(t, setup)
         t.bg = _smooth_log_background(t.profiles.mean((0, 1)), setup.k)
         t.snr = torch.ones_like(setup.k)
         tilts.append(t)
@@ -846,13 +871,13 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     # pass 1: unweighted model, given hand (or -1)
     hand0 = -1 if hand == "auto" else int(hand)
     phases = _PHASE_GRID_DEG if fit_phase else (0.0,)
-    fits = [_search(_rows(_group(t, setup), t, setup), setup, t.snr[setup.fit], hand0, lo, hi, phases) for t in tilts]
+    fits = [_search(_rows(t.groups, t, setup), setup, t.snr[setup.fit], hand0, lo, hi, phases) for t in tilts]
     # pass 2: background and SNR envelope from the first model; search with both hands
     for t, f in zip(tilts, fits):
         res = _fit_background_envelope(t, setup, hand0, f)
         if res is not None:
             t.bg, t.snr = res
-    rows_of = [_rows(_group(t, setup), t, setup) for t in tilts]
+    rows_of = [_rows(t.groups, t, setup) for t in tilts]
     snr_of = [t.snr[setup.fit] for t in tilts]
     starts = {hd: [_search(r, setup, s, hd, lo, hi, phases) for r, s in zip(rows_of, snr_of)] for hd in (-1, 1)}
     score_m = sum(f.score for f in starts[-1]) / n

@@ -93,6 +93,10 @@ def _outcome_line(outcome: StepOutcome) -> str:
 def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
              produced: dict[str, tuple[str, dict[str, SetRecord]]], executor: Executor,
              verbose: bool, echo) -> StepOutcome:
+    missing = [f"{ref.step}.{ref.output}" for ref in step.inputs.values() if ref.output not in produced[ref.step][1]]
+    if missing:
+        return StepOutcome(step.name, "failed", message=f"input(s) {', '.join(missing)} were not produced "
+                                                        f"(an optional output of that step)")
     input_sets = {port: produced[ref.step][1][ref.output] for port, ref in step.inputs.items()}
     input_signatures = {port: f"{produced[ref.step][0]}:{ref.output}" for port, ref in step.inputs.items()}
     signature = step_signature(step, input_signatures)
@@ -100,9 +104,18 @@ def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
     if previous is not None:
         produced[step.name] = (signature, project.sets_of_run(previous.id))
         return StepOutcome(step.name, "skipped", run=previous, summary=previous.summary)
+    outcome = run_step(project, step, input_sets, signature, executor, workflow.name, verbose)
+    if outcome.status == "finished":
+        produced[step.name] = (signature, project.sets_of_run(outcome.run.id))
+    return outcome
 
+
+def run_step(project: Project, step: WorkflowStep, input_sets: dict[str, SetRecord], signature: str,
+             executor: Executor, workflow_name: str | None = None, verbose: bool = False) -> StepOutcome:
+    """Run one step now as a new run: recorded 'running', 'finished' only once its outputs are
+    complete; any error makes it 'failed' with the message and the log path."""
     run = project.create_run(step.name, step.step.type_name, step.params,
-                             {port: record.id for port, record in input_sets.items()}, signature, workflow.name)
+                             {port: record.id for port, record in input_sets.items()}, signature, workflow_name)
     log_path = project.absolute_path(run.log_path)
     logger = logging.getLogger(LOGGER_NAME)
     handler = logging.FileHandler(log_path)
@@ -140,5 +153,4 @@ def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
         logger.removeHandler(handler)
         handler.close()
         logger.setLevel(previous_level)
-    produced[step.name] = (signature, project.sets_of_run(run.id))
     return StepOutcome(step.name, "finished", run=project.get_run(run.id), summary=summary)

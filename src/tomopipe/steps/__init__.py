@@ -2,3 +2,4 @@
 
 from tomopipe.steps import import_movies  # noqa: F401
 from tomopipe.steps import motion_ctf  # noqa: F401
+from tomopipe.steps import exclude  # noqa: F401

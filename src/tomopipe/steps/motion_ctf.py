@@ -218,11 +218,12 @@ def _estimate_ctf(images: torch.Tensor, pixel_size_A: float, tilts: list[dict], 
         window_px=params["ctf_window_px"],
         resolution_range_A=(params["ctf_resolution_min_A"], params["ctf_resolution_max_A"]),
         defocus_range_A=(params["defocus_min_um"] * 1e4, params["defocus_max_um"] * 1e4),
-        defocus_grid=(params["defocus_grid_x"], params["defocus_grid_y"]),
-        fit_phase=params["fit_phase"],
+        defocus_grid=(params["defocus_grid_y"], params["defocus_grid_x"]),  # (gy, gx)
+        fit_phase=params["fit_phase"], hand=-1,  # RELION's default rlnTomoHand; the data's own hand is reported
     )
     out = {"power_spectra": result["power_spectra"].detach().cpu().float(),
-           "handedness": _plain(result.get("handedness", {}))}
+           "handedness": _plain(result.get("handedness", {})),
+           "defocus_grid_A": [json.dumps(_plain(g)) for g in result["defocus_grid_A"].detach().cpu().double()]}
     for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "fit_resolution_A",
                 "fit_score"):
         out[key] = [float(v) for v in torch.as_tensor(result[key]).detach().cpu().reshape(-1)]
@@ -339,7 +340,7 @@ class MotionCtf(Step):
             acquisitions[ts_id] = acquisition
             if result["ctf"] is not None:
                 ctf = result["ctf"]
-                hand = ctf["handedness"].get("hand", -1) if isinstance(ctf["handedness"], dict) else -1
+                hand = ctf["handedness"].get("hand_used", -1)
                 ctf_tables.append(pd.DataFrame({
                     "ts_id": ts_id,
                     "tilt_index": table["tilt_index"].to_numpy(),
@@ -347,6 +348,7 @@ class MotionCtf(Step):
                     **{key: ctf[key] for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg",
                                                  "fit_resolution_A", "fit_score")},
                     "defocus_hand": int(hand),
+                    "defocus_grid_A": ctf["defocus_grid_A"],
                     "diagnostic_path": ctx.stored_path(files["ctf_spectra_path"]),
                     "diagnostic_section": np.arange(len(table)),
                 }))
