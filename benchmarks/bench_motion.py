@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,11 +92,11 @@ def rms_A(estimate, truth):
 
 
 def run_ours(movie, pixel_size_A, doses):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model = estimate_motion(movie, pixel_size_A)
     estimate_s = time.perf_counter() - start
     align_and_sum(movie, pixel_size_A, model, frame_dose_e_per_A2=doses)
-    return model, estimate_s, time.perf_counter() - start
+    return model, estimate_s, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_peer(movie, pixel_size_A):
@@ -113,7 +114,7 @@ def run_peer(movie, pixel_size_A):
     )
 
     filt = FourierFilterConfig(b_factor=500, frequency_range=(500, 10))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     coarse = estimate_global_motion(movie, pixel_size_A, fourier_filter=filt)
     coarse_s = time.perf_counter() - start
     patch = min(movie.shape[-2:]) // 2
@@ -123,13 +124,13 @@ def run_peer(movie, pixel_size_A):
                                          optimization=OptimizationConfig(max_iterations=100))
     refine_s = time.perf_counter() - start
     correct_motion(movie, field, pixel_size_A).sum(0)
-    total_s = time.perf_counter() - start
+    total_s, total_cpu_s = time.perf_counter() - start, time.process_time() - cpu
 
     def per_frame(f):  # (y, x) Å at every frame time -> (x, y)
         data = torch.stack([f.evaluate_at_t(float(t), (1, 1))[:, 0, 0] for t in frame_times(movie.shape[0])])
         return data.flip(-1).detach().float()
 
-    return per_frame(coarse), per_frame(field), coarse_s, refine_s, total_s
+    return per_frame(coarse), per_frame(field), coarse_s, refine_s, total_s, total_cpu_s
 
 
 def main() -> None:
@@ -161,20 +162,21 @@ def main() -> None:
     for tilt in range(args.tilts):
         movie, expected, truth_A, still = tilt_movie(args.size, args.frames, pix, args.counts, args.contrast, tilt)
         doses = frame_dose_e_per_A2(3.5 * tilt, 3.5, args.frames)
-        model, estimate_s, ours_s = run_ours(movie, pix, doses)
+        model, estimate_s, ours_s, ours_cpu_s = run_ours(movie, pix, doses)
         reference = band_power(still, pix)
         restored = band_power(align_and_sum(expected, pix, model)["sum"], pix) / reference
         row = {"tilt": tilt, "motion_A": float((truth_A[1:] - truth_A[:-1]).norm(dim=-1).sum()),
                "rms_A": rms_A(model.shifts_A, truth_A), "raw_rms_A": rms_A(model.raw_shifts_A, truth_A),
                "restored_4_8A": restored, "unaligned_4_8A": band_power(expected.sum(0), pix) / reference,
-               "estimate_s": estimate_s, "seconds_per_movie": ours_s}
+               "estimate_s": estimate_s, "seconds_per_movie": ours_s, "cpu_s_per_movie": ours_cpu_s}
         if peer:
-            coarse, refined, coarse_s, refine_s, peer_s = run_peer(movie, pix)
+            coarse, refined, coarse_s, refine_s, peer_s, peer_cpu_s = run_peer(movie, pix)
             perfect = MotionModel(refined - refined.mean(0), refined, (args.size, args.size), pix, 3)
             row.update({"tmc_xc_rms_A": rms_A(coarse, truth_A), "tmc_rms_A": rms_A(refined, truth_A),
                         "tmc_restored_4_8A": band_power(align_and_sum(expected, pix, perfect)["sum"], pix) / reference,
                         "tmc_xc_s": coarse_s, "tmc_refine_s": refine_s, "tmc_seconds_per_movie": peer_s,
-                        "time_ratio_tmc_over_ours": peer_s / ours_s})
+                        "tmc_cpu_s_per_movie": peer_cpu_s, "time_ratio_tmc_over_ours": peer_s / ours_s,
+                        "cpu_ratio_tmc_over_ours": peer_cpu_s / ours_cpu_s})
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     summary = {"tilt": "mean"}
@@ -182,7 +184,9 @@ def main() -> None:
         if key != "tilt":
             summary[key] = sum(r[key] for r in rows) / len(rows)
     rows.append(summary)
-    notes = (f"{args.tilts} tilt movies of {args.frames} frames x {args.size}^2 px at {pix} A/px, "
+    load = os.getloadavg()
+    notes = (f"load average during the run {load[0]:.1f} (on {os.cpu_count()} cores); "
+             f"{args.tilts} tilt movies of {args.frames} frames x {args.size}^2 px at {pix} A/px, "
              f"{args.counts} e/px/frame, contrast {args.contrast}, torch threads {args.threads}, "
              f"device cpu. Ours: seed parameters 1x1x3, 500-10 A, B -500, dose weighting; seconds_per_movie = "
              f"estimate + dose-weighted aligned sum. tmc: torch-motion-correction global XC + estimate_local_motion "

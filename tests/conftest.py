@@ -19,9 +19,10 @@ def shared_data() -> Path:
 
 def write_acquisition(folder: Path, ts_names=("TS_01", "TS_02"), tilt_angles=(0.0, 3.0, -3.0, 6.0, -6.0),
                       frames: int = 2, size: int = 32, dose_per_tilt: float = 3.0, pixel_size_A: float = 2.0,
-                      tilt_axis_deg: float = -85.6, seed: int = 0) -> Path:
+                      tilt_axis_deg: float = -94.4, seed: int = 0, movie_suffix: str = ".tif") -> Path:
     """Movies (LZW TIFF, integer counts) and a SerialEM-style mdoc per tilt series, in ``folder``.
-    Sections are written in acquisition order (the order of ``tilt_angles``) with DateTime."""
+    Sections are written in acquisition order (the order of ``tilt_angles``) with DateTime.
+    ``tilt_axis_deg`` is the mdoc's angle (for the frames as stored)."""
     from tomopipe.io.mdoc import write_mdoc
     from tomopipe.io.movies import write_movie
 
@@ -30,7 +31,7 @@ def write_acquisition(folder: Path, ts_names=("TS_01", "TS_02"), tilt_angles=(0.
     for ts in ts_names:
         sections = []
         for index, angle in enumerate(tilt_angles):
-            name = f"{ts}_{index + 1:03d}_{angle:.1f}.tif"
+            name = f"{ts}_{index + 1:03d}_{angle:.1f}{movie_suffix}"
             write_movie(folder / name, rng.poisson(1.0, size=(frames, size, size)).astype(np.uint8))
             sections.append({
                 "TiltAngle": angle,

@@ -38,13 +38,14 @@ def _import(tmp_path, data, **params):
 
 def test_values_come_from_the_mdoc(tmp_path):
     data = write_acquisition(tmp_path / "data", tilt_angles=ACQUISITION_ORDER, dose_per_tilt=2.64,
-                             pixel_size_A=0.79, tilt_axis_deg=-85.6)
+                             pixel_size_A=0.79, tilt_axis_deg=-94.4)
     outcome, items, attrs = _import(tmp_path, data)
     assert outcome.status == "finished", outcome.message
     assert sorted(attrs["tilt_series"]) == ["TS_01", "TS_02"]
     acquisition = attrs["tilt_series"]["TS_01"]
     assert acquisition["pixel_size_A"] == 0.79 and acquisition["voltage_kV"] == 300
-    assert acquisition["tilt_axis_angle_deg"] == -85.6
+    # TIFF frames are flipped along Y on read: the axis of the arrays is 180 - the mdoc's angle
+    assert acquisition["tilt_axis_angle_deg"] == pytest.approx(-85.6)
     assert acquisition["image_size_px"] == [32, 32] and acquisition["frame_count"] == 2
     ts = items[items["ts_id"] == "TS_01"]
     # items are sorted by tilt angle; the order of acquisition comes from DateTime
@@ -66,8 +67,16 @@ def test_user_values_win(tmp_path):
     assert np.allclose(items["dose_e_per_A2"], 3.0) and items["pre_exposure_e_per_A2"].min() == 1.0
 
 
+def test_mrc_movies_keep_the_mdoc_axis(tmp_path):
+    data = write_acquisition(tmp_path / "data", tilt_axis_deg=-85.6, movie_suffix=".mrc")
+    outcome, items, attrs = _import(tmp_path, data)
+    assert outcome.status == "finished", outcome.message
+    assert attrs["tilt_series"]["TS_01"]["tilt_axis_angle_deg"] == pytest.approx(-85.6)
+    assert items["movie_path"].str.endswith(".mrc").all()
+
+
 def test_tomo5_axis_conversion(tmp_path):
-    data = write_acquisition(tmp_path / "data", tilt_axis_deg=-4.0)
+    data = write_acquisition(tmp_path / "data", tilt_axis_deg=-4.0, movie_suffix=".mrc")
     _, _, attrs = _import(tmp_path, data, tomo5_mdoc=True)
     assert attrs["tilt_series"]["TS_01"]["tilt_axis_angle_deg"] == pytest.approx(-86.0)
 

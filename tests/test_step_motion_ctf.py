@@ -9,7 +9,6 @@ with the truth; its stacks, items and attributes are checked against the project
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from tomopipe.project.store import Project
 from tomopipe.steps.motion_ctf import process_tilt_series
 
 PIXEL_A = 1.0
-DEFOCUS_A = 20000.0
+DEFOCUS_A = 10000.0
 TILTS_DEG = (0.0, 3.0, -3.0)  # acquisition order
 
 
@@ -215,7 +214,7 @@ def test_eer_grouping_and_frame_dose_fractions(tmp_path):
 @pytest.mark.parametrize("use_movie_average", [False, True])
 def test_ctf_of_the_aligned_tilts(tmp_path, use_movie_average):
     data = tmp_path / "data"
-    write_synthetic_acquisition(data)
+    write_synthetic_acquisition(data, n_frames=4, counts=2.0)
     report, project_dir = run_steps(tmp_path, data, f"ctf_window_px = 128\nuse_movie_average = "
                                                     f"{str(use_movie_average).lower()}")
     assert [o.status for o in report.outcomes] == ["finished", "finished"], report.outcomes[-1].message
@@ -228,10 +227,10 @@ def test_ctf_of_the_aligned_tilts(tmp_path, use_movie_average):
     assert ctf["tilt_angle_deg"].tolist() == tilt_series["tilt_angle_deg"].tolist() == [-3.0, 0.0, 3.0]
     assert ctf["tilt_index"].tolist() == [0, 1, 2] and ctf["diagnostic_section"].tolist() == [0, 1, 2]
     mean_defocus = (ctf["defocus_u_A"] + ctf["defocus_v_A"]) / 2
-    assert np.all(np.abs(mean_defocus - DEFOCUS_A) < 500), mean_defocus.tolist()
+    assert np.all(np.abs(mean_defocus - DEFOCUS_A) < 1000), mean_defocus.tolist()  # 10 %: the plumbing, not the fit
     assert np.all(ctf["defocus_u_A"] >= ctf["defocus_v_A"]) and np.all(ctf["phase_shift_deg"] == 0)
     assert ctf["defocus_hand"].tolist() == [-1, -1, -1]
-    assert np.all(ctf["fit_resolution_A"] < 30) and np.all(ctf["fit_score"] > 0)
+    assert np.all((ctf["fit_resolution_A"] >= 2 * PIXEL_A) & (ctf["fit_resolution_A"] <= 30)) and np.all(ctf["fit_score"] > 0)
     assert len(json.loads(ctf["defocus_grid_A"].iloc[0])) == 2  # the seed's 2 x 2 defocus grid
     assert "TS_01" in attrs["handedness"] and attrs["tilt_series"]["TS_01"]["pixel_size_A"] == pytest.approx(1.0)
     spectra, _ = read_mrc(spectra_path)

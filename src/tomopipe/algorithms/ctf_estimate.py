@@ -36,9 +36,11 @@ Fit resolution (documented rule): the whitened spectrum and the model are averag
 the CTF phase χ (π/12 wide, over all sectors and windows, so astigmatism and tilt are
 corrected), and for every Thon ring n (χ from nπ to (n+1)π) the weighted Pearson correlation
 between data and model is computed over rings n−1..n+1. Going outward from the first ring inside
-the fit range, the fit resolution is 1/k at the outer zero of the last ring before the first
-ring whose correlation is below ``FIT_RESOLUTION_THRESHOLD`` (0.5); k is evaluated up to
-``0.96 × Nyquist``. If the first ring already fails, the low-resolution limit is reported.
+the fit range, the fit resolution is 1/k (at the mean defocus) of the outer zero of the last ring
+of the first run of rings with correlation ≥ ``FIT_RESOLUTION_THRESHOLD`` (0.5); the run must
+start within the first three rings and ends at two consecutive rings below the threshold (single
+dips are tolerated); k is evaluated up to ``0.96 × Nyquist``. If no ring passes, the
+low-resolution limit of the fit range is reported.
 """
 
 from __future__ import annotations
@@ -204,8 +206,8 @@ def _validate(images, pixel_size_A, tilt_angles_deg, window_px, resolution_range
         raise CtfEstimationError(f"{len(tilt_angles_deg)} tilt angles for {n} images")
     if not pixel_size_A > 0:
         raise CtfEstimationError(f"pixel_size_A must be > 0, got {pixel_size_A}")
-    if int(window_px) != window_px or window_px < 64 or window_px % 2:
-        raise CtfEstimationError(f"window_px must be an even number of pixels >= 64, got {window_px}")
+    if int(window_px) != window_px or window_px < 32 or window_px % 2:
+        raise CtfEstimationError(f"window_px must be an even number of pixels >= 32, got {window_px}")
     if window_px > min(h, w):
         raise CtfEstimationError(
             f"the CTF window ({window_px} px) is larger than the images ({w} x {h} px); use window_px <= {min(h, w)}")
@@ -312,6 +314,7 @@ def _sector_profiles(spectra: torch.Tensor, setup: _Setup) -> torch.Tensor:
 
 def _prepare_tilt(image, tilt_deg, axis_deg, setup: _Setup, overlap: float) -> _Tilt:
     spectra, centres_px = power_spectrum_tiles(image, setup.window_px, overlap)
+    spectra = spectra.cpu()  # the FFTs run where the images are; the (small) fits on the CPU
     h, w = image.shape[-2], image.shape[-1]
     centres_A = (centres_px - torch.tensor([w // 2, h // 2], dtype=_F64)) * setup.pixel_size_A
     depth = specimen_plane_depth_A(centres_A, axis_deg, tilt_deg)[0]
@@ -409,13 +412,16 @@ def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo:
     return num, den
 
 
-def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, fit_astig: bool = True,
+def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, astig=None,
             n_peaks: int = 6, window_A: float = 600.0) -> _Fit:
     """Exhaustive search over the centre defocus (table indices lo..hi, ``step_A`` apart) and the
     phase grid without astigmatism, then over the astigmatism grid (``(U − V)/2`` × angle) within
-    ``± window_A`` of the ``n_peaks`` best local maxima."""
-    half = [a for a in setup.astig_half_A if a > 0] if fit_astig else []
-    combos = [(0.0, 0.0)] + [(a, th) for a in half for th in setup.astig_angles_deg]
+    ``± window_A`` of the ``n_peaks`` best local maxima. ``astig = (ax, ay)`` fixes the
+    astigmatism vector instead."""
+    if astig is None:
+        combos = [(0.0, 0.0)] + [(a, th) for a in setup.astig_half_A if a > 0 for th in setup.astig_angles_deg]
+    else:
+        combos = [(math.hypot(*astig), math.degrees(0.5 * math.atan2(astig[1], astig[0])))]
     a_t = torch.tensor([c[0] for c in combos], dtype=_F64)
     th_t = torch.tensor([c[1] for c in combos], dtype=_F64)
     e = torch.round(a_t[:, None] * torch.cos(2 * torch.deg2rad(setup.sector_deg[None, :] - th_t[:, None]))
@@ -433,7 +439,10 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
         peak[:-1] &= score0[:-1] >= score0[1:]
         cand = torch.nonzero(peak)[:, 0]
         cand = cand[torch.argsort(score0[cand], descending=True)[:n_peaks]]
-        xs = torch.unique(torch.clamp(cand[:, None] + torch.arange(-win, win + 1)[None, :], 0, n_c - 1).reshape(-1))
+        if len(combos) == 1:  # fixed astigmatism: every candidate
+            xs = torch.arange(n_c)
+        else:
+            xs = torch.unique(torch.clamp(cand[:, None] + torch.arange(-win, win + 1)[None, :], 0, n_c - 1).reshape(-1))
         x = xs[None, None, :] + e[:, :, None] + e_max  # [combo, sec, c]
         tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)
         score = tot_num / torch.sqrt(rows.data_norm * den[x].sum(1).clamp(min=1e-30))
@@ -456,76 +465,122 @@ def _row_model(setup: _Setup, depth_A, hand: int, defocus_A, ax_A, ay_A, phase_d
     return (c * c).mean(-1)
 
 
-def _local_tables(rows: _Rows, setup: _Setup, snr_fit, phase_deg: float, d_first: float, n_d: int, step_A: float):
-    """Fine correlation tables on the defocus grid ``d_first + i·step_A``: ``num [rows, n_sec, n_d]``
-    (already multiplied by the row weights) and per-column model norms ``den [n_d]``."""
-    d = d_first + step_A * torch.arange(n_d, dtype=_F64)
-    c = ctf_1d(setup.k_sub[setup.fit][:, :, None], d[None, None, :], setup.voltage_kV, setup.cs_mm,
-               setup.amplitude_contrast, phase_shift_deg=phase_deg)
-    m = setup.detrend @ ((c * c).mean(1) * snr_fit[:, None])  # [n_fit, n_d]
-    num = torch.einsum("rsj,jd->rsd", rows.s_fit * rows.weight[:, None, None], m)
-    return num, (m * m).sum(0)
+class _LocalTables:
+    """Correlation tables of one tilt on a fine defocus grid (``step_A``) around a start value, for
+    every phase of a small phase grid; the score of continuous parameters is interpolated linearly."""
+
+    def __init__(self, rows: _Rows, setup: _Setup, snr_fit, hand: int, centre_A: float, radius_A: float,
+                 phases_deg, step_A: float = 5.0):
+        a_lim = max(setup.astig_half_A) + 500.0
+        self.offs = hand * rows.depth_A  # [rows]
+        self.step = step_A
+        self.first = centre_A - radius_A - a_lim + float(self.offs.min()) - 2 * step_A
+        self.n_d = int(math.ceil((2 * radius_A + 2 * a_lim + float(self.offs.max() - self.offs.min())) / step_A)) + 5
+        self.phases = [float(p) for p in phases_deg]
+        d = self.first + step_A * torch.arange(self.n_d, dtype=_F64)
+        nums, dens = [], []
+        for phase in self.phases:
+            c = ctf_1d(setup.k_sub[setup.fit][:, :, None], d[None, None, :], setup.voltage_kV, setup.cs_mm,
+                       setup.amplitude_contrast, phase_shift_deg=phase)
+            m = setup.detrend @ ((c * c).mean(1) * snr_fit[:, None])  # [n_fit, n_d]
+            nums.append(torch.einsum("rsj,jd->rsd", rows.s_fit * rows.weight[:, None, None], m).reshape(-1, self.n_d))
+            dens.append((m * m).sum(0))
+        self.num = torch.stack(nums)  # [P, rows·n_sec, n_d]
+        self.den = torch.stack(dens)  # [P, n_d]
+        phi = torch.deg2rad(setup.sector_deg)
+        self.c2, self.s2 = torch.cos(2 * phi)[None, :], torch.sin(2 * phi)[None, :]
+        n_r, n_s = rows.s_fit.shape[0], rows.s_fit.shape[1]
+        self.flat_offs = self.offs[:, None].expand(n_r, n_s)
+        self.wts = rows.weight[:, None].expand(n_r, n_s).reshape(-1)
+        self.row_ix = torch.arange(n_r * n_s)
+        self.norm = rows.data_norm
+
+    def scores(self, defocus_A: torch.Tensor, ax_A: float, ay_A: float, phase_deg: float) -> torch.Tensor:
+        """Scores for centre defocus values ``[m]`` (−1 where the tables do not reach)."""
+        df = (defocus_A[:, None, None] + self.flat_offs[None] + ax_A * self.c2[None] + ay_A * self.s2[None])
+        pos = ((df - self.first) / self.step).reshape(len(defocus_A), -1)
+        bad = (pos < 0).any(1) | (pos > self.n_d - 2).any(1)
+        pos = pos.clamp(0, self.n_d - 2)
+        i0 = pos.floor().long()
+        f = pos - i0
+        if len(self.phases) > 1:
+            pp = (phase_deg - self.phases[0]) / (self.phases[1] - self.phases[0])
+            if not 0.0 <= pp <= len(self.phases) - 1:
+                return torch.full((len(defocus_A),), -1.0, dtype=_F64)
+            p0 = min(int(math.floor(pp)), len(self.phases) - 2)
+            parts = ((p0, 1.0 - (pp - p0)), (p0 + 1, pp - p0))
+        else:
+            parts = ((0, 1.0),)
+        num = torch.zeros(len(defocus_A), dtype=_F64)
+        den = torch.zeros(len(defocus_A), dtype=_F64)
+        flat = self.row_ix[None, :] * self.n_d + i0
+        for p, wp in parts:
+            nv = torch.take(self.num[p], flat) * (1 - f) + torch.take(self.num[p], flat + 1) * f
+            dv = torch.take(self.den[p], i0) * (1 - f) + torch.take(self.den[p], i0 + 1) * f
+            num += wp * nv.sum(1)
+            den += wp * (self.wts[None, :] * dv).sum(1)
+        out = num / torch.sqrt(self.norm * den.clamp(min=1e-30))
+        return torch.where(bad, torch.full_like(out, -1.0), out)
+
+    def score(self, defocus_A: float, ax_A: float, ay_A: float, phase_deg: float) -> float:
+        return float(self.scores(torch.tensor([defocus_A], dtype=_F64), ax_A, ay_A, phase_deg)[0])
+
+
+def _nelder_mead(fun, x0, step: float = 0.6, xatol: float = 0.02):
+    """Minimise ``fun`` from ``x0`` (scipy Nelder–Mead, initial simplex edges of ``step``)."""
+    from scipy.optimize import minimize
+
+    x0 = [float(v) for v in x0]
+    simplex = [x0] + [[v + (step if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
+    res = minimize(fun, x0, method="Nelder-Mead",
+                   options={"initial_simplex": simplex, "xatol": xatol, "fatol": 1e-8, "maxiter": 200 * len(x0)})
+    return [float(v) for v in res.x]
 
 
 def _refine(rows: _Rows, setup: _Setup, snr_fit, hand: int, start: _Fit, fit_phase: bool,
-            radius_A: float = 400.0, step_A: float = 5.0) -> _Fit:
-    """Local refinement of (defocus, astigmatism vector, phase) by Nelder–Mead on the exact
-    correlation, tabulated on a 5 Å defocus grid (and a 2.5° phase grid) and interpolated linearly."""
-    from scipy.optimize import minimize
-
-    a_lim = max(setup.astig_half_A) + 500.0
-    offs = hand * rows.depth_A
-    d_first = start.defocus_A - radius_A - a_lim + float(offs.min()) - 2 * step_A
-    n_d = int(math.ceil((2 * radius_A + 2 * a_lim + float(offs.max() - offs.min())) / step_A)) + 5
+            fit_astig: bool = True, radius_A: float = 400.0) -> _Fit:
+    """Local refinement of defocus (and astigmatism vector, phase) by Nelder–Mead on the exact
+    correlation tabulated on a 5 Å defocus grid (2.5° phase grid), interpolated linearly."""
     phases = [start.phase_deg + dp for dp in torch.arange(-15.0, 15.01, 2.5).tolist()] if fit_phase else [start.phase_deg]
-    tabs = [_local_tables(rows, setup, snr_fit, p, d_first, n_d, step_A) for p in phases]
-    num = torch.stack([t[0] for t in tabs])  # [P, rows, n_sec, n_d]
-    den = torch.stack([t[1] for t in tabs])  # [P, n_d]
-    phi = torch.deg2rad(setup.sector_deg)
-    c2, s2 = torch.cos(2 * phi)[None, :], torch.sin(2 * phi)[None, :]
-    n_r, n_s = num.shape[1], num.shape[2]
-    flat_num = num.reshape(len(phases), n_r * n_s, n_d)
-    row_ix = torch.arange(n_r * n_s)
-    wts = rows.weight[:, None].expand(n_r, n_s).reshape(-1)
+    tab = _LocalTables(rows, setup, snr_fit, hand, start.defocus_A, radius_A, phases)
 
-    def score(x) -> float:
-        dm, ax, ay = 100.0 * x[0], 100.0 * x[1], 100.0 * x[2]
-        df = (start.defocus_A + dm + offs[:, None] + ax * c2 + ay * s2).reshape(-1)
-        pos = (df - d_first) / step_A
-        if bool((pos < 0).any()) or bool((pos > n_d - 2).any()):
-            return -1.0
-        i0 = pos.floor().long()
-        f = pos - i0
-        pp = (10.0 * x[3] + 15.0) / 2.5 if fit_phase else 0.0
-        if not 0.0 <= pp <= len(phases) - 1:
-            return -1.0
-        p0 = min(int(math.floor(pp)), len(phases) - 2) if fit_phase else 0
-        fp = pp - p0
-        total_num, total_den = 0.0, 0.0
-        for p, wp in ((p0, 1.0 - fp), (p0 + 1, fp)) if fit_phase else ((0, 1.0),):
-            nv = flat_num[p, row_ix, i0] * (1 - f) + flat_num[p, row_ix, i0 + 1] * f
-            dv = den[p, i0] * (1 - f) + den[p, i0 + 1] * f
-            total_num += wp * float(nv.sum())
-            total_den += wp * float((wts * dv).sum())
-        return total_num / math.sqrt(rows.data_norm * max(total_den, 1e-30))
+    def unpack(x):
+        dm = 100.0 * x[0]
+        ax, ay = (100.0 * x[1], 100.0 * x[2]) if fit_astig else (start.astig_x_A, start.astig_y_A)
+        ph = start.phase_deg + 10.0 * x[-1] if fit_phase else start.phase_deg
+        return start.defocus_A + dm, ax, ay, ph
 
-    x0 = [0.0, start.astig_x_A / 100.0, start.astig_y_A / 100.0, 0.0]
-    if not fit_phase:
-        x0 = x0[:3]
-    simplex = [x0] + [[v + (0.6 if i == j else 0.0) for j, v in enumerate(x0)] for i in range(len(x0))]
-    res = minimize(lambda x: -score(list(x) + ([] if fit_phase else [0.0])), x0, method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "xatol": 0.02, "fatol": 1e-7, "maxiter": 600})
-    x = list(res.x) + ([] if fit_phase else [0.0])
-    final = score(x)
-    if not math.isfinite(final) or final < start.score:
-        return start
-    phase = (start.phase_deg + 10.0 * x[3]) % 180.0 if fit_phase else start.phase_deg
-    return _Fit(final, start.defocus_A + 100.0 * x[0], 100.0 * x[1], 100.0 * x[2], phase)
+    x0 = [0.0] + ([start.astig_x_A / 100.0, start.astig_y_A / 100.0] if fit_astig else []) + ([0.0] if fit_phase else [])
+    initial = tab.score(*unpack(x0))
+    x = _nelder_mead(lambda v: -tab.score(*unpack(v)), x0)
+    d, ax, ay, ph = unpack(x)
+    final = tab.score(d, ax, ay, ph)
+    if not math.isfinite(final) or final < initial or abs(d - start.defocus_A) > radius_A:
+        return _Fit(initial, start.defocus_A, start.astig_x_A, start.astig_y_A, start.phase_deg)
+    return _Fit(final, d, ax, ay, ph % 180.0 if fit_phase else ph)
 
 
-def _fit_rows(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, fit_phase: bool) -> _Fit:
+def _fit_rows(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, fit_phase: bool,
+              astig=None) -> _Fit:
+    """Search + refinement; ``astig = (ax, ay)`` fixes the astigmatism vector."""
     phases = _PHASE_GRID_DEG if fit_phase else (0.0,)
-    return _refine(rows, setup, snr_fit, hand, _search(rows, setup, snr_fit, hand, lo, hi, phases), fit_phase)
+    start = _search(rows, setup, snr_fit, hand, lo, hi, phases, astig=astig)
+    return _refine(rows, setup, snr_fit, hand, start, fit_phase, fit_astig=astig is None)
+
+
+def _series_astigmatism(tables, fits, radius_A: float = 400.0, step_A: float = 20.0):
+    """Astigmatism vector (ax, ay) shared by all tilts: maximises Σ_tilts max_m score_t(m, ax, ay)
+    (m within ``± radius_A`` of each tilt's own fit), started from every tilt's own vector and 0."""
+    grid = torch.arange(-radius_A, radius_A + step_A / 2, step_A, dtype=_F64)
+
+    def total(ax, ay):
+        return sum(float(t.scores(f.defocus_A + grid, ax, ay, f.phase_deg).max()) for t, f in zip(tables, fits))
+
+    starts = [(0.0, 0.0)] + [(f.astig_x_A, f.astig_y_A) for f in fits]
+    best = max(starts, key=lambda a: total(*a))
+    x = _nelder_mead(lambda v: -total(100.0 * v[0], 100.0 * v[1]), [best[0] / 100.0, best[1] / 100.0], step=1.0)
+    cand = (100.0 * x[0], 100.0 * x[1])
+    return cand if total(*cand) >= total(*best) else best
 
 
 def _local_defocus(rows: _Rows, setup: _Setup, snr_fit, hand: int, fit: _Fit, centre_A: float, range_A: float):
@@ -625,8 +680,10 @@ def fit_resolution_from_phase_profile(chi_rad: torch.Tensor, data: torch.Tensor,
     Samples are averaged in χ bins of π/``bins_per_ring``; ring n spans χ ∈ [nπ, (n+1)π) and its
     quality is the weighted Pearson correlation of data and model over rings n−1..n+1 (χ ≥
     ``chi_start_rad``). Going outward from the ring containing ``chi_start_rad``, the limit is the
-    outer phase (n+1)π of the last ring before the first one with correlation < ``threshold``
-    (``chi_start_rad`` if the first ring fails). Returns ``(chi_limit_rad, ring_correlations)``.
+    outer phase (n+1)π of the last ring of the first run of rings with correlation ≥
+    ``threshold`` (and ≥ 3/√bins, 3σ above chance); the run ends at two consecutive rings below it (a single dip is tolerated)
+    and must start within the first three rings. ``chi_start_rad`` if no ring passes.
+    Returns ``(chi_limit_rad, ring_correlations)``.
     """
     width = math.pi / bins_per_ring
     b = torch.floor(chi_rad.reshape(-1) / width).long()
@@ -641,20 +698,32 @@ def fit_resolution_from_phase_profile(chi_rad: torch.Tensor, data: torch.Tensor,
     centres = (torch.arange(nb, dtype=_F64) + b0 + 0.5) * width
     ring_first = int(math.floor(chi_start_rad / math.pi))
     ring_last = int(math.floor(float(centres[ok].max()) / math.pi)) - 1
-    corrs, limit, failed = [], chi_start_rad, False
+    corrs, limit, failed, misses = [], chi_start_rad, False, 0
     for n in range(ring_first, ring_last + 1):
         sel = ok & (centres >= max((n - 1) * math.pi, chi_start_rad)) & (centres < (n + 2) * math.pi)
         r = 0.0
         if int(sel.sum()) >= bins_per_ring:
-            w_, d_, m_ = wsum[sel], dm[sel], mm[sel]
-            d_c, m_c = d_ - (w_ * d_).sum() / w_.sum(), m_ - (w_ * m_).sum() / w_.sum()
+            w_, x_ = wsum[sel], centres[sel]
+            basis = torch.stack([torch.ones_like(x_), x_ - (w_ * x_).sum() / w_.sum()], 1)
+            sw = w_.sqrt()[:, None]
+
+            def detrended(y):  # remove a weighted linear trend in χ (residual background)
+                coef = torch.linalg.lstsq(basis * sw, y[:, None] * sw).solution
+                return y - (basis @ coef)[:, 0]
+
+            d_c, m_c = detrended(dm[sel]), detrended(mm[sel])
             den = float(torch.sqrt((w_ * d_c * d_c).sum() * (w_ * m_c * m_c).sum()))
             r = float((w_ * d_c * m_c).sum()) / den if den > 0 else 0.0
         corrs.append(r)
-        if not failed and r >= threshold:
-            limit = (n + 1) * math.pi
-        else:
-            failed = True
+        if failed:
+            continue
+        if r >= max(threshold, 3.0 / math.sqrt(max(int(sel.sum()), 1))):  # and 3σ above chance
+            limit, misses = (n + 1) * math.pi, 0
+        elif limit > chi_start_rad:  # inside the run: two consecutive failures end it
+            misses += 1
+            failed = misses >= 2
+        else:  # before the run: at most two failing rings are skipped
+            failed = n - ring_first >= 2
     return limit, torch.tensor(corrs, dtype=_F64)
 
 
@@ -727,11 +796,13 @@ def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_cont
 
 
 # ----------------------------------------------------------------------------- tilt series
-def _consistency(tilts, rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angles, neighbours: int = 3,
-                 min_deviation_A: float = 2000.0, accept_ratio: float = 0.5):
-    """Re-fit tilts whose defocus deviates from the median of their neighbours (in tilt-angle order)
-    by more than ``max(4·σ_robust, min_deviation_A)``, in that window around the median; keep the
-    narrowed fit if it scores at least ``accept_ratio`` × the unconstrained one."""
+def _consistency(rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angles, astig=None, neighbours: int = 3,
+                 min_window_A: float = 4000.0, max_window_A: float = 8000.0, accept_ratio: float = 0.5):
+    """Tilt-series consistency: the reference of each tilt is the median defocus of its
+    ``neighbours`` neighbours on each side (in tilt-angle order); a tilt deviating from it by more
+    than ``W = clamp(4·1.4826·median|deviation|, min_window_A, max_window_A)`` is re-fitted within
+    ``reference ± W``, and the narrowed fit is kept if it scores at least ``accept_ratio`` × the
+    unconstrained one (a weak wrong maximum gives way; a clear genuine jump stays)."""
     n = len(fits)
     refit = [False] * n
     if n < 3:
@@ -745,7 +816,7 @@ def _consistency(tilts, rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angl
         nb = [order[q] for q in range(max(0, p - neighbours), min(n, p + neighbours + 1)) if q != p]
         ref[i] = d[nb].median()
     dev = (d - ref).abs()
-    window = max(4.0 * 1.4826 * float(dev.median()), min_deviation_A)
+    window = min(max(4.0 * 1.4826 * float(dev.median()), min_window_A), max_window_A)
     first = float(setup.table_defocus_A[0])
     for i in range(n):
         if float(dev[i]) <= window:
@@ -754,7 +825,7 @@ def _consistency(tilts, rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angl
         hi = min(setup.search_hi, int(round((float(ref[i]) + window - first) / setup.step_A)))
         if hi < lo:
             continue
-        narrowed = _fit_rows(rows_of[i], setup, snr_of[i], hand, lo, hi, fit_phase)
+        narrowed = _fit_rows(rows_of[i], setup, snr_of[i], hand, lo, hi, fit_phase, astig=astig)
         if narrowed.score >= accept_ratio * fits[i].score:
             fits[i] = narrowed
             refit[i] = True
@@ -794,14 +865,20 @@ def _full_spectrum(half: torch.Tensor) -> torch.Tensor:
 
 
 def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tensor:
-    """CTFFIND-style diagnostic ``[w, w]`` (DC at ``w//2``): left half the whitened observed
-    spectrum, right half the fitted model (per sector and radial bin: SNR-weighted CTF² mixed over
-    the windows' defocus offsets); both standardised within the fit range and clipped to ±4."""
+    """CTFFIND-style diagnostic ``[w, w]`` (DC at ``w//2``, frequencies as ``torch.fft`` with
+    ``fftshift``): the left half (kx < 0) shows the observed spectrum (mean periodogram of the
+    windows, whitened by the fitted background, smoothed by a Gaussian of σ = 1 px), the right half
+    the fitted model (per sector and radial bin: CTF² mixed over the windows' defocus offsets, times
+    the SNR envelope); each is standardised within the fit range and clipped to ±4."""
     w = setup.window_px
     f = torch.fft.fftshift(torch.fft.fftfreq(w, d=setup.pixel_size_A, dtype=_F64))
     kk = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
     kc = kk.reshape(-1).clamp(float(setup.k[0]), float(setup.k[-1]))
-    obs = _full_spectrum(tilt.mean_spectrum.to(_F64)) / _interp(kc, setup.k, tilt.bg).reshape(w, w) - 1.0
+    observed = _full_spectrum(tilt.mean_spectrum.to(_F64)) / _interp(kc, setup.k, tilt.bg).reshape(w, w) - 1.0
+    g = torch.exp(-0.5 * torch.arange(-3.0, 4.0, dtype=_F64) ** 2)
+    g = g / g.sum()
+    observed = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(observed[None, None], (3, 3, 3, 3), mode="reflect"), (g[:, None] * g[None, :])[None, None])[0, 0]
     groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
@@ -811,11 +888,10 @@ def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tenso
     half[setup.pixel_mask] = m.reshape(-1)[setup.bin_index]
     model = _full_spectrum(half)
     ring = (kk >= setup.k_low) & (kk <= setup.k_high)
-    out = torch.empty(w, w, dtype=_F64)
     left = torch.arange(w)[None, :].expand(w, w) < w // 2
-    for img, part in ((obs, left), (model, ~left)):
-        sel = ring & part
-        vals = img[sel]
+    out = torch.empty(w, w, dtype=_F64)
+    for img, part in ((observed, left), (model, ~left)):
+        vals = img[ring & part]
         std = float(vals.std())
         out[part] = ((img - vals.mean()) / (std if std > 0 else 1.0))[part]
     return out.clamp(-4.0, 4.0).to(torch.float32)
@@ -825,6 +901,7 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
                              voltage_kV: float, cs_mm: float, amplitude_contrast: float, window_px: int = 512,
                              resolution_range_A=(30.0, 7.0), defocus_range_A=(5000.0, 80000.0),
                              defocus_grid=(2, 2), fit_phase: bool = False, hand=-1, *, overlap: float = 0.5,
+                             astigmatism_per_tilt: bool = False,
                              fit_resolution_threshold: float = FIT_RESOLUTION_THRESHOLD) -> dict:
     """Tilt-aware CTF estimation of every image of a tilt series (see the module docstring).
 
@@ -885,31 +962,40 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     detected = 1 if score_p > score_m else -1 if score_m > score_p else hand0
     hand_used = detected if hand == "auto" else int(hand)
     fits = [_refine(r, setup, s, hand_used, st, fit_phase) for r, s, st in zip(rows_of, snr_of, starts[hand_used])]
-    fits, refit = _consistency(tilts, rows_of, fits, setup, snr_of, hand_used, fit_phase, tilt_list)
+    astig = None
+    if not astigmatism_per_tilt:  # one astigmatism for the tilt series, then every defocus again
+        tables = [_LocalTables(r, setup, s, hand_used, f.defocus_A, 500.0, [f.phase_deg])
+                  for r, s, f in zip(rows_of, snr_of, fits)]
+        astig = _series_astigmatism(tables, fits)
+        fits = [_fit_rows(r, setup, s, hand_used, lo, hi, fit_phase, astig=astig) for r, s in zip(rows_of, snr_of)]
+    fits, refit = _consistency(rows_of, fits, setup, snr_of, hand_used, fit_phase, tilt_list, astig=astig)
     # per-tilt outputs
     gy, gx = (int(g) for g in defocus_grid)
     out_u, out_v, out_a, out_res, grid_out, spectra = [], [], [], [], [], []
     slope_num = slope_den = 0.0
+    centre_px = torch.tensor([w // 2, h // 2], dtype=_F64)
     for t, f, r, s in zip(tilts, fits, rows_of, snr_of):
         u, v, a = enforce_ctffind_convention(torch.tensor(f.defocus_A + f.half_astig_A, dtype=_F64),
                                              torch.tensor(f.defocus_A - f.half_astig_A, dtype=_F64),
                                              torch.tensor(f.angle_deg, dtype=_F64))
         out_u.append(float(u)), out_v.append(float(v)), out_a.append(float(a))
         out_res.append(_fit_resolution_A(t, setup, hand_used, f, fit_resolution_threshold))
-        cells = _cells((h, w), (gy, gx), t.centres_A / setup.pixel_size_A + torch.tensor([w // 2, h // 2], dtype=_F64))
-        values, depths = [], []
-        for centre_px, sel in cells:
-            c_A = (centre_px - torch.tensor([w // 2, h // 2], dtype=_F64)) * setup.pixel_size_A
-            z = float(specimen_plane_depth_A(c_A[None], t.axis_deg, t.tilt_deg)[0, 0])
+        values, measured, depths = [], [], []
+        for cell_px, sel in _cells((h, w), (gy, gx), t.centres_A / setup.pixel_size_A + centre_px):
+            # reported value: windows of the cell, offsets (hand_used) relative to the cell centre
+            z = float(specimen_plane_depth_A(((cell_px - centre_px) * setup.pixel_size_A)[None], t.axis_deg,
+                                             t.tilt_deg)[0, 0])
             cell_rows = _rows(_group(t, setup, sel, depth_ref_A=z), t, setup)
-            predicted = f.defocus_A + hand_used * z
-            value, _ = _local_defocus(cell_rows, setup, s, hand_used, f, predicted, 2000.0)
-            values.append(value)
-            depths.append(z)
-        vals_t, dep_t = torch.tensor(values, dtype=_F64), torch.tensor(depths, dtype=_F64)
-        grid_out.append(vals_t.reshape(gy, gx))
-        dz = dep_t - dep_t.mean()
-        slope_num += float((dz * (vals_t - vals_t.mean())).sum())
+            values.append(_local_defocus(cell_rows, setup, s, hand_used, f, f.defocus_A + hand_used * z, 2000.0)[0])
+            # handedness check: no offsets inside the cell, value at the windows' mean depth
+            z_mean = float(t.depth_A[sel].mean())
+            plain = _rows(_group(t, setup, sel), t, setup)
+            measured.append(_local_defocus(plain, setup, s, 0, f, f.defocus_A, 2000.0 + 1.5 * abs(z_mean))[0])
+            depths.append(z_mean)
+        grid_out.append(torch.tensor(values, dtype=_F64).reshape(gy, gx))
+        meas, dep = torch.tensor(measured, dtype=_F64), torch.tensor(depths, dtype=_F64)
+        dz = dep - dep.mean()
+        slope_num += float((dz * (meas - meas.mean())).sum())
         slope_den += float((dz * dz).sum())
         spectra.append(_diagnostic(t, setup, hand_used, f))
     f32 = torch.float32

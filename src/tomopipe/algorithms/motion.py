@@ -12,9 +12,13 @@ Conventions
   (1: constant, 2: linear, 3: quadratic, 4: cubic, more: a cubic spline with interior knots).
 - Local motion (grid X x Y > 1) is a residual displacement field on top of the global
   trajectory, a tensor-product B-spline over (t, y, x) whose control points span the whole
-  image (normalised coordinates ``y / (ny - 1)``, ``x / (nx - 1)``).
+  image (normalised coordinates ``y / (ny - 1)``, ``x / (nx - 1)``), fitted by least squares to
+  patch trajectories and shrunk towards zero by its significance (James-Stein), so that noise
+  does not become a deformation.
 
-Method: every frame is cross-correlated with the sum of all other frames (leave-one-out
+Method: pixels that are outliers in the sum of the frames (hot pixels: a fixed pattern that would
+pull every frame towards zero shift) and in single frames (X-ray hits) are replaced by the mean for
+the estimation only. Every frame is then cross-correlated with the sum of all other frames (leave-one-out
 reference, no self-correlation of noise), in a band ``fit_resolution_min_A .. fit_resolution_max_A``
 with a B-factor weight ``exp(B k² / 4)`` (Warp's sign: a negative B damps high frequencies) on
 the cross-power spectrum; the sub-pixel peak (parabolic fit) gives a per-frame correction; the
@@ -234,9 +238,12 @@ def _phase_ramp(shifts_px: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor
     multiplying a spectrum by it moves the content by ``+shift``."""
     ky, kx = _frequencies_px(shape, shifts_px.device)
     s = shifts_px.to(torch.float64)
-    phase_y = torch.exp(torch.complex(torch.zeros_like(ky), -_TWO_PI * ky) * s[..., 1, None, None])
-    phase_x = torch.exp(torch.complex(torch.zeros_like(kx), -_TWO_PI * kx) * s[..., 0, None, None])
-    return (phase_y * phase_x).to(torch.complex64)
+    # separable: the phases are computed in float64 (large shifts), the outer product in complex64
+    angle_y = -_TWO_PI * ky * s[..., 1, None, None]
+    angle_x = -_TWO_PI * kx * s[..., 0, None, None]
+    phase_y = torch.polar(torch.ones_like(angle_y), angle_y).to(torch.complex64)
+    phase_x = torch.polar(torch.ones_like(angle_x), angle_x).to(torch.complex64)
+    return phase_y * phase_x
 
 
 def fourier_shift_2d(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
@@ -260,15 +267,34 @@ def _taper(shape: tuple[int, int], width_px: int, device) -> torch.Tensor:
     return out[0][:, None] * out[1][None, :]
 
 
-def _prepare_for_alignment(frame: torch.Tensor, taper: torch.Tensor, factor: float) -> torch.Tensor:
-    """Clip outliers (X-ray hits, hot pixels), remove the mean, taper the edges, Fourier-crop by ``factor``."""
+def _fixed_pattern_mask(movie: torch.Tensor, n_sigma: float = 6.0) -> torch.Tensor:
+    """Pixels that are too bright in the sum of all frames ``[y, x]`` (bool): hot pixels and other
+    fixed-pattern defects, which would pull every frame towards zero shift."""
+    total = movie.sum(dim=0, dtype=torch.float32)
+    mask = torch.zeros_like(total, dtype=torch.bool)
+    for _ in range(2):  # second pass without the defects found in the first (they inflate the SD)
+        good = total[~mask]
+        mask = total > good.mean() + n_sigma * good.std().clamp_min(1e-12)
+    return mask
+
+
+def _crop_rfft2(spectrum: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Keep the frequencies of an rfft2 ``[..., H, W//2+1]`` that an rfft2 of ``shape`` (h, w) holds."""
+    h, w = shape
+    rows = torch.cat([spectrum[..., : (h + 1) // 2, :], spectrum[..., spectrum.shape[-2] - h // 2:, :]], dim=-2)
+    return rows[..., : w // 2 + 1]
+
+
+def _prepare_for_alignment(frame: torch.Tensor, defects: torch.Tensor, taper: torch.Tensor,
+                           small_shape: tuple[int, int]) -> torch.Tensor:
+    """Spectrum (rfft2, ``small_shape``) of a frame for the estimation: defects and outliers (X-ray
+    hits) replaced by the mean, mean removed, edges tapered, Fourier-cropped."""
     mean = frame.mean()
     std = frame.std().clamp_min(1e-12)
-    clipped = frame.clamp(max=float(mean + 8.0 * std))
-    clipped = (clipped - clipped.mean()) * taper
-    if factor > 1.0:
-        clipped = fourier_crop_bin(clipped, factor)
-    return clipped
+    bad = defects | (frame > mean + 8.0 * std)
+    clean = torch.where(bad, frame[~bad].mean(), frame)
+    clean = (clean - clean.mean()) * taper
+    return _crop_rfft2(torch.fft.rfft2(clean), small_shape)
 
 
 def _correlation_weight(shape: tuple[int, int], pixel_size_yx_A: tuple[float, float], low_A: float, high_A: float,
@@ -411,8 +437,9 @@ def estimate_motion(
         small_shape = fourier_crop_shape((ny, nx), factor)
     pix_yx = (pixel_size_A * ny / small_shape[0], pixel_size_A * nx / small_shape[1])
     taper = _taper((ny, nx), max(4, min(ny, nx) // 20), device)
-    spectra = torch.stack([
-        torch.fft.rfft2(_prepare_for_alignment(movie[f].to(torch.float32), taper, factor)) for f in range(n_frames)])
+    defects = _fixed_pattern_mask(movie)
+    spectra = torch.stack([_prepare_for_alignment(movie[f].to(torch.float32), defects, taper, small_shape)
+                           for f in range(n_frames)])
 
     weight = _correlation_weight(small_shape, pix_yx, fit_resolution_min_A, fit_resolution_max_A, b_factor_A2, device)
     if max_shift_A is None:
@@ -452,19 +479,38 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
     patch_spectra = torch.fft.rfft2(patches)
     weight = _correlation_weight((size_y, size_x), pix_yx, low_A, high_A, b_factor_A2, aligned.device)
     radius_px = max(2.0, min(size_y, size_x) / 8.0)  # residuals are small after the global alignment
-    local_px, _, _ = _align_stacks(patch_spectra, (size_y, size_x), weight, smoother, radius_px, max_iterations,
-                                   tolerance_px)
+    _, raw_px, _ = _align_stacks(patch_spectra, (size_y, size_x), weight, smoother, radius_px, max_iterations,
+                                 tolerance_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=aligned.device)
-    measured = (local_px * to_A).reshape(len(starts_y), len(starts_x), -1, 2)  # [py, px, F, 2]
+    measured = (raw_px * to_A).reshape(len(starts_y), len(starts_x), -1, 2)  # [py, px, F, 2] per-frame
     ny, nx = full_shape
     centres_y = torch.tensor([(y0 + size_y / 2.0) * ny / h for y0 in starts_y], dtype=torch.float64)
     centres_x = torch.tensor([(x0 + size_x / 2.0) * nx / w for x0 in starts_x], dtype=torch.float64)
     by = bspline_basis(centres_y / max(ny - 1, 1), grid_y).to(aligned.device)
     bx = bspline_basis(centres_x / max(nx - 1, 1), grid_x).to(aligned.device)
     bt = bspline_basis(frame_times(measured.shape[2], aligned.device), temporal)
-    control = torch.einsum("tf,by,cx,yxfd->tbcd", torch.linalg.pinv(bt), torch.linalg.pinv(by),
-                           torch.linalg.pinv(bx), measured)
-    return control.to(torch.float32)
+    pinvs = [torch.linalg.pinv(b) for b in (bt, by, bx)]
+    control = torch.einsum("tf,by,cx,yxfd->tbcd", *pinvs, measured)
+    return _shrink_to_significance(control, measured, (bt, by, bx)).to(torch.float32)
+
+
+def _shrink_to_significance(control: torch.Tensor, measured: torch.Tensor, bases) -> torch.Tensor:
+    """James-Stein (positive part) shrinkage of a least-squares field ``[T, gy, gx, 2]``.
+
+    The noise variance comes from the fit residuals; the field's chi-square is its Mahalanobis
+    norm ``cᵀBᵀBc / σ² = |fitted|² / σ²`` (B the separable design matrix), over ``k`` fitted
+    parameters. A field no larger than its noise shrinks to zero, a strong one is kept."""
+    bt, by, bx = bases
+    fitted = torch.einsum("ft,yb,xc,tbcd->yxfd", bt, by, bx, control)
+    rank = math.prod(int(torch.linalg.matrix_rank(b)) for b in bases)
+    dof = measured[..., 0].numel() - rank
+    if dof < 1:
+        return control
+    noise_var = ((measured - fitted).pow(2).sum(dim=(0, 1, 2)) / dof).clamp_min(1e-30)  # [2] (x, y)
+    chi2 = float((fitted.pow(2).sum(dim=(0, 1, 2)) / noise_var).sum())
+    k = 2 * rank
+    factor = max(0.0, 1.0 - (k - 2) / chi2) if chi2 > 0 else 0.0
+    return control * factor
 
 
 # ----------------------------------------------------------------------------------------------

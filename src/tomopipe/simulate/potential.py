@@ -8,9 +8,10 @@ Physics (Kirkland, *Advanced Computing in Electron Microscopy*, ch. 5; ITC Vol. 
   ``K = h² / (2π m₀ e) = 47.878 V·Å²`` (``POTENTIAL_CONSTANT_V_A2``). Its integral is
   ``K·f(0)`` V·Å³ (carbon: 120 V·Å³).
 * Voxel values are point samples of the potential **band-limited to the grid's Nyquist
-  frequency** (not aliased): atoms are drawn on a grid twice as fine, Fourier-transformed and
-  cropped to the target grid. A small blur is added (and removed again in Fourier space) only if
-  some Gaussian is too narrow for the fine grid.
+  frequency** (not aliased): atoms are drawn on a grid ``oversampling`` (1.5) times finer,
+  Fourier-transformed and cropped to the target grid. A blur is added to every Gaussian so that
+  the finer grid's aliases into the kept band stay below ``tolerance``, and removed again in
+  Fourier space; each Gaussian is cut where it falls below ``tolerance`` of its peak.
 * Solvent exclusion (optional): each atom displaces ice with a Gaussian of volume ``v`` (Fraser,
   MacRae & Suzuki 1978, as in CRYSOL): ``−V_ice · exp(−π r² / v^{2/3})``, so the map is the
   contrast of the molecule *relative to the ice* around it. ``v`` are Bondi van-der-Waals
@@ -56,9 +57,6 @@ PROTEIN_VOLUME_A3_PER_DA = 0.74e-24 / 1.66053906660e-24
 #: Hydrogen mass as a fraction of the heavy-atom mass of a protein (≈ 8 H per 110 Da residue).
 HYDROGEN_MASS_FRACTION = 0.075
 
-# Relative aliasing allowed from the fine grid into the kept band and real-space cutoff.
-_ALIASING = 1e-5
-_CUTOFF = 1e-5
 
 
 def interaction_constant_rad_per_V_A(voltage_kV: float) -> float:
@@ -112,7 +110,8 @@ def atomic_potential_volume(
     ice_potential_V: float = 0.0,
     extra_b_factor_A2: float = 0.0,
     device: str | torch.device = "cpu",
-    block_px: int = 16,
+    oversampling: float = 1.5,
+    tolerance: float = 1e-4,
 ) -> torch.Tensor:
     """Potential (V) of ``model`` on a ``box`` grid (even size or (nz, ny, nx)) at ``pixel_size_A``.
 
@@ -124,8 +123,12 @@ def atomic_potential_volume(
         raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A!r}")
     shape = _shape3(box)
     device = torch.device(device)
-    fine = tuple(2 * s for s in shape)
-    pf = pixel_size_A / 2.0
+    if oversampling < 1.25:
+        raise ValueError(f"oversampling must be >= 1.25, got {oversampling}")
+    fine = tuple(int(round(oversampling * s)) for s in shape)
+    if len({f / s for f, s in zip(fine, shape)}) != 1:
+        raise ValueError(f"oversampling {oversampling} does not give the same fine spacing on every axis of {shape}")
+    pf = pixel_size_A * shape[0] / fine[0]
 
     a_el, b_el = scattering_coefficients(model.element_symbols)
     a = a_el[model.element_index]  # [n, 5]
@@ -138,15 +141,18 @@ def atomic_potential_volume(
         amp = torch.cat([amp, -float(ice_potential_V) * model.occupancies[:, None]], dim=1)
     if float(bb.min()) <= 0:
         raise ValueError("atom B-factors make a Gaussian width <= 0")
-    # blur so that the narrowest Gaussian aliases < _ALIASING into the kept band (removed below)
-    beta_needed = 2.0 * math.log(1.0 / _ALIASING) * pixel_size_A**2
+    # blur so that the narrowest Gaussian aliases < tolerance into the kept band (removed below):
+    # the nearest replica of the fine grid lies at 1/pf − q_max from the band edge q_max = 1/(2p)
+    q_max = 0.5 / pixel_size_A
+    q_rep = 1.0 / pf - q_max
+    beta_needed = 4.0 * math.log(1.0 / tolerance) / (q_rep**2 - q_max**2)
     blur = max(0.0, beta_needed - float(bb.min()))
     if blur > 0:
         ratio = (bb / (bb + blur)) ** 1.5
         amp = amp * ratio
         bb = bb + blur
 
-    fine_vol = _draw_gaussians(model.positions_A / pf, bb / pf**2, amp, fine, device, block_px)
+    fine_vol = _draw_gaussians(model.positions_A / pf, bb / pf**2, amp, fine, device, tolerance)
     spectrum = torch.fft.rfftn(torch.fft.ifftshift(fine_vol))
     del fine_vol
     spectrum = fourier_crop_volume(spectrum, fine, shape)
@@ -165,59 +171,42 @@ def _draw_gaussians(
     amplitude: torch.Tensor,
     shape: tuple[int, int, int],
     device: torch.device,
-    block_px: int,
+    cutoff: float,
+    chunk_atoms: int = 512,
 ) -> torch.Tensor:
     """Sum of isotropic Gaussians ``amp·exp(−4π² |x − c|² / β)`` sampled on a ``[z, y, x]`` grid.
 
     ``positions_px`` [n, 3] (x, y, z) in voxels from the grid origin ``shape//2``; ``beta_px2``
-    and ``amplitude`` [n, t] (t Gaussians per atom, β in voxel²). The grid is cut into cubic
-    blocks; in each block the Gaussians of the atoms within reach are evaluated densely as a
-    separable sum (one matrix product per block, no scatter), so no atom is truncated inside a
-    block it reaches; atoms further than ``sqrt(β·ln(1/ε))/(2π)`` voxels are skipped.
+    and ``amplitude`` [n, t] (t Gaussians per atom, β in voxel²). Each atom is evaluated in a
+    cube reaching to where its widest Gaussian falls below ``cutoff`` of its peak, as a separable
+    sum (one small matrix product per atom) scattered into the grid; atoms are grouped by cube
+    size. Periodic boundaries.
     """
     nz, ny, nx = shape
     out = torch.zeros(shape, dtype=torch.float32, device=device)
+    flat = out.view(-1)
     origin = torch.tensor([nx // 2, ny // 2, nz // 2], dtype=torch.float64)
-    centres = (positions_px + origin).to(torch.float64)  # (x, y, z) index
-    reach = torch.sqrt(beta_px2.max(dim=1).values * math.log(1.0 / _CUTOFF)) / (2.0 * math.pi)
-    lo = torch.floor(centres - reach[:, None]).to(torch.int64)
-    hi = torch.ceil(centres + reach[:, None]).to(torch.int64)
-    coef = (-4.0 * math.pi**2 / beta_px2).to(device=device, dtype=torch.float32)  # [n, t]
-    amp = amplitude.to(device=device, dtype=torch.float32)
-    cen32 = centres.to(device=device, dtype=torch.float32)
-    on_cpu = device.type == "cpu"
-
-    def starts(n: int) -> list[int]:
-        return list(range(0, n, block_px))
-
-    for z0 in starts(nz):
-        z1 = min(z0 + block_px, nz)
-        sel_z = torch.nonzero((lo[:, 2] < z1) & (hi[:, 2] >= z0)).flatten()
-        if sel_z.numel() == 0:
-            continue
-        gz_all = None
-        for y0 in starts(ny):
-            y1 = min(y0 + block_px, ny)
-            sel_y = sel_z[(lo[sel_z, 1] < y1) & (hi[sel_z, 1] >= y0)]
-            if sel_y.numel() == 0:
-                continue
-            for x0 in starts(nx):
-                x1 = min(x0 + block_px, nx)
-                sel = sel_y[(lo[sel_y, 0] < x1) & (hi[sel_y, 0] >= x0)]
-                if sel.numel() == 0:
-                    continue
-                if not on_cpu:
-                    sel = sel.to(device)
-                c = cen32[sel]  # [m, 3]
-                k = coef[sel][:, :, None]  # [m, t, 1]
-                zs = torch.arange(z0, z1, dtype=torch.float32, device=device)
-                ys = torch.arange(y0, y1, dtype=torch.float32, device=device)
-                xs = torch.arange(x0, x1, dtype=torch.float32, device=device)
-                gz = torch.exp(k * (zs[None, None, :] - c[:, 2, None, None]) ** 2) * amp[sel][:, :, None]
-                gy = torch.exp(k * (ys[None, None, :] - c[:, 1, None, None]) ** 2)
-                gx = torch.exp(k * (xs[None, None, :] - c[:, 0, None, None]) ** 2)
-                r = gz.shape[0] * gz.shape[1]
-                gyx = (gy[:, :, :, None] * gx[:, :, None, :]).reshape(r, -1)
-                block = gz.reshape(r, -1).transpose(0, 1) @ gyx  # [bz, by·bx]
-                out[z0:z1, y0:y1, x0:x1] += block.reshape(z1 - z0, y1 - y0, x1 - x0)
+    centres = positions_px.to(torch.float64) + origin  # (x, y, z) index
+    reach = torch.sqrt(beta_px2.max(dim=1).values * math.log(1.0 / cutoff)) / (2.0 * math.pi)
+    half = torch.ceil(reach).to(torch.int64).clamp_min(1)
+    dims = torch.tensor([nx, ny, nz], dtype=torch.int64, device=device)
+    strides = torch.tensor([1, nx, nx * ny], dtype=torch.int64, device=device)
+    for h in torch.unique(half).tolist():
+        sel = torch.nonzero(half == h).flatten()
+        k = 2 * h + 1
+        offsets = torch.arange(-h, h + 1, dtype=torch.int64, device=device)
+        for start in range(0, sel.numel(), chunk_atoms):
+            idx = sel[start : start + chunk_atoms]
+            c = centres[idx].to(device)
+            nearest = torch.round(c).to(torch.int64)
+            grid = nearest[:, :, None] + offsets  # [m, 3, k] voxel indices
+            d2 = (grid.to(torch.float64) - c[:, :, None]) ** 2  # [m, 3, k]
+            coef = (-4.0 * math.pi**2 / beta_px2[idx]).to(device)  # [m, t]
+            g = torch.exp(coef[:, :, None, None] * d2[:, None, :, :]).to(torch.float32)  # [m, t, 3, k]
+            gz = g[:, :, 2, :] * amplitude[idx].to(device=device, dtype=torch.float32)[:, :, None]
+            gyx = (g[:, :, 1, :, None] * g[:, :, 0, None, :]).reshape(len(idx), -1, k * k)  # [m, t, k²]
+            vals = torch.bmm(gz.transpose(1, 2), gyx)  # [m, k(z), k²(y, x)]
+            wrapped = torch.remainder(grid, dims[None, :, None]) * strides[None, :, None]
+            lin = wrapped[:, 2, :, None, None] + wrapped[:, 1, None, :, None] + wrapped[:, 0, None, None, :]
+            flat.index_add_(0, lin.reshape(-1), vals.reshape(-1))
     return out

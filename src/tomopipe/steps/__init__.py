@@ -3,3 +3,5 @@
 from tomopipe.steps import import_movies  # noqa: F401
 from tomopipe.steps import motion_ctf  # noqa: F401
 from tomopipe.steps import exclude  # noqa: F401
+from tomopipe.steps import xray_eraser  # noqa: F401
+from tomopipe.steps import preprocess  # noqa: F401

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tomopipe.algorithms.geometry import wrap_angle_deg
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.mdoc import dose_per_tilt_e_per_A2, read_mdoc
 from tomopipe.io.movies import movie_info, read_gain
@@ -46,6 +47,20 @@ def matching_mdocs(files_directory: str, pattern: str) -> list[Path]:
     return found
 
 
+def mdoc_axis_for_movies(mdoc_axis_deg: float, movie_name: Path, tomo5: bool) -> float:
+    """The tilt-axis angle of the movie arrays as tomopipe reads them, from the mdoc's angle.
+
+    Tomography 5 writes its axis in another convention (Scipion's rule: −axis − 90). SerialEM
+    states the axis for the frames as stored; TIFF movies are flipped along Y on read (as IMOD,
+    RELION and MotionCor2 do), and a Y flip turns an axis α into 180° − α (conventions sheet;
+    EMPIAR-10491: mdoc −93.5°, refined −85.6°). MRC and EER frames are read as stored.
+    """
+    axis = -mdoc_axis_deg - 90.0 if tomo5 else mdoc_axis_deg
+    if movie_name.suffix.lower() in (".tif", ".tiff"):
+        axis = 180.0 - axis
+    return float(wrap_angle_deg(axis))
+
+
 def _user_or_mdoc(user_value, mdoc_value, name: str, mdoc_path: Path, param: str):
     value = user_value if user_value is not None else mdoc_value
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -64,12 +79,8 @@ def read_tilt_series(task: dict) -> dict:
         raise InputFileError(mdoc_path, "no TiltAngle in one or more sections: not a tilt-series mdoc")
     pixel_size_A = _user_or_mdoc(params["pixel_size_A"], mdoc.pixel_size_A, "pixel size", mdoc_path, "pixel_size_A")
     voltage_kV = _user_or_mdoc(params["voltage_kV"], mdoc.voltage_kV, "voltage", mdoc_path, "voltage_kV")
-    if params["tilt_axis_angle_deg"] is not None:
-        tilt_axis_angle_deg = params["tilt_axis_angle_deg"]
-    else:
-        mdoc_axis = _user_or_mdoc(None, mdoc.tilt_axis_angle_deg, "tilt axis angle", mdoc_path, "tilt_axis_angle_deg")
-        # Tomography 5 writes the axis in another convention (Scipion's rule: -axis - 90).
-        tilt_axis_angle_deg = -mdoc_axis - 90.0 if params["tomo5_mdoc"] else mdoc_axis
+    if params["tilt_axis_angle_deg"] is None:
+        _user_or_mdoc(None, mdoc.tilt_axis_angle_deg, "tilt axis angle", mdoc_path, "tilt_axis_angle_deg")
     magnification = params["magnification"] if params["magnification"] is not None else mdoc.magnification
 
     if params["dose_per_tilt_e_per_A2"] is not None:
@@ -119,6 +130,10 @@ def read_tilt_series(task: dict) -> dict:
             "target_defocus_um": np.nan if section.target_defocus_um is None else float(section.target_defocus_um),
         })
     _, ny, nx, _ = first
+    if params["tilt_axis_angle_deg"] is not None:
+        tilt_axis_angle_deg = params["tilt_axis_angle_deg"]
+    else:
+        tilt_axis_angle_deg = mdoc_axis_for_movies(mdoc.tilt_axis_angle_deg, Path(first[3]), params["tomo5_mdoc"])
     acquisition = {
         "mdoc_path": str(mdoc_path.resolve()),
         "pixel_size_A": pixel_size_A,
@@ -153,7 +168,8 @@ class ImportMovies(Step):
         Param("amplitude_contrast", "float", "amplitude contrast fraction", default=0.1, min=0, max=1),
         Param("magnification", "float", "nominal magnification (empty: from the mdoc)", min=0),
         Param("pixel_size_A", "float", "pixel size of the movies (empty: PixelSpacing of the mdoc)", min=1e-6),
-        Param("tilt_axis_angle_deg", "float", "tilt axis angle, from +Y counterclockwise (empty: from the mdoc)"),
+        Param("tilt_axis_angle_deg", "float", "tilt axis angle of the movies as read, from +Y counterclockwise "
+                                              "(empty: from the mdoc; 180 - mdoc angle for TIFF movies)"),
         Param("initial_dose_e_per_A2", "float", "dose received before the first tilt", default=0.0, min=0),
         Param("dose_per_tilt_e_per_A2", "float", "dose per tilt (empty: from the mdoc)", min=0),
         Param("gain_image", "path", "gain reference (MRC or TIFF) that multiplies the frames"),

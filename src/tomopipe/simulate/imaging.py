@@ -1,0 +1,269 @@
+"""Image formation of one tilt: projected potential -> CTF with a defocus gradient -> contrast.
+
+Weak-phase image (relative intensity ``I/I₀ = 1 + c``):
+``c = −2·F⁻¹[ Σ_l CTF_l(k)·Φ̂_l(k) ]·E(k)``, where Φ_l is the phase ``σ·V_p`` (rad) of everything
+in depth layer l, ``CTF_l`` the RELION-sign CTF (``+sin χ``, positive first peak) of
+:func:`tomopipe.algorithms.ctf.ctf_2d` at the layer's defocus, and ``E`` the optional envelopes
+(temporal and spatial coherence, Frank 2006 ch. 2) times the detector's pixel-aperture MTF. With
+this sign a particle denser than the ice is dark, as in raw cryo-EM images.
+
+Defocus gradient (multi-layer weak-phase approximation): the specimen is cut into layers of
+``defocus_layer_A`` along the beam; a particle goes to the layer of its defocus
+``Δf_centre + hand·z_P``; each ice sub-slab (a tilted plane) is split between the two layers
+around its local defocus with linear weights. The CTF of layer l is the central CTF with the
+defocus offset δ_l added to U and V: ``χ_l = χ_c + π·λ·δ_l·k²``, so
+``Σ_l sin(χ_l)·Φ̂_l = [e^{iχ_c}·Σ_l e^{iπλδ_l k²}Φ̂_l − e^{−iχ_c}·Σ_l e^{−iπλδ_l k²}Φ̂_l] / 2i``
+(two accumulators, one FFT per layer). The CTF is evaluated at the effective pixel size p/m
+(the magnification scales the specimen frequencies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, electron_wavelength_A
+from tomopipe.algorithms.geometry import project_points, projection_rotations
+from tomopipe.simulate.plan import TiltPlan
+from tomopipe.simulate.projector import FourierSliceProjector
+from tomopipe.simulate.specimen import ice_potential_field
+
+__all__ = [
+    "Optics",
+    "IceModel",
+    "project_particles",
+    "ctf_phasor",
+    "coherence_envelope",
+    "pixel_mtf",
+    "render_tilt_contrast",
+]
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Microscope optics (units in the names)."""
+
+    voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    cc_mm: float = 2.7
+    energy_spread_eV: float = 0.8
+    illumination_semi_angle_mrad: float = 0.01
+    envelopes: bool = True
+    detector_mtf: bool = True
+    hand: int = -1
+    layer_A: float = 50.0
+
+
+@dataclass(frozen=True)
+class IceModel:
+    """Amorphous ice slab ``|z| <= thickness/2`` (specimen frame), split into ``sublayers``."""
+
+    thickness_A: float
+    density_g_per_cm3: float = 0.94
+    sublayers: int = 3
+    fluctuations: bool = True
+
+
+def project_particles(tilt: TiltPlan, positions_A: torch.Tensor, image_shape: tuple[int, int], pixel_size_A: float):
+    """Image positions of particle centres at this tilt.
+
+    Returns ``(xy_A [n, 2] from the image centre, z_P [n] Å, xy_px [n, 2])`` with the pixel
+    position ``xy_px = xy_A / pixel + (W//2, H//2)``.
+    """
+    h, w = image_shape
+    rot = projection_rotations(tilt.axis_deg, tilt.tilt_deg).double()
+    pts = project_points(positions_A.double().reshape(-1, 3), rot)[0]
+    xy = pts[:, :2] * tilt.magnification + torch.tensor(tilt.shift_A, dtype=torch.float64)
+    px = xy / pixel_size_A + torch.tensor([w // 2, h // 2], dtype=torch.float64)
+    return xy, pts[:, 2], px
+
+
+def _k_grid(image_shape, pixel_size_A, device):
+    h, w = image_shape
+    ky = torch.fft.fftfreq(h, d=pixel_size_A, dtype=torch.float64, device=device)
+    kx = torch.fft.rfftfreq(w, d=pixel_size_A, dtype=torch.float64, device=device)
+    return ky[:, None], kx[None, :]
+
+
+def ctf_phasor(image_shape, pixel_size_A, defocus_u_A, defocus_v_A, angle_deg, optics: Optics, device) -> torch.Tensor:
+    """``exp(i·ψ)`` with ``sin ψ`` = :func:`ctf_2d` (RELION sign) on the rfft grid, complex64.
+
+    Built from two calls of ``ctf_2d`` (phase shift 0 and 90°), so astigmatism, amplitude
+    contrast and sign follow tomopipe's CTF module exactly.
+    """
+    pix = torch.tensor(pixel_size_A, dtype=torch.float64, device=device)
+    both = ctf_2d(
+        image_shape, pix, defocus_u_A, defocus_v_A, angle_deg, optics.voltage_kV, optics.cs_mm,
+        optics.amplitude_contrast, phase_shift_deg=torch.tensor([0.0, 90.0], dtype=torch.float64, device=device),
+    )
+    return torch.complex(both[1].float(), both[0].float())
+
+
+def coherence_envelope(image_shape, pixel_size_A, defocus_A, optics: Optics, device) -> torch.Tensor:
+    """Temporal × spatial coherence envelope on the rfft grid (Frank 2006):
+    ``exp(−½(π·λ·Δ·k²)²)·exp(−(π·α/λ)²·(Cs·λ³·k³ − Δf·λ·k)²)``, focal spread
+    ``Δ = Cc·(σ_E / E)·(1 + 2ε)/(1 + ε)``, σ_E = FWHM/2.355, ε = eV/(2mc²)."""
+    ky, kx = _k_grid(image_shape, pixel_size_A, device)
+    k2 = kx * kx + ky * ky
+    k = torch.sqrt(k2)
+    lam = float(electron_wavelength_A(float(optics.voltage_kV)))
+    eps = optics.voltage_kV / (2.0 * 510.99895)
+    sigma_e = optics.energy_spread_eV / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    focal_spread_A = optics.cc_mm * 1e7 * sigma_e / (optics.voltage_kV * 1e3) * (1 + 2 * eps) / (1 + eps)
+    temporal = torch.exp(-0.5 * (math.pi * lam * focal_spread_A * k2) ** 2)
+    alpha = optics.illumination_semi_angle_mrad * 1e-3
+    cs_A = optics.cs_mm * 1e7
+    spatial = torch.exp(-((math.pi * alpha / lam) ** 2) * (cs_A * lam**3 * k**3 - defocus_A * lam * k) ** 2)
+    return (temporal * spatial).float()
+
+
+def pixel_mtf(image_shape, device) -> torch.Tensor:
+    """Pixel-aperture MTF ``sinc(fx)·sinc(fy)`` (f in cycles/pixel) on the rfft grid."""
+    h, w = image_shape
+    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)
+    return (torch.sinc(fy)[:, None] * torch.sinc(fx)[None, :]).float()
+
+
+def _add_box(layer: torch.Tensor, box: torch.Tensor, x0: int, y0: int) -> None:
+    """``layer[y0:y0+n, x0:x0+n] += box`` clipped to the layer."""
+    h, w = layer.shape
+    n = box.shape[-1]
+    ya, yb = max(0, y0), min(h, y0 + n)
+    xa, xb = max(0, x0), min(w, x0 + n)
+    if ya >= yb or xa >= xb:
+        return
+    layer[ya:yb, xa:xb] += box[ya - y0 : yb - y0, xa - x0 : xb - x0]
+
+
+def render_tilt_contrast(
+    tilt: TiltPlan,
+    image_shape: tuple[int, int],
+    pixel_size_A: float,
+    optics: Optics,
+    interaction_rad_per_V_A: float,
+    *,
+    projector: FourierSliceProjector | None = None,
+    positions_A: torch.Tensor | None = None,
+    rotations: torch.Tensor | None = None,
+    ice: IceModel | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    ice_psd_sqrt: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Noise-free contrast spectrum ``rfft2(c)`` of one tilt image (before damage and motion).
+
+    Returns ``(spectrum [H, W//2+1] complex64, info)`` with ``info`` holding the particles'
+    pixel positions (``xy_px``), depths ``z_P_A``, defocus ``defocus_A`` and the number of
+    depth layers.
+    """
+    device = torch.device(device)
+    h, w = image_shape
+    p = pixel_size_A
+    m = tilt.magnification
+    hand = optics.hand
+    dz = optics.layer_A
+    info: dict = {}
+
+    n_particles = 0 if positions_A is None else int(positions_A.shape[0])
+    if n_particles:
+        xy_A, z_p, xy_px = project_particles(tilt, positions_A, image_shape, p)
+        delta_particles = defocus_with_handedness(0.0, z_p, hand).double()
+        info.update(xy_px=xy_px, z_P_A=z_p, defocus_A=tilt.defocus_centre_A + delta_particles)
+    else:
+        delta_particles = torch.zeros(0, dtype=torch.float64)
+
+    # ice sub-slab planes: z_P(x) = −tanθ·x_ali + z_k / cosθ, x_ali = [R2(−axis)·(x − s)/m]_x
+    theta = math.radians(tilt.tilt_deg)
+    alpha = math.radians(tilt.axis_deg)
+    use_ice = ice is not None and ice.fluctuations
+    if use_ice:
+        n_sub = ice.sublayers
+        z_k = [(-0.5 + (k + 0.5) / n_sub) * ice.thickness_A for k in range(n_sub)]
+        ys = (torch.arange(h, dtype=torch.float64, device=device) - h // 2) * p - tilt.shift_A[1]
+        xs = (torch.arange(w, dtype=torch.float64, device=device) - w // 2) * p - tilt.shift_A[0]
+        x_ali = (math.cos(alpha) * xs[None, :] + math.sin(alpha) * ys[:, None]) / m  # R2(−α) row 0
+        base_zp = -math.tan(theta) * x_ali  # [h, w]
+        corners = torch.stack([base_zp[0, 0], base_zp[0, -1], base_zp[-1, 0], base_zp[-1, -1]])
+        ice_deltas = []
+        for zk in z_k:
+            for c in corners:
+                ice_deltas.append(float(defocus_with_handedness(0.0, c + zk / math.cos(theta), hand)))
+        ice_deltas_t = torch.tensor(ice_deltas, dtype=torch.float64)
+    else:
+        ice_deltas_t = torch.zeros(0, dtype=torch.float64)
+
+    all_deltas = torch.cat([delta_particles, ice_deltas_t])
+    if all_deltas.numel() == 0:
+        info["n_layers"] = 0
+        return torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device), info
+    d_min = float(all_deltas.min())
+    n_layers = int(math.floor((float(all_deltas.max()) - d_min) / dz)) + 2
+    info["n_layers"] = n_layers
+    stack = torch.zeros((n_layers, h, w), dtype=torch.float32, device=device)
+
+    if n_particles:
+        n_box = projector.n
+        ix = torch.floor(xy_px).to(torch.int64)
+        frac = (xy_px - ix).float()
+        inside = (
+            (ix[:, 0] + n_box // 2 > 0) & (ix[:, 0] - n_box // 2 < w) & (ix[:, 1] + n_box // 2 > 0) & (ix[:, 1] - n_box // 2 < h)
+        )
+        sel = torch.nonzero(inside).flatten()
+        if sel.numel():
+            rot = projection_rotations(tilt.axis_deg, tilt.tilt_deg).double()[0]
+            m_total = (rot[None] @ rotations[sel].double()).float()
+            layer_index = torch.round((delta_particles[sel] - d_min) / dz).to(torch.int64)
+            for start in range(0, sel.numel(), 32):
+                part = slice(start, min(start + 32, sel.numel()))
+                boxes = projector.project(m_total[part], frac[sel[part]], m) * interaction_rad_per_V_A
+                for b, i in enumerate(sel[part].tolist()):
+                    x0 = int(ix[i, 0]) - n_box // 2
+                    y0 = int(ix[i, 1]) - n_box // 2
+                    _add_box(stack[int(layer_index[start + b])], boxes[b].to(device), x0, y0)
+
+    if use_ice:
+        path = ice.thickness_A / ice.sublayers / math.cos(theta)
+        for zk in z_k:
+            field = ice_potential_field(
+                (h, w), p, path, ice.density_g_per_cm3, generator, device, psd_sqrt=ice_psd_sqrt
+            ) * interaction_rad_per_V_A
+            delta = (hand * (base_zp + zk / math.cos(theta))).float()
+            u = (delta - d_min) / dz
+            l0 = torch.floor(u).clamp(0, n_layers - 2).to(torch.int64)
+            w1 = (u - l0).clamp(0, 1)
+            stack.scatter_add_(0, l0[None], ((1 - w1) * field)[None])
+            stack.scatter_add_(0, (l0 + 1)[None], (w1 * field)[None])
+
+    # CTF per layer through the two phasor accumulators
+    p_eff = p / m
+    ky, kx = _k_grid(image_shape, p_eff, device)
+    lam = float(electron_wavelength_A(float(optics.voltage_kV)))
+    a = (math.pi * lam * (kx * kx + ky * ky)).float()  # rad per Å of defocus
+    acc_plus = torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device)
+    acc_minus = torch.zeros_like(acc_plus)
+    step = torch.polar(torch.ones_like(a), a * dz)
+    phasor = None
+    for l in range(n_layers):
+        layer = stack[l]
+        if l % 16 == 0 or phasor is None:
+            phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
+        else:
+            phasor = phasor * step
+        if not bool(layer.any()):
+            continue
+        spec = torch.fft.rfft2(layer)
+        acc_plus += phasor * spec
+        acc_minus += phasor.conj() * spec
+    del stack
+    centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
+    total = (centre * acc_plus - centre.conj() * acc_minus) / 2j
+    envelope = torch.ones_like(a)
+    if optics.envelopes:
+        envelope = envelope * coherence_envelope(image_shape, p_eff, tilt.defocus_centre_A, optics, device)
+    if optics.detector_mtf:
+        envelope = envelope * pixel_mtf(image_shape, device)
+    return (-2.0 * total * envelope).to(torch.complex64), info
