@@ -16,7 +16,8 @@ Scores, per hit (one event: 1-3 pixels in one frame):
   per pixel of the images (with hits), and all replaced pixels of the hit-free images;
 - unchanged: the pixels not replaced are bit-identical to the input.
 Hits within ``edge_exclusion_width_px`` of the border are never searched (ccderaser's -edge);
-they are counted apart (``edge_hits``) and the row with ``edge 0`` searches them too.
+they are counted apart (``edge_hits``) and the row with ``edge 0`` searches them too. Two more rows
+lower the difference (and peak) criteria below the seed's, to show what finding weaker hits costs.
 
     python benchmarks/bench_xray.py [--size 1024] [--tilt-series 2] [--seed 0] [--work DIR] [--threads 1]
 """
@@ -169,7 +170,10 @@ def main() -> None:
     hot = pd.read_csv(with_hits / "truth" / "hot_pixels.csv")
     background = np.mean([float(r.mean()) for r in references.values()])
     rows = [score(images, references, events, hot, XrayParams(), "seed defaults (edge 4)"),
-            score(images, references, events, hot, XrayParams(edge_exclusion_width_px=0), "edge 0")]
+            score(images, references, events, hot, XrayParams(edge_exclusion_width_px=0), "edge 0"),
+            score(images, references, events, hot, XrayParams(diff_criterion_sd=5.0), "diff 5 SD"),
+            score(images, references, events, hot, XrayParams(diff_criterion_sd=5.0, peak_criterion_sd=6.0),
+                  "diff 5 SD, peak 6 SD")]
     notes = (f"simulated {len(images)} tilt images of {args.size} x {args.size} px (preset tiny, seed {args.seed}, "
              f"{simulated_s:.0f} s), background {background:.1f} counts/px; hits counted where a pixel stands "
              f">= {EXCESS_SD:g} SD out; {args.threads} thread(s); work folder {work}")

@@ -436,7 +436,8 @@ def estimate_motion(
         factor = max(1.0, min(ny, nx) / 32.0)
         small_shape = fourier_crop_shape((ny, nx), factor)
     pix_yx = (pixel_size_A * ny / small_shape[0], pixel_size_A * nx / small_shape[1])
-    taper = _taper((ny, nx), max(4, min(ny, nx) // 20), device)
+    taper_px = max(4, min(ny, nx) // 20)
+    taper = _taper((ny, nx), taper_px, device)
     defects = _fixed_pattern_mask(movie)
     spectra = torch.stack([_prepare_for_alignment(movie[f].to(torch.float32), defects, taper, small_shape)
                            for f in range(n_frames)])
@@ -458,21 +459,27 @@ def estimate_motion(
     if grid_x * grid_y > 1:
         local = _estimate_local(spectra, small_shape, pix_yx, shifts_px[0], (grid_x, grid_y, temporal),
                                 fit_resolution_min_A, fit_resolution_max_A, b_factor_A2, smoother,
-                                max_iterations, tolerance_px, (ny, nx), min_patch_px)
+                                max_iterations, tolerance_px, (ny, nx), min_patch_px, taper_px)
     return MotionModel(shifts_A=shifts_A, raw_shifts_A=raw_A, image_size_px=(int(ny), int(nx)),
                        pixel_size_A=float(pixel_size_A), temporal=temporal, local_control_A=local,
                        iterations=iterations, alignment_pixel_size_A=float(max(pix_yx)))
 
 
 def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A, b_factor_A2, smoother,
-                    max_iterations, tolerance_px, full_shape, min_patch_px) -> torch.Tensor:
+                    max_iterations, tolerance_px, full_shape, min_patch_px, frame_taper_px) -> torch.Tensor:
     """Residual local field control points ``[T, gy, gx, 2]`` (x, y) Å from patches of the globally
     aligned frames (each patch aligned like a movie, then a least-squares tensor-product fit)."""
     grid_x, grid_y, temporal = grid
     h, w = small_shape
+    ny, nx = full_shape
     aligned = torch.fft.irfft2(spectra * _phase_ramp(-global_px, small_shape), s=small_shape)  # [F, h, w]
-    size_y, starts_y = _patch_layout(h, grid_y, min_patch_px)
-    size_x, starts_x = _patch_layout(w, grid_x, min_patch_px)
+    # keep patches off the border: the frame edge and its taper stay put on the detector while the
+    # content moves, which would pull the outer patches towards the detector's frame
+    margin = int(math.ceil(frame_taper_px * max(h / ny, w / nx) + float(global_px.abs().max()))) + 1
+    size_y, starts_y = _patch_layout(h - 2 * margin, grid_y, min_patch_px)
+    size_x, starts_x = _patch_layout(w - 2 * margin, grid_x, min_patch_px)
+    starts_y = [margin + y0 for y0 in starts_y]
+    starts_x = [margin + x0 for x0 in starts_x]
     taper = _taper((size_y, size_x), max(2, min(size_y, size_x) // 8), aligned.device)
     patches = torch.stack([aligned[:, y0:y0 + size_y, x0:x0 + size_x] for y0 in starts_y for x0 in starts_x])
     patches = (patches - patches.mean(dim=(-2, -1), keepdim=True)) * taper  # [P, F, sy, sx]
@@ -483,7 +490,6 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
                                  tolerance_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=aligned.device)
     measured = (raw_px * to_A).reshape(len(starts_y), len(starts_x), -1, 2)  # [py, px, F, 2] per-frame
-    ny, nx = full_shape
     centres_y = torch.tensor([(y0 + size_y / 2.0) * ny / h for y0 in starts_y], dtype=torch.float64)
     centres_x = torch.tensor([(x0 + size_x / 2.0) * nx / w for x0 in starts_x], dtype=torch.float64)
     by = bspline_basis(centres_y / max(ny - 1, 1), grid_y).to(aligned.device)

@@ -529,7 +529,6 @@ def find_xrays(image: torch.Tensor, params: XrayParams = XrayParams()) -> torch.
     dm, ds = d_mean_t.reshape(-1)[t], d_sd_t.reshape(-1)[t]
     z = (d[gy_, gx_].to(torch.float64) - dm) / ds
     py, px = _diff_patches(x, gy_ + e, gx_ + e, z, dm, ds, params)
-    py, px = py[:0], px[:0]
     if py.numel():
         mask[py, px] = True
     return mask
