@@ -254,6 +254,11 @@ def test_model_round_trip_and_local_field():
     at = again.shifts_at_A(torch.tensor([[32.0, 64.0], [16.0, 32.0]]))
     assert at.shape == (5, 2, 2) and torch.allclose(at[4, 0], torch.tensor([1.0, -2.0]))
     assert torch.allclose(at[4, 1], torch.tensor([0.25, -0.5]), atol=1e-6)  # bilinear at the centre
+    # a field measured over a smaller rectangle continues linearly outside it
+    inner = MotionModel.from_dict({**model.to_dict(), "local_extent_px": [8.0, 24.0, 16.0, 48.0]})
+    at = inner.local_field_A(4, torch.tensor([[24.0, 48.0], [32.0, 64.0], [0.0, 16.0]]))
+    assert torch.allclose(at, torch.tensor([[1.0, -2.0], [2.25, -4.5], [0.0, 0.0]]), atol=1e-4)
+    assert torch.allclose(inner.local_field_A(4)[32, 64], torch.tensor([2.25, -4.5]), atol=1e-4)
 
 
 def test_bad_input_errors():

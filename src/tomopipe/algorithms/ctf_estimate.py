@@ -413,11 +413,12 @@ def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo:
 
 
 def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, phases_deg, astig=None,
-            n_peaks: int = 6, window_A: float = 600.0) -> _Fit:
+            n_peaks: int = 6, window_A: float = 600.0, return_curve: bool = False):
     """Exhaustive search over the centre defocus (table indices lo..hi, ``step_A`` apart) and the
     phase grid without astigmatism, then over the astigmatism grid (``(U − V)/2`` × angle) within
     ``± window_A`` of the ``n_peaks`` best local maxima. ``astig = (ax, ay)`` fixes the
-    astigmatism vector instead."""
+    astigmatism vector instead; then ``return_curve`` also returns the score of every candidate
+    (best phase) and that phase: ``(fit, curve [hi−lo+1], phase_deg [hi−lo+1])``."""
     if astig is None:
         combos = [(0.0, 0.0)] + [(a, th) for a in setup.astig_half_A if a > 0 for th in setup.astig_angles_deg]
     else:
@@ -430,6 +431,8 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
     n_c = hi - lo + 1
     win = int(round(window_A / setup.step_A))
     best = _Fit(-math.inf, 0.0, 0.0, 0.0, 0.0)
+    curve = torch.full((n_c,), -math.inf, dtype=_F64)
+    curve_phase = torch.zeros(n_c, dtype=_F64)
     for phase in phases_deg:
         num, den = _shift_tables(rows, _model_fit(setup, snr_fit, phase), hand, setup, lo - e_max, hi + e_max)
         core = slice(e_max, e_max + n_c)
@@ -446,12 +449,20 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
         x = xs[None, None, :] + e[:, :, None] + e_max  # [combo, sec, c]
         tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)
         score = tot_num / torch.sqrt(rows.data_norm * den[x].sum(1).clamp(min=1e-30))
+        if len(combos) == 1:
+            better = score[0] > curve
+            curve = torch.where(better, score[0], curve)
+            curve_phase = torch.where(better, torch.full_like(curve_phase, float(phase)), curve_phase)
         ci, xi = divmod(int(torch.argmax(score)), len(xs))
         if float(score[ci, xi]) > best.score:
             th = math.radians(2 * float(th_t[ci]))
             a = float(a_t[ci])
             best = _Fit(float(score[ci, xi]), float(setup.table_defocus_A[lo + int(xs[xi])]), a * math.cos(th),
                         a * math.sin(th), float(phase))
+    if return_curve:
+        if astig is None:
+            raise ValueError("_search: return_curve needs a fixed astigmatism")
+        return best, curve, curve_phase
     return best
 
 
@@ -796,39 +807,63 @@ def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_cont
 
 
 # ----------------------------------------------------------------------------- tilt series
-def _consistency(rows_of, fits, setup, snr_of, hand, fit_phase, tilt_angles, astig=None, neighbours: int = 3,
-                 min_window_A: float = 4000.0, max_window_A: float = 8000.0, accept_ratio: float = 0.5):
-    """Tilt-series consistency: the reference of each tilt is the median defocus of its
-    ``neighbours`` neighbours on each side (in tilt-angle order); a tilt deviating from it by more
-    than ``W = clamp(4·1.4826·median|deviation|, min_window_A, max_window_A)`` is re-fitted within
-    ``reference ± W``, and the narrowed fit is kept if it scores at least ``accept_ratio`` × the
-    unconstrained one (a weak wrong maximum gives way; a clear genuine jump stays)."""
+def _consistent_path(curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, n_candidates: int = 6):
+    """Candidate per tilt that maximises Σ z − Σ penalty along the tilt series (Viterbi).
+
+    ``curves`` ``[n, c]``: scores over the centre-defocus grid (``step_A`` apart). Each curve is
+    turned into z-scores ``(score − median) / (1.4826·MAD)`` (its noise level), and its
+    ``n_candidates`` best local maxima are the candidates. Neighbours in tilt-angle order pay
+    ``z_per_A · max(0, |Δdefocus| − free_A)``. Returns the chosen grid index of every tilt."""
+    n = curves.shape[0]
+    cands, zs = [], []
+    for cv in curves:
+        med = cv.median()
+        z = (cv - med) / max(1.4826 * float((cv - med).abs().median()), 1e-12)
+        peak = torch.ones_like(cv, dtype=torch.bool)
+        peak[1:] &= cv[1:] >= cv[:-1]
+        peak[:-1] &= cv[:-1] >= cv[1:]
+        idx = torch.nonzero(peak)[:, 0]
+        idx = idx[torch.argsort(cv[idx], descending=True)[:n_candidates]]
+        cands.append(idx)
+        zs.append(z[idx])
+    order = sorted(range(n), key=lambda i: tilt_angles[i])
+    total = zs[order[0]].clone()
+    back = []
+    for prev, cur in zip(order[:-1], order[1:]):
+        jump = (cands[cur][:, None] - cands[prev][None, :]).abs().to(_F64) * step_A
+        cost = z_per_A * (jump - free_A).clamp(min=0.0)
+        value, arg = (total[None, :] - cost).max(1)
+        total = value + zs[cur]
+        back.append(arg)
+    choice = [0] * n
+    j = int(torch.argmax(total))
+    for k in range(n - 1, -1, -1):
+        choice[order[k]] = int(cands[order[k]][j])
+        if k > 0:
+            j = int(back[k - 1][j])
+    return choice
+
+
+def _consistency(rows_of, fits, curves, curve_phases, setup, snr_of, hand, fit_phase, tilt_angles, astig,
+                 refine_astig: bool = False, free_A: float = 3000.0, z_per_1000_A: float = 0.5):
+    """Tilt-series consistency of the defocus: every tilt's score curve over the whole defocus range
+    (``curves [n, c]``, astigmatism ``astig``), in units of its own noise (z-scores), and a path
+    through the candidate maxima of all tilts (tilt-angle order) that maximises the total z minus
+    ``z_per_1000_A`` per 1000 Å of change between neighbours beyond ``free_A`` (Viterbi). A tilt
+    whose chosen candidate is more than 500 Å from its fit is refined again from that candidate: a
+    weak wrong maximum gives way, a strong genuine jump pays its penalty and stays."""
     n = len(fits)
     refit = [False] * n
     if n < 3:
         return fits, refit
-    order = sorted(range(n), key=lambda i: tilt_angles[i])
-    pos = {i: p for p, i in enumerate(order)}
-    d = torch.tensor([f.defocus_A for f in fits], dtype=_F64)
-    ref = torch.empty(n, dtype=_F64)
-    for i in range(n):
-        p = pos[i]
-        nb = [order[q] for q in range(max(0, p - neighbours), min(n, p + neighbours + 1)) if q != p]
-        ref[i] = d[nb].median()
-    dev = (d - ref).abs()
-    window = min(max(4.0 * 1.4826 * float(dev.median()), min_window_A), max_window_A)
-    first = float(setup.table_defocus_A[0])
-    for i in range(n):
-        if float(dev[i]) <= window:
+    choice = _consistent_path(curves, tilt_angles, setup.step_A, free_A, z_per_1000_A / 1000.0)
+    for i, c in enumerate(choice):
+        d = float(setup.table_defocus_A[setup.search_lo + c])
+        if abs(d - fits[i].defocus_A) <= 500.0:
             continue
-        lo = max(setup.search_lo, int(round((float(ref[i]) - window - first) / setup.step_A)))
-        hi = min(setup.search_hi, int(round((float(ref[i]) + window - first) / setup.step_A)))
-        if hi < lo:
-            continue
-        narrowed = _fit_rows(rows_of[i], setup, snr_of[i], hand, lo, hi, fit_phase, astig=astig)
-        if narrowed.score >= accept_ratio * fits[i].score:
-            fits[i] = narrowed
-            refit[i] = True
+        start = _Fit(float(curves[i, c]), d, astig[0], astig[1], float(curve_phases[i][c]))
+        fits[i] = _refine(rows_of[i], setup, snr_of[i], hand, start, fit_phase, fit_astig=refine_astig)
+        refit[i] = True
     return fits, refit
 
 
@@ -962,13 +997,21 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     detected = 1 if score_p > score_m else -1 if score_m > score_p else hand0
     hand_used = detected if hand == "auto" else int(hand)
     fits = [_refine(r, setup, s, hand_used, st, fit_phase) for r, s, st in zip(rows_of, snr_of, starts[hand_used])]
-    astig = None
-    if not astigmatism_per_tilt:  # one astigmatism for the tilt series, then every defocus again
+    if astigmatism_per_tilt:  # the consistency stage searches with the median astigmatism
+        astig = (float(torch.tensor([f.astig_x_A for f in fits]).median()),
+                 float(torch.tensor([f.astig_y_A for f in fits]).median()))
+    else:  # one astigmatism for the tilt series, then every defocus again
         tables = [_LocalTables(r, setup, s, hand_used, f.defocus_A, 500.0, [f.phase_deg])
                   for r, s, f in zip(rows_of, snr_of, fits)]
         astig = _series_astigmatism(tables, fits)
-        fits = [_fit_rows(r, setup, s, hand_used, lo, hi, fit_phase, astig=astig) for r, s in zip(rows_of, snr_of)]
-    fits, refit = _consistency(rows_of, fits, setup, snr_of, hand_used, fit_phase, tilt_list, astig=astig)
+    searched = [_search(r, setup, s, hand_used, lo, hi, phases, astig=astig, return_curve=True)
+                for r, s in zip(rows_of, snr_of)]
+    if not astigmatism_per_tilt:
+        fits = [_refine(r, setup, s, hand_used, start, fit_phase, fit_astig=False)
+                for r, s, (start, _, _) in zip(rows_of, snr_of, searched)]
+    fits, refit = _consistency(rows_of, fits, torch.stack([c for _, c, _ in searched]), [p for _, _, p in searched],
+                               setup, snr_of, hand_used, fit_phase, tilt_list, astig,
+                               refine_astig=astigmatism_per_tilt)
     # per-tilt outputs
     gy, gx = (int(g) for g in defocus_grid)
     out_u, out_v, out_a, out_res, grid_out, spectra = [], [], [], [], [], []

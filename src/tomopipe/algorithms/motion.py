@@ -99,6 +99,22 @@ def bspline_basis(positions: torch.Tensor, n_control: int) -> torch.Tensor:
     return basis[:, :n_control]
 
 
+def _bspline_basis_extended(positions: torch.Tensor, n_control: int) -> torch.Tensor:
+    """:func:`bspline_basis` inside [0, 1], continued linearly (value and slope at the end) outside."""
+    u = torch.as_tensor(positions, dtype=torch.float64).reshape(-1)
+    inside = u.clamp(0.0, 1.0)
+    basis = bspline_basis(inside, n_control)
+    if n_control == 1 or bool(((u >= 0) & (u <= 1)).all()):
+        return basis
+    eps = 1e-6
+    ends = torch.tensor([0.0, eps, 1.0 - eps, 1.0], dtype=torch.float64, device=u.device)
+    at = bspline_basis(ends, n_control)
+    slope_start, slope_end = (at[1] - at[0]) / eps, (at[3] - at[2]) / eps
+    below, above = (u < 0)[:, None], (u > 1)[:, None]
+    basis = basis + torch.where(below, u[:, None] * slope_start, 0.0)
+    return basis + torch.where(above, (u - 1.0)[:, None] * slope_end, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # the motion model
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +126,9 @@ class MotionModel:
     ``shifts_A`` ``[frames, 2]`` (x, y): the smooth global trajectory, mean zero over frames.
     ``raw_shifts_A`` ``[frames, 2]``: the per-frame measurement before the temporal model.
     ``local_control_A`` ``[temporal, grid_y, grid_x, 2]`` (x, y) or None: the residual local field.
+    ``local_extent_px`` (y_first, y_last, x_first, x_last): the pixel rectangle the field's spatial
+    B-spline spans (the patch centres it was measured at; None: the whole image); outside it the
+    field continues linearly (value and slope at its edge).
     ``image_size_px`` (ny, nx) and ``pixel_size_A`` of the movie the model was estimated on.
     """
 
@@ -119,8 +138,17 @@ class MotionModel:
     pixel_size_A: float
     temporal: int
     local_control_A: torch.Tensor | None = None
+    local_extent_px: tuple[float, float, float, float] | None = None
     iterations: int = 0
     alignment_pixel_size_A: float = 0.0
+
+    def _spatial_coordinates(self, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel rows/columns -> the field's normalised coordinates (0 and 1 at the extent's edges)."""
+        ny, nx = self.image_size_px
+        y0, y1, x0, x1 = self.local_extent_px or (0.0, ny - 1.0, 0.0, nx - 1.0)
+        u = (y - y0) / (y1 - y0) if y1 > y0 else torch.zeros_like(y)
+        v = (x - x0) / (x1 - x0) if x1 > x0 else torch.zeros_like(x)
+        return u, v
 
     @property
     def n_frames(self) -> int:
@@ -146,14 +174,15 @@ class MotionModel:
         bt = bspline_basis(t, control.shape[0])[0]  # [T]
         at_time = torch.einsum("t,tyxc->yxc", bt, control)  # [gy, gx, 2]
         if positions_yx_px is None:  # separable: [ny, gy] @ [gy, gx] @ [gx, nx] per component, in float32
-            by = bspline_basis(torch.arange(ny, dtype=torch.float64, device=device) / max(ny - 1, 1), control.shape[1])
-            bx = bspline_basis(torch.arange(nx, dtype=torch.float64, device=device) / max(nx - 1, 1), control.shape[2])
-            return torch.einsum("yb,bcd,xc->yxd", by.float(), at_time.float(), bx.float())
-        else:
-            pos = torch.as_tensor(positions_yx_px, dtype=torch.float64, device=device).reshape(-1, 2)
-            by = bspline_basis(pos[:, 0] / max(ny - 1, 1), control.shape[1])
-            bx = bspline_basis(pos[:, 1] / max(nx - 1, 1), control.shape[2])
-            field = torch.einsum("nb,bcd,nc->nd", by, at_time, bx)
+            u, v = self._spatial_coordinates(torch.arange(ny, dtype=torch.float64, device=device),
+                                             torch.arange(nx, dtype=torch.float64, device=device))
+            by = _bspline_basis_extended(u, control.shape[1]).float()
+            bx = _bspline_basis_extended(v, control.shape[2]).float()
+            return torch.einsum("yb,bcd,xc->yxd", by, at_time.float(), bx)
+        pos = torch.as_tensor(positions_yx_px, dtype=torch.float64, device=device).reshape(-1, 2)
+        u, v = self._spatial_coordinates(pos[:, 0], pos[:, 1])
+        field = torch.einsum("nb,bcd,nc->nd", _bspline_basis_extended(u, control.shape[1]), at_time,
+                             _bspline_basis_extended(v, control.shape[2]))
         return field.to(torch.float32)
 
     def shifts_at_A(self, positions_yx_px: torch.Tensor) -> torch.Tensor:
@@ -178,6 +207,7 @@ class MotionModel:
             "raw_shifts_A": self.raw_shifts_A.detach().cpu().double().tolist(),
             "local_control_A": None if self.local_control_A is None
             else self.local_control_A.detach().cpu().double().tolist(),
+            "local_extent_px": None if self.local_extent_px is None else [float(v) for v in self.local_extent_px],
         }
 
     @classmethod
@@ -190,6 +220,7 @@ class MotionModel:
             pixel_size_A=float(data["pixel_size_A"]),
             temporal=int(data["temporal"]),
             local_control_A=None if local is None else torch.tensor(local, dtype=torch.float32),
+            local_extent_px=None if data.get("local_extent_px") is None else tuple(data["local_extent_px"]),
             iterations=int(data.get("iterations", 0)),
             alignment_pixel_size_A=float(data.get("alignment_pixel_size_A", 0.0)),
         )
@@ -455,20 +486,21 @@ def estimate_motion(
     shifts_A = (shifts_px[0] * to_A).to(torch.float32)
     raw_A = (raw_px[0] * to_A).to(torch.float32)
 
-    local = None
+    local, extent = None, None
     if grid_x * grid_y > 1:
-        local = _estimate_local(spectra, small_shape, pix_yx, shifts_px[0], (grid_x, grid_y, temporal),
+        local, extent = _estimate_local(spectra, small_shape, pix_yx, shifts_px[0], (grid_x, grid_y, temporal),
                                 fit_resolution_min_A, fit_resolution_max_A, b_factor_A2, smoother,
                                 max_iterations, tolerance_px, (ny, nx), min_patch_px, taper_px)
     return MotionModel(shifts_A=shifts_A, raw_shifts_A=raw_A, image_size_px=(int(ny), int(nx)),
                        pixel_size_A=float(pixel_size_A), temporal=temporal, local_control_A=local,
-                       iterations=iterations, alignment_pixel_size_A=float(max(pix_yx)))
+                       local_extent_px=extent, iterations=iterations, alignment_pixel_size_A=float(max(pix_yx)))
 
 
 def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A, b_factor_A2, smoother,
-                    max_iterations, tolerance_px, full_shape, min_patch_px, frame_taper_px) -> torch.Tensor:
-    """Residual local field control points ``[T, gy, gx, 2]`` (x, y) Å from patches of the globally
-    aligned frames (each patch aligned like a movie, then a least-squares tensor-product fit)."""
+                    max_iterations, tolerance_px, full_shape, min_patch_px, frame_taper_px):
+    """Residual local field control points ``[T, gy, gx, 2]`` (x, y) Å and the pixel rectangle they
+    span, from patches of the globally aligned frames (each patch aligned like a movie, then a
+    least-squares tensor-product fit over the patch centres, shrunk by its significance)."""
     grid_x, grid_y, temporal = grid
     h, w = small_shape
     ny, nx = full_shape
@@ -490,14 +522,20 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
                                  tolerance_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=aligned.device)
     measured = (raw_px * to_A).reshape(len(starts_y), len(starts_x), -1, 2)  # [py, px, F, 2] per-frame
-    centres_y = torch.tensor([(y0 + size_y / 2.0) * ny / h for y0 in starts_y], dtype=torch.float64)
-    centres_x = torch.tensor([(x0 + size_x / 2.0) * nx / w for x0 in starts_x], dtype=torch.float64)
-    by = bspline_basis(centres_y / max(ny - 1, 1), grid_y).to(aligned.device)
-    bx = bspline_basis(centres_x / max(nx - 1, 1), grid_x).to(aligned.device)
+    # patch centres in full-size pixel coordinates (pixel centres on integers, sample j at j·n/n_small)
+    centres_y = torch.tensor([(y0 + (size_y - 1) / 2.0) * ny / h for y0 in starts_y], dtype=torch.float64)
+    centres_x = torch.tensor([(x0 + (size_x - 1) / 2.0) * nx / w for x0 in starts_x], dtype=torch.float64)
+    extent = (float(centres_y[0]), float(centres_y[-1]), float(centres_x[0]), float(centres_x[-1]))
+
+    def normalised(c):
+        return (c - c[0]) / (c[-1] - c[0]) if len(c) > 1 else torch.zeros_like(c)
+
+    by = bspline_basis(normalised(centres_y), grid_y).to(aligned.device)
+    bx = bspline_basis(normalised(centres_x), grid_x).to(aligned.device)
     bt = bspline_basis(frame_times(measured.shape[2], aligned.device), temporal)
     pinvs = [torch.linalg.pinv(b) for b in (bt, by, bx)]
     control = torch.einsum("tf,by,cx,yxfd->tbcd", *pinvs, measured)
-    return _shrink_to_significance(control, measured, (bt, by, bx)).to(torch.float32)
+    return _shrink_to_significance(control, measured, (bt, by, bx)).to(torch.float32), extent
 
 
 def _shrink_to_significance(control: torch.Tensor, measured: torch.Tensor, bases) -> torch.Tensor:
@@ -505,7 +543,8 @@ def _shrink_to_significance(control: torch.Tensor, measured: torch.Tensor, bases
 
     The noise variance comes from the fit residuals; the field's chi-square is its Mahalanobis
     norm ``cᵀBᵀBc / σ² = |fitted|² / σ²`` (B the separable design matrix), over ``k`` fitted
-    parameters. A field no larger than its noise shrinks to zero, a strong one is kept."""
+    parameters. A field not significant at 3 sigma (chi² < k + 3·sqrt(2k)) is dropped, a
+    significant one is shrunk by ``1 - (k - 2) / chi²``."""
     bt, by, bx = bases
     fitted = torch.einsum("ft,yb,xc,tbcd->yxfd", bt, by, bx, control)
     rank = math.prod(int(torch.linalg.matrix_rank(b)) for b in bases)
@@ -515,8 +554,9 @@ def _shrink_to_significance(control: torch.Tensor, measured: torch.Tensor, bases
     noise_var = ((measured - fitted).pow(2).sum(dim=(0, 1, 2)) / dof).clamp_min(1e-30)  # [2] (x, y)
     chi2 = float((fitted.pow(2).sum(dim=(0, 1, 2)) / noise_var).sum())
     k = 2 * rank
-    factor = max(0.0, 1.0 - (k - 2) / chi2) if chi2 > 0 else 0.0
-    return control * factor
+    if chi2 < k + 3.0 * math.sqrt(2.0 * k):  # not significant at ~3 sigma: noise, no deformation
+        return torch.zeros_like(control)
+    return control * (1.0 - (k - 2) / chi2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,16 @@ from __future__ import annotations
 import math
 
 import gemmi
+import numpy as np
 import torch
+
+try:  # compiled CPU kernel (optional accelerator; the torch path is the reference)
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+    _HAVE_NUMBA = False
 
 from tomopipe.algorithms.ctf import electron_wavelength_A
 from tomopipe.simulate.structure import AtomicModel, scattering_coefficients
@@ -96,10 +105,10 @@ def fourier_crop_volume(volume_ft: torch.Tensor, fine_shape, shape) -> torch.Ten
     inverse transform keeps real-space values."""
     nz, ny, nx = shape
     fz, fy, fx = fine_shape
-    zi = torch.cat([torch.arange(0, nz // 2), torch.arange(fz - nz // 2, fz)]).to(volume_ft.device)
-    yi = torch.cat([torch.arange(0, ny // 2), torch.arange(fy - ny // 2, fy)]).to(volume_ft.device)
-    out = volume_ft.index_select(0, zi).index_select(1, yi)[:, :, : nx // 2 + 1]
-    return out * (nz * ny * nx / (fz * fy * fx))
+    v = volume_ft[:, :, : nx // 2 + 1]
+    v = torch.cat([v[: nz // 2], v[fz - nz // 2 :]], dim=0)
+    v = torch.cat([v[:, : ny // 2], v[:, fy - ny // 2 :]], dim=1)
+    return v * (nz * ny * nx / (fz * fy * fx))
 
 
 def atomic_potential_volume(
@@ -112,12 +121,14 @@ def atomic_potential_volume(
     device: str | torch.device = "cpu",
     oversampling: float = 1.5,
     tolerance: float = 1e-4,
+    use_compiled: bool | None = None,
 ) -> torch.Tensor:
     """Potential (V) of ``model`` on a ``box`` grid (even size or (nz, ny, nx)) at ``pixel_size_A``.
 
     ``ice_potential_V`` > 0 subtracts the displaced ice (solvent exclusion, see the module
     docstring); 0 gives the potential in vacuo. ``extra_b_factor_A2`` is added to every atom's B.
     Returns float32 ``[nz, ny, nx]`` on ``device``; the model centre sits at voxel ``n//2``.
+    ``use_compiled``: None = the numba kernel on the CPU when installed, False = torch only.
     """
     if pixel_size_A <= 0:
         raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A!r}")
@@ -152,8 +163,11 @@ def atomic_potential_volume(
         amp = amp * ratio
         bb = bb + blur
 
-    fine_vol = _draw_gaussians(model.positions_A / pf, bb / pf**2, amp, fine, device, tolerance)
-    spectrum = torch.fft.rfftn(torch.fft.ifftshift(fine_vol))
+    if use_compiled is None:
+        use_compiled = _HAVE_NUMBA and device.type == "cpu"
+    draw = _draw_gaussians_compiled if use_compiled else _draw_gaussians
+    fine_vol = draw(model.positions_A / pf, bb / pf**2, amp, fine, device, tolerance)
+    spectrum = torch.fft.rfftn(fine_vol)  # origin at index 0 (wrapped)
     del fine_vol
     spectrum = fourier_crop_volume(spectrum, fine, shape)
     if blur > 0:
@@ -176,7 +190,8 @@ def _draw_gaussians(
 ) -> torch.Tensor:
     """Sum of isotropic Gaussians ``amp·exp(−4π² |x − c|² / β)`` sampled on a ``[z, y, x]`` grid.
 
-    ``positions_px`` [n, 3] (x, y, z) in voxels from the grid origin ``shape//2``; ``beta_px2``
+    ``positions_px`` [n, 3] (x, y, z) in voxels from the grid origin, index 0 (the grid is
+    periodic: negative positions wrap to the end, as for an FFT); ``beta_px2``
     and ``amplitude`` [n, t] (t Gaussians per atom, β in voxel²). Each atom is evaluated in a
     cube reaching to where its widest Gaussian falls below ``cutoff`` of its peak, as a separable
     sum (one small matrix product per atom) scattered into the grid; atoms are grouped by cube
@@ -185,8 +200,7 @@ def _draw_gaussians(
     nz, ny, nx = shape
     out = torch.zeros(shape, dtype=torch.float32, device=device)
     flat = out.view(-1)
-    origin = torch.tensor([nx // 2, ny // 2, nz // 2], dtype=torch.float64)
-    centres = positions_px.to(torch.float64) + origin  # (x, y, z) index
+    centres = positions_px.to(torch.float64)  # (x, y, z) index, origin at 0
     reach = torch.sqrt(beta_px2.max(dim=1).values * math.log(1.0 / cutoff)) / (2.0 * math.pi)
     half = torch.ceil(reach).to(torch.int64).clamp_min(1)
     dims = torch.tensor([nx, ny, nz], dtype=torch.int64, device=device)
@@ -210,3 +224,63 @@ def _draw_gaussians(
             lin = wrapped[:, 2, :, None, None] + wrapped[:, 1, None, :, None] + wrapped[:, 0, None, None, :]
             flat.index_add_(0, lin.reshape(-1), vals.reshape(-1))
     return out
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(cache=True, fastmath=True)
+    def _splat_numba(centres, coef, amp, half, out):  # pragma: no cover - compiled
+        """Add Σ_t amp·exp(coef·d²) of every atom into ``out`` [z, y, x] (periodic), separably."""
+        nz, ny, nx = out.shape
+        t_count = coef.shape[1]
+        kmax = 2 * int(half.max()) + 1
+        gx = np.empty((t_count, kmax), np.float32)
+        gy = np.empty((t_count, kmax), np.float32)
+        gz = np.empty((t_count, kmax), np.float32)
+        fzy = np.empty(t_count, np.float32)
+        for a in range(centres.shape[0]):
+            h = half[a]
+            k = 2 * h + 1
+            cx, cy, cz = centres[a, 0], centres[a, 1], centres[a, 2]
+            ix0 = int(np.floor(cx + 0.5)) - h
+            iy0 = int(np.floor(cy + 0.5)) - h
+            iz0 = int(np.floor(cz + 0.5)) - h
+            for t in range(t_count):
+                c = coef[a, t]
+                for j in range(k):
+                    dx = ix0 + j - cx
+                    dy = iy0 + j - cy
+                    dz = iz0 + j - cz
+                    gx[t, j] = np.exp(c * dx * dx)
+                    gy[t, j] = np.exp(c * dy * dy)
+                    gz[t, j] = np.exp(c * dz * dz) * amp[a, t]
+            inside = ix0 >= 0 and iy0 >= 0 and iz0 >= 0 and ix0 + k <= nx and iy0 + k <= ny and iz0 + k <= nz
+            for jz in range(k):
+                z = iz0 + jz if inside else (iz0 + jz) % nz
+                for jy in range(k):
+                    y = iy0 + jy if inside else (iy0 + jy) % ny
+                    for t in range(t_count):
+                        fzy[t] = gz[t, jz] * gy[t, jy]
+                    if inside:
+                        row = out[z, y, ix0 : ix0 + k]
+                        for jx in range(k):
+                            v = 0.0
+                            for t in range(t_count):
+                                v += fzy[t] * gx[t, jx]
+                            row[jx] += v
+                    else:
+                        for jx in range(k):
+                            v = 0.0
+                            for t in range(t_count):
+                                v += fzy[t] * gx[t, jx]
+                            out[z, y, (ix0 + jx) % nx] += v
+
+
+def _draw_gaussians_compiled(positions_px, beta_px2, amplitude, shape, device, cutoff) -> torch.Tensor:
+    """:func:`_draw_gaussians` through the numba kernel (CPU), same arguments and result."""
+    out = np.zeros(shape, dtype=np.float32)
+    reach = torch.sqrt(beta_px2.max(dim=1).values * math.log(1.0 / cutoff)) / (2.0 * math.pi)
+    half = torch.ceil(reach).to(torch.int64).clamp_min(1).numpy()
+    coef = (-4.0 * math.pi**2 / beta_px2).to(torch.float64).numpy()
+    _splat_numba(positions_px.to(torch.float64).numpy(), coef, amplitude.to(torch.float64).numpy(), half, out)
+    return torch.from_numpy(out).to(device)

@@ -8,6 +8,12 @@ samples its slice by trilinear interpolation at the frequencies of the ``N × N`
 (Hermitian symmetry for kx < 0), applies a sub-pixel shift as a phase ramp and is transformed
 back. Frequencies beyond the sphere of radius Nyquist are zero.
 
+Accuracy: the interpolation kernel's side lobes put faint copies of the particle (at a distance
+``pad·N`` along the volume axes) into the projections; the relative error is about
+``(R / (pad·N·p))²`` for a particle of radius R (measured on apoferritin in a box 1.15 × its
+diameter: 8 % for pad 2, 3 % for pad 3, 2 % for pad 4). The slices are sampled by a compiled
+kernel on the CPU (numba, when installed) and by torch otherwise (GPU).
+
 Output values are the projected potential ``Σ_z V·Δz`` in V·Å (volume in V times the voxel
 size along the projection), and the volume's centre (voxel ``N//2``) lands on pixel ``N//2`` of
 the output (plus the requested shift).
@@ -17,7 +23,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+try:  # compiled CPU kernel (optional accelerator; torch is the reference path)
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+    _HAVE_NUMBA = False
 
 __all__ = ["FourierSliceProjector"]
 
@@ -27,13 +42,61 @@ def _sinc(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, torch.ones_like(x), torch.sin(px) / torch.where(x == 0, torch.ones_like(px), px))
 
 
+if _HAVE_NUMBA:
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _slices_numba(vol_re, vol_im, rot, scale, n, out_re, out_im):  # pragma: no cover - compiled
+        """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y)."""
+        p = vol_re.shape[0]
+        half = p // 2
+        rad2 = (half - 1.0) ** 2
+        nkx = n // 2 + 1
+        for b in numba.prange(rot.shape[0]):
+            s = scale[b]
+            ux, uy, uz = rot[b, 0, 0] * s, rot[b, 0, 1] * s, rot[b, 0, 2] * s
+            vx, vy, vz = rot[b, 1, 0] * s, rot[b, 1, 1] * s, rot[b, 1, 2] * s
+            for iy in range(n):
+                ky = iy if iy < n // 2 else iy - n
+                for ix in range(nkx):
+                    qx = ix * ux + ky * vx
+                    qy = ix * uy + ky * vy
+                    qz = ix * uz + ky * vz
+                    if qx * qx + qy * qy + qz * qz > rad2:
+                        out_re[b, iy, ix] = 0.0
+                        out_im[b, iy, ix] = 0.0
+                        continue
+                    sign = 1.0
+                    if qx < 0:
+                        qx, qy, qz, sign = -qx, -qy, -qz, -1.0
+                    x0 = int(qx)
+                    fy = math.floor(qy)
+                    fz = math.floor(qz)
+                    wx, wy, wz = qx - x0, qy - fy, qz - fz
+                    y0 = int(fy) % p
+                    z0 = int(fz) % p
+                    y1 = (y0 + 1) % p
+                    z1 = (z0 + 1) % p
+                    re = 0.0
+                    im = 0.0
+                    for zi, wzz in ((z0, 1.0 - wz), (z1, wz)):
+                        for yi, wyy in ((y0, 1.0 - wy), (y1, wy)):
+                            w0 = wzz * wyy * (1.0 - wx)
+                            w1 = wzz * wyy * wx
+                            re += w0 * vol_re[zi, yi, x0] + w1 * vol_re[zi, yi, x0 + 1]
+                            im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
+                    out_re[b, iy, ix] = re
+                    out_im[b, iy, ix] = sign * im
+
+
 class FourierSliceProjector:
     """Projector of one cubic reference volume ``[N, N, N]`` (z, y, x), N even.
 
     ``project(rotations, shifts_px, magnification)`` returns ``[n, N, N]`` images.
+    ``use_compiled``: None = the numba kernel when the volume is on the CPU and numba is
+    installed; False = torch only (the reference implementation, also used on GPUs).
     """
 
-    def __init__(self, volume: torch.Tensor, pixel_size_A: float, pad_factor: int = 2):
+    def __init__(self, volume: torch.Tensor, pixel_size_A: float, pad_factor: int = 3, use_compiled: bool | None = None):
         if volume.ndim != 3 or len(set(volume.shape)) != 1 or volume.shape[0] % 2:
             raise ValueError(f"FourierSliceProjector needs a cubic volume of even size, got {tuple(volume.shape)}")
         if pad_factor < 1:
@@ -46,50 +109,79 @@ class FourierSliceProjector:
         self.p = p = n * self.pad
         self.pixel_size_A = float(pixel_size_A)
         d = torch.arange(n, dtype=torch.float64, device=self.device) - n // 2
-        kernel = _sinc(d / p) ** 2
-        correction = kernel[:, None, None] * kernel[None, :, None] * kernel[None, None, :]
+        kernel = (_sinc(d / p) ** 2).float()
+        corrected = volume.float() / (kernel[:, None, None] * kernel[None, :, None] * kernel[None, None, :])
+        # zero-padded volume with its centre (voxel n//2) at index 0, wrapped ("ifftshifted")
         padded = torch.zeros((p, p, p), dtype=torch.float32, device=self.device)
-        s = p // 2 - n // 2
-        padded[s : s + n, s : s + n, s : s + n] = (volume.double() / correction).float()
-        spectrum = torch.fft.rfftn(torch.fft.ifftshift(padded))
+        h = n // 2
+        for zs, zd in ((slice(h, n), slice(0, n - h)), (slice(0, h), slice(p - h, p))):
+            for ys, yd in ((slice(h, n), slice(0, n - h)), (slice(0, h), slice(p - h, p))):
+                for xs, xd in ((slice(h, n), slice(0, n - h)), (slice(0, h), slice(p - h, p))):
+                    padded[zd, yd, xd] = corrected[zs, ys, xs]
+        del corrected
+        spectrum = torch.fft.rfftn(padded)  # [p, p, p//2+1], DC at index 0 on every axis
         del padded
-        spectrum = torch.fft.fftshift(spectrum, dim=(0, 1))  # DC at (p//2, p//2, 0)
-        self._flat = spectrum.reshape(-1).contiguous()
+        self.use_compiled = (self.device.type == "cpu" and _HAVE_NUMBA) if use_compiled is None else bool(use_compiled)
+        if self.use_compiled and not (_HAVE_NUMBA and self.device.type == "cpu"):
+            raise ValueError("the compiled projector needs numba and a CPU volume")
+        if self.use_compiled:
+            self._re = spectrum.real.contiguous().numpy()
+            self._im = spectrum.imag.contiguous().numpy()
+            self._flat = None
+        else:
+            self._flat = spectrum.reshape(-1).contiguous()
+        del spectrum
         self._dims = (p, p, p // 2 + 1)
         ky = torch.fft.fftfreq(n, d=1.0 / n, device=self.device)  # N-box index units
         kx = torch.fft.rfftfreq(n, d=1.0 / n, device=self.device)
         self._ky = ky[:, None].expand(n, n // 2 + 1).reshape(-1).float()
         self._kx = kx[None, :].expand(n, n // 2 + 1).reshape(-1).float()
 
-    def _sample(self, q: torch.Tensor) -> torch.Tensor:
+    def _sample_torch(self, q: torch.Tensor) -> torch.Tensor:
         """Trilinear interpolation of the half spectrum at padded-index frequencies q [..., 3] (x, y, z)."""
         flip = q[..., 0] < 0
         q = torch.where(flip[..., None], -q, q)
-        half = self.p // 2
-        radius = half - 1.0
+        radius = self.p // 2 - 1.0
         inside = (q * q).sum(-1) <= radius * radius
         q = torch.where(inside[..., None], q, torch.zeros_like(q))
-        fx, fy, fz = q[..., 0], q[..., 1] + half, q[..., 2] + half
+        fx, fy, fz = q[..., 0], q[..., 1], q[..., 2]
         x0, y0, z0 = torch.floor(fx), torch.floor(fy), torch.floor(fz)
         wx, wy, wz = fx - x0, fy - y0, fz - z0
-        x0, y0, z0 = x0.long(), y0.long(), z0.long()
         nz, ny, nx = self._dims
-        base = (z0 * ny + y0) * nx + x0
+        x0 = x0.long()
+        y0, z0 = torch.remainder(y0.long(), ny), torch.remainder(z0.long(), nz)
+        y1, z1 = torch.remainder(y0 + 1, ny), torch.remainder(z0 + 1, nz)
         out = torch.zeros(q.shape[:-1], dtype=self._flat.dtype, device=q.device)
-        for dz, wz_ in ((0, 1 - wz), (1, wz)):
-            for dy, wy_ in ((0, 1 - wy), (1, wy)):
+        for zi, wz_ in ((z0, 1 - wz), (z1, wz)):
+            for yi, wy_ in ((y0, 1 - wy), (y1, wy)):
                 wzy = wz_ * wy_
-                off = (dz * ny + dy) * nx
-                out += self._flat[base + off] * (wzy * (1 - wx)) + self._flat[base + off + 1] * (wzy * wx)
+                base = (zi * ny + yi) * nx + x0
+                out += self._flat[base] * (wzy * (1 - wx)) + self._flat[base + 1] * (wzy * wx)
         out = torch.where(flip, out.conj(), out)
         return torch.where(inside, out, torch.zeros_like(out))
+
+    def slices(self, rotations: torch.Tensor, magnification: torch.Tensor) -> torch.Tensor:
+        """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]."""
+        n = self.n
+        count = rotations.shape[0]
+        scale = (self.pad * magnification).float()
+        if self.use_compiled:
+            rot = rotations.detach().to("cpu", torch.float32).contiguous().numpy()
+            out_re = np.empty((count, n, n // 2 + 1), dtype=np.float32)
+            out_im = np.empty_like(out_re)
+            _slices_numba(self._re, self._im, rot, scale.cpu().numpy(), n, out_re, out_im)
+            return torch.complex(torch.from_numpy(out_re), torch.from_numpy(out_im))
+        r = rotations.to(device=self.device, dtype=torch.float32)
+        kx, ky = self._kx[None] * scale[:, None], self._ky[None] * scale[:, None]
+        q = kx[..., None] * r[:, None, 0, :] + ky[..., None] * r[:, None, 1, :]  # Mᵀ·(kx, ky, 0)
+        return self._sample_torch(q).reshape(count, n, n // 2 + 1)
 
     def project(
         self,
         rotations: torch.Tensor,
         shifts_px: torch.Tensor | None = None,
         magnification: torch.Tensor | float = 1.0,
-        batch: int = 16,
+        batch: int = 64,
     ) -> torch.Tensor:
         """Projections ``[n, N, N]`` (V·Å) of the volume rotated by ``rotations`` [n, 3, 3].
 
@@ -108,15 +200,15 @@ class FourierSliceProjector:
         mag = torch.as_tensor(magnification, dtype=torch.float32, device=self.device).reshape(-1).expand(count)
         n = self.n
         out = torch.empty((count, n, n), dtype=torch.float32, device=self.device)
+        ky = torch.fft.fftfreq(n, d=1.0 / n, device=self.device).float()
+        kx = torch.fft.rfftfreq(n, d=1.0 / n, device=self.device).float()
         for start in range(0, count, batch):
             sl = slice(start, min(start + batch, count))
-            r, m = rot[sl], mag[sl]
-            scale = (self.pad * m)[:, None]
-            kx, ky = self._kx[None] * scale, self._ky[None] * scale  # padded index units
-            q = kx[..., None] * r[:, None, 0, :] + ky[..., None] * r[:, None, 1, :]  # Mᵀ·(kx, ky, 0)
-            values = self._sample(q)
-            phase = -2.0 * math.pi * (self._kx[None] * shifts[sl, 0:1] + self._ky[None] * shifts[sl, 1:2]) / n
-            values = values * torch.polar((m * m)[:, None].expand_as(phase), phase)
-            img = torch.fft.irfft2(values.reshape(-1, n, n // 2 + 1), s=(n, n))
+            m = mag[sl]
+            values = self.slices(rot[sl], m).to(self.device)
+            phase_y = torch.polar(torch.ones_like(ky)[None], -2.0 * math.pi * ky[None] * shifts[sl, 1:2] / n)
+            phase_x = torch.polar((m * m)[:, None].expand(-1, kx.numel()), -2.0 * math.pi * kx[None] * shifts[sl, 0:1] / n)
+            values = values * phase_y[:, :, None] * phase_x[:, None, :]
+            img = torch.fft.irfft2(values, s=(n, n))
             out[sl] = torch.fft.fftshift(img, dim=(-2, -1)) * self.pixel_size_A
         return out

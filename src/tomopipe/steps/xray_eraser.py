@@ -126,16 +126,21 @@ def xray_params(params: dict) -> XrayParams:
 
 
 def erase_tilt_series(task: dict) -> dict:
-    """Erase X-rays in every view of one tilt series and write its new stack(s) and pixel table."""
+    """Erase X-rays in every view of one tilt series and write its new stack(s) and pixel table.
+
+    One stack is in memory at a time: the full sums first, then each half with the pixels found
+    in the full sums."""
     ts_id = task["ts_id"]
     folder = Path(task["folder"])
     acquisition = task["acquisition"]
     params = xray_params(task["params"])
     device = compute_device(task["params"]["device"])
     views = task["views"]
+    pixel_size_A = float(acquisition["pixel_size_A"])
+    files = {"image_path": folder / f"{ts_id}.mrc", "xray_table_path": folder / f"{ts_id}_xrays.csv"}
     images = read_views(views, "image_path", acquisition["image_size_px"])
-    halves = {c: read_views(views, c, acquisition["image_size_px"]) for c in HALF_COLUMNS if c in views[0]}
-    rows, per_view = [], []
+    image_pixels = int(images.size)
+    found, per_view = [], []
     for index, view in enumerate(views):
         image = torch.from_numpy(images[index]).to(device)
         if image.is_floating_point() and not bool(torch.isfinite(image).all()):
@@ -143,29 +148,36 @@ def erase_tilt_series(task: dict) -> dict:
                                                      f"{view['tilt_index']}) has NaN or infinite values")
         result = erase_xrays(image, params)
         images[index] = result.image.cpu().numpy()
-        for column, half in halves.items():
-            cleaned = fill_patches(torch.from_numpy(half[index]).to(device), result.mask, params.border_size_px,
-                                   params.polynomial_order)
-            half[index] = cleaned.cpu().numpy()
         ys, xs = torch.nonzero(result.mask, as_tuple=True)
-        rows.append(pd.DataFrame({"tilt_index": view["tilt_index"], "x_px": xs.cpu().numpy(),
-                                  "y_px": ys.cpu().numpy()}))
+        found.append((ys.cpu().numpy(), xs.cpu().numpy()))
         per_view.append({"tilt_index": view["tilt_index"], "image_section": index,
                          "xray_pixels": result.n_pixels, "xray_patches": result.n_patches})
         log.info("%s tilt %d: %d pixels in %d patches replaced (%d passes)", ts_id, view["tilt_index"],
                  result.n_pixels, result.n_patches, result.passes)
-    pixel_size_A = float(acquisition["pixel_size_A"])
-    files = {"image_path": folder / f"{ts_id}.mrc", "xray_table_path": folder / f"{ts_id}_xrays.csv"}
     write_mrc(files["image_path"], images, pixel_size_A, stack=True)
-    for column, half in halves.items():
+    del images
+    for column in HALF_COLUMNS:
+        if column not in views[0]:
+            continue
+        half = read_views(views, column, acquisition["image_size_px"])
+        for index, (ys, xs) in enumerate(found):
+            if len(ys):
+                mask = torch.zeros(half.shape[1:], dtype=torch.bool, device=device)
+                mask[torch.from_numpy(ys).to(device), torch.from_numpy(xs).to(device)] = True
+                cleaned = fill_patches(torch.from_numpy(half[index]).to(device), mask, params.border_size_px,
+                                       params.polynomial_order)
+                half[index] = cleaned.cpu().numpy()
         files[column] = folder / f"{ts_id}_{column.split('_')[1]}.mrc"
         write_mrc(files[column], half, pixel_size_A, stack=True)
-    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["tilt_index", "x_px", "y_px"])
+        del half
+    table = pd.DataFrame({"tilt_index": np.concatenate([np.full(len(ys), v["tilt_index"]) for v, (ys, _) in
+                                                        zip(views, found)]).astype(np.int64),
+                          "x_px": np.concatenate([xs for _, xs in found]).astype(np.int64),
+                          "y_px": np.concatenate([ys for ys, _ in found]).astype(np.int64)})
     write_text_atomic(files["xray_table_path"], table.to_csv(index=False))
     return {"ts_id": ts_id, "views": per_view, "files": {k: str(v) for k, v in files.items()},
             "pixels": int(sum(v["xray_pixels"] for v in per_view)),
-            "patches": int(sum(v["xray_patches"] for v in per_view)),
-            "image_pixels": int(images.size)}
+            "patches": int(sum(v["xray_patches"] for v in per_view)), "image_pixels": image_pixels}
 
 
 _DEFAULTS = XrayParams()
