@@ -9,28 +9,40 @@ are measured from the FFT centre ``N // 2`` of the image.
 
 Method, per tilt image:
 
-1. Periodograms of overlapping windows (``window_px``, 50 % overlap, cosine edge taper). The
-   specimen is taken as a flat slab (z = 0): each window's centre has a known depth z_P, so its
-   defocus is ``Δf_centre + hand·z_P``.
-2. Each window's spectrum is reduced to azimuthal sectors × 1-pixel radial bins, whitened by
+1. Periodograms of overlapping windows (``window_px``, 50 % overlap, cosine edge taper; frame
+   periodograms summed for ``[n, frames, h, w]`` input). The specimen is taken as a flat slab
+   (z = 0): each window centre has a known depth z_P, so its defocus is ``Δf_centre + hand·z_P``.
+2. Each window's spectrum is reduced to azimuthal sectors (5°) × 1-pixel radial bins, whitened by
    a smooth background (``P / bg − 1``) and detrended (a quadratic in k is projected out of data
    and model alike, so that a residual background cannot favour any defocus).
-3. Score = weighted normalised cross-correlation (CTFFIND-style) between these profiles and
-   the model CTF² (averaged over each radial bin) within the fit range. Because the score is
-   linear in the data, per-window correlation tables ``N(Δf)`` are computed once by a matrix
-   product and shifted by each window's defocus offset: an exhaustive search over the centre
-   defocus (50 Å steps), astigmatism and (optionally) phase shift costs only table look-ups.
-4. Local refinement of (defocus, astigmatism vector, phase) with torch autograd + L-BFGS.
+3. Score = weighted normalised cross-correlation (CTFFIND-style) between these profiles and the
+   model CTF² (averaged over each radial bin) within the fit range. The score is linear in the
+   data, so correlation tables ``N(Δf)`` are computed once by a matrix product and shifted by
+   each window group's defocus offset: the exhaustive search over the centre defocus (50 Å
+   steps), astigmatism ((U − V)/2 up to 2300 Å × 15° angles) and phase shift (15° steps, with
+   ``fit_phase``) is table look-ups.
+4. Local refinement of (defocus, astigmatism vector, phase) by Nelder–Mead on the same score
+   tabulated on a 5 Å defocus grid (2.5° phase grid) and interpolated linearly.
 5. Second pass: background and envelope are fitted by least squares against the first model
    (``P ≈ bg(k) + env(k)·CTF²``); the search and refinement are repeated with the data whitened
    by ``bg`` and the model weighted by the signal-to-noise envelope ``env / bg`` (a matched
    filter, which keeps noise-dominated high frequencies from creating false maxima).
 
-Tilt series: the handedness check compares the best scores with ``hand = −1`` and ``+1``
-(a wrong hand smears the Thon rings of tilted images); then a consistency stage re-fits, in a
-narrowed defocus range around the median of the neighbouring tilts, every tilt whose defocus
-deviates strongly from its neighbours, and keeps the narrowed fit when it scores at least half
-as well. Finally a ``gy × gx`` grid of local defocus values is fitted per tilt.
+Tilt series:
+
+* Handedness: the best second-pass scores with ``hand = −1`` and ``+1`` are averaged over the
+  tilts (a wrong hand smears the Thon rings of tilted images); the better one is the data's
+  hand. Independently, ``gradient_slope`` regresses local defocus values (fitted per grid cell
+  without any hand assumption) on the plane depth z_P: ≈ +1 or −1.
+* Astigmatism is one vector for the whole series (an objective-lens property), found by
+  maximising the summed scores of all tilts (each with its own defocus) — it pools the SNR of
+  all tilts; ``astigmatism_per_tilt=True`` keeps each tilt's own value instead.
+* Consistency: every tilt's score curve over the whole defocus range is expressed in units of
+  its noise level (sandwich estimate, z-scores); a Viterbi path through each tilt's 6 best maxima (tilt-angle order)
+  maximises the total z minus 0.5 per 1000 Å of change between neighbours beyond 3000 Å. A
+  weak maximum far from the series gives way; a strong genuine jump pays and stays.
+* A ``gy × gx`` grid of local defocus values (the windows of each cell, offsets relative to the
+  cell centre) is fitted per tilt.
 
 Fit resolution (documented rule): the whitened spectrum and the model are averaged in bins of
 the CTF phase χ (π/12 wide, over all sectors and windows, so astigmatism and tilt are
@@ -50,7 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, defocus_at_azimuth_A, enforce_ctffind_convention
+from tomopipe.algorithms.ctf import ctf_1d, enforce_ctffind_convention
 from tomopipe.algorithms.geometry import projection_rotations
 from tomopipe.errors import TomopipeError
 
@@ -234,8 +246,6 @@ def _validate(images, pixel_size_A, tilt_angles_deg, window_px, resolution_range
         raise CtfEstimationError(f"hand must be -1, +1 or 'auto', got {hand!r}")
     if not 0 <= amplitude_contrast < 1:
         raise CtfEstimationError(f"amplitude_contrast must be in [0, 1), got {amplitude_contrast}")
-    if not bool(torch.isfinite(images).all()):
-        raise CtfEstimationError("images contain NaN or infinite values")
 
 
 def _make_setup(pixel_size_A, window_px, voltage_kV, cs_mm, amplitude_contrast, resolution_range_A,
@@ -293,6 +303,7 @@ class _Tilt:
     mean_spectrum: torch.Tensor  # [w, w//2+1] mean periodogram (diagnostic)
     tilt_deg: float
     axis_deg: float
+    image_area_px: float
     groups: object = None  # _Groups of all windows (by depth)
     bg: torch.Tensor | None = None  # [n_k] background used for whitening
     snr: torch.Tensor | None = None  # [n_k] model weight (env / bg) or ones
@@ -319,7 +330,8 @@ def _prepare_tilt(image, tilt_deg, axis_deg, setup: _Setup, overlap: float) -> _
     centres_A = (centres_px - torch.tensor([w // 2, h // 2], dtype=_F64)) * setup.pixel_size_A
     depth = specimen_plane_depth_A(centres_A, axis_deg, tilt_deg)[0]
     return _Tilt(profiles=_sector_profiles(spectra, setup), depth_A=depth, centres_A=centres_A,
-                 mean_spectrum=spectra.mean(0), tilt_deg=float(tilt_deg), axis_deg=float(axis_deg))
+                 mean_spectrum=spectra.mean(0), tilt_deg=float(tilt_deg), axis_deg=float(axis_deg),
+                 image_area_px=float(h * w))
 
 
 def _smooth_log_background(profile: torch.Tensor, k: torch.Tensor, degree: int = 4) -> torch.Tensor:
@@ -355,13 +367,16 @@ class _Rows:
     weight: torch.Tensor  # [rows]
     depth_A: torch.Tensor  # [rows]
     data_norm: float  # Σ w·s²
+    overlap: float = 1.0  # Σ window areas / image area (≥ 1): windows share their noise
 
 
-def _group(tilt: _Tilt, setup: _Setup, select=None, depth_ref_A: float = 0.0) -> _Groups:
+def _group(tilt: _Tilt, setup: _Setup, select=None, depth_ref_A: float = 0.0, width_A: float = 100.0) -> _Groups:
+    """Windows (optionally a subset) grouped by depth relative to ``depth_ref_A`` in bins of
+    ``width_A`` (each group keeps its exact mean depth)."""
     prof, depth = tilt.profiles, tilt.depth_A - depth_ref_A
     if select is not None:
         prof, depth = prof[select], depth[select]
-    _, inv = torch.unique(torch.round(depth / setup.step_A).long(), return_inverse=True)
+    _, inv = torch.unique(torch.round(depth / width_A).long(), return_inverse=True)
     n = int(inv.max()) + 1
     wsum = torch.zeros(n, dtype=_F64).index_add_(0, inv, torch.ones_like(depth))
     psum = torch.zeros((n,) + prof.shape[1:], dtype=_F64).index_add_(0, inv, prof)
@@ -373,7 +388,9 @@ def _rows(groups: _Groups, tilt: _Tilt, setup: _Setup) -> _Rows:
     s = groups.power[..., setup.fit] / tilt.bg[setup.fit] - 1.0
     s_fit = s @ setup.detrend.T
     norm = float((groups.weight[:, None, None] * s_fit * s_fit).sum())
-    return _Rows(s_fit=s_fit, weight=groups.weight, depth_A=groups.depth_A, data_norm=max(norm, 1e-30))
+    overlap = max(1.0, float(groups.weight.sum()) * setup.window_px ** 2 / tilt.image_area_px)
+    return _Rows(s_fit=s_fit, weight=groups.weight, depth_A=groups.depth_A, data_norm=max(norm, 1e-30),
+                 overlap=overlap)
 
 
 # ----------------------------------------------------------------------------- tables and search
@@ -399,15 +416,18 @@ def _model_fit(setup: _Setup, snr_fit: torch.Tensor, phase_deg: float) -> torch.
     return setup.detrend @ (setup.model_table(phase_deg)[setup.fit] * snr_fit[:, None])
 
 
-def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo: int, hi: int):
+def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo: int, hi: int,
+                  squared: bool = False):
     """Correlation tables for candidate centre-defocus indices ``lo..hi`` of the table grid.
 
     ``num [n_sec, c]`` = Σ_rows w·Σ_k s·model(Δf + hand·z_row) and ``den [c]`` = Σ_rows w·‖model‖²
-    (per sector). The table is padded so that shifted indices stay inside it.
+    (per sector); ``squared``: w²·s² instead of w·s in ``num`` (for the noise level; pass the
+    squared model). The table is padded so that shifted indices stay inside it.
     """
     offsets = torch.round(hand * rows.depth_A / setup.step_A).long()
     idx = (torch.arange(lo, hi + 1)[None, :] + offsets[:, None]).clamp(0, mfit.shape[1] - 1)  # [rows, c]
-    num = torch.einsum("rsj,jrc->sc", rows.s_fit * rows.weight[:, None, None], mfit[:, idx])
+    data = (rows.s_fit * rows.weight[:, None, None]) ** 2 if squared else rows.s_fit * rows.weight[:, None, None]
+    num = torch.einsum("rsj,jrc->sc", data, mfit[:, idx])
     den = torch.einsum("r,rc->c", rows.weight, (mfit * mfit).sum(0)[idx])
     return num, den
 
@@ -417,8 +437,11 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
     """Exhaustive search over the centre defocus (table indices lo..hi, ``step_A`` apart) and the
     phase grid without astigmatism, then over the astigmatism grid (``(U − V)/2`` × angle) within
     ``± window_A`` of the ``n_peaks`` best local maxima. ``astig = (ax, ay)`` fixes the
-    astigmatism vector instead; then ``return_curve`` also returns the score of every candidate
-    (best phase) and that phase: ``(fit, curve [hi−lo+1], phase_deg [hi−lo+1])``."""
+    astigmatism vector instead; then ``return_curve`` also returns, for every candidate, the score
+    (best phase), its noise level and that phase: ``(fit, curve, sigma, phase_deg)`` (``[hi−lo+1]``
+    each). The noise level is the sandwich estimate of the score's standard deviation,
+    ``sqrt(Σ w²·s²·m²) / sqrt(Σ w·s² · Σ w·m²)`` (= that of the score with random signs on the
+    data), scaled by √(window overlap) because overlapping windows share their noise."""
     if astig is None:
         combos = [(0.0, 0.0)] + [(a, th) for a in setup.astig_half_A if a > 0 for th in setup.astig_angles_deg]
     else:
@@ -433,8 +456,10 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
     best = _Fit(-math.inf, 0.0, 0.0, 0.0, 0.0)
     curve = torch.full((n_c,), -math.inf, dtype=_F64)
     curve_phase = torch.zeros(n_c, dtype=_F64)
+    curve_sigma = torch.ones(n_c, dtype=_F64)
     for phase in phases_deg:
-        num, den = _shift_tables(rows, _model_fit(setup, snr_fit, phase), hand, setup, lo - e_max, hi + e_max)
+        mfit = _model_fit(setup, snr_fit, phase)
+        num, den = _shift_tables(rows, mfit, hand, setup, lo - e_max, hi + e_max)
         core = slice(e_max, e_max + n_c)
         score0 = num[:, core].sum(0) / torch.sqrt(rows.data_norm * (num.shape[0] * den[core]).clamp(min=1e-30))
         peak = torch.ones(n_c, dtype=torch.bool)
@@ -449,9 +474,12 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
         x = xs[None, None, :] + e[:, :, None] + e_max  # [combo, sec, c]
         tot_num = torch.gather(num[None].expand(len(combos), -1, -1), 2, x).sum(1)
         score = tot_num / torch.sqrt(rows.data_norm * den[x].sum(1).clamp(min=1e-30))
-        if len(combos) == 1:
+        if len(combos) == 1 and return_curve:
+            var, _ = _shift_tables(rows, mfit * mfit, hand, setup, lo - e_max, hi + e_max, squared=True)
+            sigma = torch.sqrt(torch.gather(var, 1, x[0]).sum(0) / (rows.data_norm * den[x[0]].sum(0).clamp(min=1e-30)))
             better = score[0] > curve
             curve = torch.where(better, score[0], curve)
+            curve_sigma = torch.where(better, sigma * math.sqrt(rows.overlap), curve_sigma)
             curve_phase = torch.where(better, torch.full_like(curve_phase, float(phase)), curve_phase)
         ci, xi = divmod(int(torch.argmax(score)), len(xs))
         if float(score[ci, xi]) > best.score:
@@ -462,7 +490,7 @@ def _search(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, ph
     if return_curve:
         if astig is None:
             raise ValueError("_search: return_curve needs a fixed astigmatism")
-        return best, curve, curve_phase
+        return best, curve, curve_sigma, curve_phase
     return best
 
 
@@ -571,14 +599,6 @@ def _refine(rows: _Rows, setup: _Setup, snr_fit, hand: int, start: _Fit, fit_pha
     return _Fit(final, d, ax, ay, ph % 180.0 if fit_phase else ph)
 
 
-def _fit_rows(rows: _Rows, setup: _Setup, snr_fit, hand: int, lo: int, hi: int, fit_phase: bool,
-              astig=None) -> _Fit:
-    """Search + refinement; ``astig = (ax, ay)`` fixes the astigmatism vector."""
-    phases = _PHASE_GRID_DEG if fit_phase else (0.0,)
-    start = _search(rows, setup, snr_fit, hand, lo, hi, phases, astig=astig)
-    return _refine(rows, setup, snr_fit, hand, start, fit_phase, fit_astig=astig is None)
-
-
 def _series_astigmatism(tables, fits, radius_A: float = 400.0, step_A: float = 20.0):
     """Astigmatism vector (ax, ay) shared by all tilts: maximises Σ_tilts max_m score_t(m, ax, ay)
     (m within ``± radius_A`` of each tilt's own fit), started from every tilt's own vector and 0."""
@@ -594,16 +614,18 @@ def _series_astigmatism(tables, fits, radius_A: float = 400.0, step_A: float = 2
     return cand if total(*cand) >= total(*best) else best
 
 
-def _local_defocus(rows: _Rows, setup: _Setup, snr_fit, hand: int, fit: _Fit, centre_A: float, range_A: float):
+def _local_defocus(rows: _Rows, setup: _Setup, mfit: torch.Tensor, hand: int, fit: _Fit, centre_A: float,
+                   range_A: float):
     """Best centre defocus of ``rows`` within ``centre_A ± range_A``, astigmatism and phase fixed
-    (parabolic interpolation between table steps); returns (defocus_A, score)."""
+    (``mfit`` = ``_model_fit`` at the fit's phase), with parabolic interpolation between table
+    steps; returns (defocus_A, score)."""
     first = float(setup.table_defocus_A[0])
     lo = max(0, int(round((centre_A - range_A - first) / setup.step_A)))
     hi = min(len(setup.table_defocus_A) - 1, int(round((centre_A + range_A - first) / setup.step_A)))
     e = torch.round((fit.astig_x_A * torch.cos(2 * torch.deg2rad(setup.sector_deg))
                      + fit.astig_y_A * torch.sin(2 * torch.deg2rad(setup.sector_deg))) / setup.step_A).long()
     e_max = int(e.abs().max())
-    num, den = _shift_tables(rows, _model_fit(setup, snr_fit, fit.phase_deg), hand, setup, lo - e_max, hi + e_max)
+    num, den = _shift_tables(rows, mfit, hand, setup, lo - e_max, hi + e_max)
     x = torch.arange(hi - lo + 1)[None, :] + e[:, None] + e_max
     score = torch.gather(num, 1, x).sum(0) / torch.sqrt(rows.data_norm * den[x].sum(0).clamp(min=1e-30))
     i = int(torch.argmax(score))
@@ -807,23 +829,21 @@ def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_cont
 
 
 # ----------------------------------------------------------------------------- tilt series
-def _consistent_path(curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, n_candidates: int = 6):
+def _consistent_path(z_curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, n_candidates: int = 6):
     """Candidate per tilt that maximises Σ z − Σ penalty along the tilt series (Viterbi).
 
-    ``curves`` ``[n, c]``: scores over the centre-defocus grid (``step_A`` apart). Each curve is
-    turned into z-scores ``(score − median) / (1.4826·MAD)`` (its noise level), and its
-    ``n_candidates`` best local maxima are the candidates. Neighbours in tilt-angle order pay
-    ``z_per_A · max(0, |Δdefocus| − free_A)``. Returns the chosen grid index of every tilt."""
-    n = curves.shape[0]
+    ``z_curves`` ``[n, c]``: every tilt's score over the centre-defocus grid (``step_A`` apart) in
+    units of its noise level. The candidates of a tilt are its ``n_candidates`` best local maxima;
+    neighbours in tilt-angle order pay ``z_per_A · max(0, |Δdefocus| − free_A)``. Returns the
+    chosen grid index of every tilt."""
+    n = z_curves.shape[0]
     cands, zs = [], []
-    for cv in curves:
-        med = cv.median()
-        z = (cv - med) / max(1.4826 * float((cv - med).abs().median()), 1e-12)
-        peak = torch.ones_like(cv, dtype=torch.bool)
-        peak[1:] &= cv[1:] >= cv[:-1]
-        peak[:-1] &= cv[:-1] >= cv[1:]
+    for z in z_curves:
+        peak = torch.ones_like(z, dtype=torch.bool)
+        peak[1:] &= z[1:] >= z[:-1]
+        peak[:-1] &= z[:-1] >= z[1:]
         idx = torch.nonzero(peak)[:, 0]
-        idx = idx[torch.argsort(cv[idx], descending=True)[:n_candidates]]
+        idx = idx[torch.argsort(z[idx], descending=True)[:n_candidates]]
         cands.append(idx)
         zs.append(z[idx])
     order = sorted(range(n), key=lambda i: tilt_angles[i])
@@ -831,8 +851,7 @@ def _consistent_path(curves, tilt_angles, step_A: float, free_A: float, z_per_A:
     back = []
     for prev, cur in zip(order[:-1], order[1:]):
         jump = (cands[cur][:, None] - cands[prev][None, :]).abs().to(_F64) * step_A
-        cost = z_per_A * (jump - free_A).clamp(min=0.0)
-        value, arg = (total[None, :] - cost).max(1)
+        value, arg = (total[None, :] - z_per_A * (jump - free_A).clamp(min=0.0)).max(1)
         total = value + zs[cur]
         back.append(arg)
     choice = [0] * n
@@ -844,19 +863,19 @@ def _consistent_path(curves, tilt_angles, step_A: float, free_A: float, z_per_A:
     return choice
 
 
-def _consistency(rows_of, fits, curves, curve_phases, setup, snr_of, hand, fit_phase, tilt_angles, astig,
+def _consistency(rows_of, fits, curves, sigmas, curve_phases, setup, snr_of, hand, fit_phase, tilt_angles, astig,
                  refine_astig: bool = False, free_A: float = 3000.0, z_per_1000_A: float = 0.5):
     """Tilt-series consistency of the defocus: every tilt's score curve over the whole defocus range
-    (``curves [n, c]``, astigmatism ``astig``), in units of its own noise (z-scores), and a path
-    through the candidate maxima of all tilts (tilt-angle order) that maximises the total z minus
-    ``z_per_1000_A`` per 1000 Å of change between neighbours beyond ``free_A`` (Viterbi). A tilt
-    whose chosen candidate is more than 500 Å from its fit is refined again from that candidate: a
-    weak wrong maximum gives way, a strong genuine jump pays its penalty and stays."""
+    (``curves [n, c]``, astigmatism ``astig``) in units of its noise level ``sigmas`` (z-scores),
+    and a path through the candidate maxima of all tilts (tilt-angle order) that maximises the
+    total z minus ``z_per_1000_A`` per 1000 Å of change between neighbours beyond ``free_A``
+    (Viterbi). A tilt whose chosen candidate is more than 500 Å from its fit is refined again from
+    that candidate: a weak wrong maximum gives way, a strong genuine jump pays and stays."""
     n = len(fits)
     refit = [False] * n
     if n < 3:
         return fits, refit
-    choice = _consistent_path(curves, tilt_angles, setup.step_A, free_A, z_per_1000_A / 1000.0)
+    choice = _consistent_path(curves / sigmas, tilt_angles, setup.step_A, free_A, z_per_1000_A / 1000.0)
     for i, c in enumerate(choice):
         d = float(setup.table_defocus_A[setup.search_lo + c])
         if abs(d - fits[i].defocus_A) <= 500.0:
@@ -908,12 +927,16 @@ def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tenso
     w = setup.window_px
     f = torch.fft.fftshift(torch.fft.fftfreq(w, d=setup.pixel_size_A, dtype=_F64))
     kk = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
-    kc = kk.reshape(-1).clamp(float(setup.k[0]), float(setup.k[-1]))
-    observed = _full_spectrum(tilt.mean_spectrum.to(_F64)) / _interp(kc, setup.k, tilt.bg).reshape(w, w) - 1.0
-    g = torch.exp(-0.5 * torch.arange(-3.0, 4.0, dtype=_F64) ** 2)
+    # background at every pixel: linear interpolation in the radial bins (bin j at radius j px)
+    pos = (kk * w * setup.pixel_size_A - float(setup.j[0])).clamp(0, len(setup.j) - 1.000001)
+    i0 = pos.floor().long()
+    bg = tilt.bg[i0] * (1 - (pos - i0)) + tilt.bg[(i0 + 1).clamp(max=len(setup.j) - 1)] * (pos - i0)
+    observed = (_full_spectrum(tilt.mean_spectrum) / bg.float() - 1.0)[None, None]
+    g = torch.exp(-0.5 * torch.arange(-3.0, 4.0) ** 2)
     g = g / g.sum()
-    observed = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(observed[None, None], (3, 3, 3, 3), mode="reflect"), (g[:, None] * g[None, :])[None, None])[0, 0]
+    observed = torch.nn.functional.pad(observed, (3, 3, 3, 3), mode="reflect")
+    observed = torch.nn.functional.conv2d(observed, g[None, None, :, None])
+    observed = torch.nn.functional.conv2d(observed, g[None, None, None, :])[0, 0].to(_F64)
     groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
@@ -974,6 +997,8 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
                         defocus_range_A, max_offset)
     tilts = []
     for i in range(n):
+        if not bool(torch.isfinite(images[i]).all()):
+            raise CtfEstimationError(f"image {i} (tilt {tilt_list[i]:g}°) contains NaN or infinite values")
         t = _prepare_tilt(images[i], tilt_list[i], float(axes[i]), setup, overlap)
         t.groups = _group(t, setup)
         t.bg = _smooth_log_background(t.profiles.mean((0, 1)), setup.k)
@@ -1007,11 +1032,11 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     searched = [_search(r, setup, s, hand_used, lo, hi, phases, astig=astig, return_curve=True)
                 for r, s in zip(rows_of, snr_of)]
     if not astigmatism_per_tilt:
-        fits = [_refine(r, setup, s, hand_used, start, fit_phase, fit_astig=False)
-                for r, s, (start, _, _) in zip(rows_of, snr_of, searched)]
-    fits, refit = _consistency(rows_of, fits, torch.stack([c for _, c, _ in searched]), [p for _, _, p in searched],
-                               setup, snr_of, hand_used, fit_phase, tilt_list, astig,
-                               refine_astig=astigmatism_per_tilt)
+        fits = [_refine(r, setup, s, hand_used, found[0], fit_phase, fit_astig=False)
+                for r, s, found in zip(rows_of, snr_of, searched)]
+    fits, refit = _consistency(rows_of, fits, torch.stack([x[1] for x in searched]),
+                               torch.stack([x[2] for x in searched]), [x[3] for x in searched], setup, snr_of,
+                               hand_used, fit_phase, tilt_list, astig, refine_astig=astigmatism_per_tilt)
     # per-tilt outputs
     gy, gx = (int(g) for g in defocus_grid)
     out_u, out_v, out_a, out_res, grid_out, spectra = [], [], [], [], [], []
@@ -1024,16 +1049,17 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
         out_u.append(float(u)), out_v.append(float(v)), out_a.append(float(a))
         out_res.append(_fit_resolution_A(t, setup, hand_used, f, fit_resolution_threshold))
         values, measured, depths = [], [], []
+        mfit = _model_fit(setup, s, f.phase_deg)
         for cell_px, sel in _cells((h, w), (gy, gx), t.centres_A / setup.pixel_size_A + centre_px):
             # reported value: windows of the cell, offsets (hand_used) relative to the cell centre
             z = float(specimen_plane_depth_A(((cell_px - centre_px) * setup.pixel_size_A)[None], t.axis_deg,
                                              t.tilt_deg)[0, 0])
             cell_rows = _rows(_group(t, setup, sel, depth_ref_A=z), t, setup)
-            values.append(_local_defocus(cell_rows, setup, s, hand_used, f, f.defocus_A + hand_used * z, 2000.0)[0])
+            values.append(_local_defocus(cell_rows, setup, mfit, hand_used, f, f.defocus_A + hand_used * z, 2000.0)[0])
             # handedness check: no offsets inside the cell, value at the windows' mean depth
             z_mean = float(t.depth_A[sel].mean())
             plain = _rows(_group(t, setup, sel), t, setup)
-            measured.append(_local_defocus(plain, setup, s, 0, f, f.defocus_A, 2000.0 + 1.5 * abs(z_mean))[0])
+            measured.append(_local_defocus(plain, setup, mfit, 0, f, f.defocus_A, 2000.0 + 1.5 * abs(z_mean))[0])
             depths.append(z_mean)
         grid_out.append(torch.tensor(values, dtype=_F64).reshape(gy, gx))
         meas, dep = torch.tensor(measured, dtype=_F64), torch.tensor(depths, dtype=_F64)

@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 _TWO_PI = 2.0 * math.pi
+# a correlation peak this many SDs above the mean of the searched disc is signal, not noise (the
+# largest of a few thousand noise values is ~4 SD)
+_MIN_PEAK_SIGNIFICANCE = 6.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +144,7 @@ class MotionModel:
     local_extent_px: tuple[float, float, float, float] | None = None
     iterations: int = 0
     alignment_pixel_size_A: float = 0.0
+    significant: bool = True
 
     def _spatial_coordinates(self, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel rows/columns -> the field's normalised coordinates (0 and 1 at the extent's edges)."""
@@ -203,6 +207,7 @@ class MotionModel:
             "temporal": int(self.temporal),
             "iterations": int(self.iterations),
             "alignment_pixel_size_A": float(self.alignment_pixel_size_A),
+            "significant": bool(self.significant),
             "shifts_A": self.shifts_A.detach().cpu().double().tolist(),
             "raw_shifts_A": self.raw_shifts_A.detach().cpu().double().tolist(),
             "local_control_A": None if self.local_control_A is None
@@ -223,6 +228,7 @@ class MotionModel:
             local_extent_px=None if data.get("local_extent_px") is None else tuple(data["local_extent_px"]),
             iterations=int(data.get("iterations", 0)),
             alignment_pixel_size_A=float(data.get("alignment_pixel_size_A", 0.0)),
+            significant=bool(data.get("significant", True)),
         )
 
 
@@ -380,30 +386,90 @@ def _subpixel_peaks(cc: torch.Tensor, radius_px: float) -> torch.Tensor:
     return torch.stack([x, y], dim=-1).reshape(*lead, 2)
 
 
+def _peak_significance(cc: torch.Tensor, radius_px: float) -> torch.Tensor:
+    """(max - mean) / SD of correlation maps ``[..., h, w]`` over the disc |shift| <= radius."""
+    h, w = cc.shape[-2:]
+    iy = torch.fft.fftfreq(h, 1.0 / h, device=cc.device)
+    ix = torch.fft.fftfreq(w, 1.0 / w, device=cc.device)
+    inside = (iy[:, None] ** 2 + ix[None, :] ** 2) <= radius_px**2
+    values = cc[..., inside]
+    return (values.max(dim=-1).values - values.mean(dim=-1)) / values.std(dim=-1).clamp_min(1e-30)
+
+
+def _linear_start(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.Tensor,
+                  radius_px: float) -> torch.Tensor:
+    """Starting trajectories ``[N, F, 2]`` (px, mean zero): a constant drift from the displacement
+    between the sums of the first and the second half of the frames (each with half the dose, far
+    more signal than one frame); zero where that peak is not significant."""
+    n, n_frames = spectra.shape[:2]
+    half = n_frames // 2
+    first, second = spectra[:, :half].sum(dim=1), spectra[:, half:].sum(dim=1)
+    cc = torch.fft.irfft2(second * first.conj() * weight, s=shape)
+    displacement = _subpixel_peaks(cc, radius_px)  # [N, 2] second half relative to the first
+    significant = _peak_significance(cc, radius_px) >= _MIN_PEAK_SIGNIFICANCE
+    t = frame_times(n_frames, spectra.device)
+    velocity = displacement / (t[half:].mean() - t[:half].mean())
+    start = velocity[:, None, :] * (t - t.mean())[None, :, None]
+    return torch.where(significant[:, None, None], start, torch.zeros_like(start))
+
+
 def _align_stacks(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.Tensor, smoother: torch.Tensor,
-                  radius_px: float, max_iterations: int, tolerance_px: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  radius_px: float, max_iterations: int, tolerance_px: float,
+                  step_px: float = 2.5) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Iterative leave-one-out alignment of ``N`` independent stacks ``spectra`` ``[N, F, h, w//2+1]``.
 
+    Starts from :func:`_linear_start`; each iteration moves a frame by at most ``step_px`` (a local
+    refinement: no jumps to noise peaks) and no frame further than ``radius_px`` from the mean.
     ``smoother`` ``[F, F]`` projects a trajectory onto the temporal model. Returns (smooth shifts,
     raw shifts) ``[N, F, 2]`` (x, y) in px (content displacement, mean zero) and the iteration count.
     """
-    n, n_frames = spectra.shape[:2]
-    shifts = torch.zeros(n, n_frames, 2, dtype=torch.float64, device=spectra.device)
+    shifts = _linear_start(spectra, shape, weight, radius_px)
     raw = shifts.clone()
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         aligned = spectra * _phase_ramp(-shifts, shape)
         reference = aligned.sum(dim=1, keepdim=True) - aligned
         cc = torch.fft.irfft2(aligned * reference.conj() * weight, s=shape)
-        raw = shifts + _subpixel_peaks(cc, radius_px)
+        raw = shifts + _subpixel_peaks(cc, min(step_px, radius_px))
         new = torch.einsum("fg,ngc->nfc", smoother, raw)
         new = new - new.mean(dim=1, keepdim=True)
+        length = new.norm(dim=-1, keepdim=True)
+        new = new * torch.where(length > radius_px, radius_px / length.clamp_min(1e-30), torch.ones_like(length))
         change = float((new - shifts).abs().max())
         shifts = new
         if change < tolerance_px:
             break
     raw = raw - raw.mean(dim=1, keepdim=True)
     return shifts, raw, iterations
+
+
+def _split_halves(spectra: torch.Tensor, shape: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two copies of a stack ``[F, h, w//2+1]`` with independent noise and the same signal: every
+    pixel of every frame goes to one of them at random (a new random split for every frame)."""
+    images = torch.fft.irfft2(spectra, s=shape)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    mask = (torch.rand(images.shape, generator=generator) < 0.5).to(images.device)
+    return torch.fft.rfft2(torch.where(mask, 2.0 * images, 0.0)), torch.fft.rfft2(torch.where(mask, 0.0, 2.0 * images))
+
+
+def _trajectory_is_significant(shifts_px: torch.Tensor, raw_a: torch.Tensor, raw_b: torch.Tensor,
+                               n_model: int, level: float = 0.99) -> bool:
+    """F-test of a trajectory ``[F, 2]`` against its noise, measured as the difference of the per-frame
+    estimates ``raw_a``, ``raw_b`` from two halves of the data (each with twice the variance of the
+    full estimate): noise variance per coordinate ``|a - b|² / (4·2(F-1))``; the trajectory spans
+    ``2(n_model - 1)`` dimensions (mean removed)."""
+    from scipy.stats import f as f_distribution
+
+    n_frames = shifts_px.shape[0]
+    k = 2 * (min(n_model, n_frames) - 1)
+    dof = 2 * (n_frames - 1)
+    if k < 1:
+        return False
+    noise_var = float((raw_a - raw_b).pow(2).sum()) / (4.0 * dof)
+    if noise_var <= 0:
+        return True
+    statistic = float(shifts_px.pow(2).sum()) / noise_var / k
+    return statistic >= float(f_distribution.ppf(level, k, dof))
 
 
 def _smoother(n_frames: int, n_control: int, device) -> torch.Tensor:
@@ -482,6 +548,13 @@ def estimate_motion(
     tolerance_px = tolerance_A / max(pix_yx)
     shifts_px, raw_px, iterations = _align_stacks(spectra[None], small_shape, weight, smoother, radius_px,
                                                   max_iterations, tolerance_px)
+    # is the trajectory signal? estimate it again on two halves of the counts and compare
+    half_a, half_b = _split_halves(spectra, small_shape)
+    _, raw_a, _ = _align_stacks(half_a[None], small_shape, weight, smoother, radius_px, max_iterations, tolerance_px)
+    _, raw_b, _ = _align_stacks(half_b[None], small_shape, weight, smoother, radius_px, max_iterations, tolerance_px)
+    significant = _trajectory_is_significant(shifts_px[0], raw_a[0], raw_b[0], temporal)
+    if not significant:
+        shifts_px = torch.zeros_like(shifts_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=device)
     shifts_A = (shifts_px[0] * to_A).to(torch.float32)
     raw_A = (raw_px[0] * to_A).to(torch.float32)
@@ -493,7 +566,8 @@ def estimate_motion(
                                 max_iterations, tolerance_px, (ny, nx), min_patch_px, taper_px)
     return MotionModel(shifts_A=shifts_A, raw_shifts_A=raw_A, image_size_px=(int(ny), int(nx)),
                        pixel_size_A=float(pixel_size_A), temporal=temporal, local_control_A=local,
-                       local_extent_px=extent, iterations=iterations, alignment_pixel_size_A=float(max(pix_yx)))
+                       local_extent_px=extent, iterations=iterations, alignment_pixel_size_A=float(max(pix_yx)),
+                       significant=significant)
 
 
 def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A, b_factor_A2, smoother,

@@ -13,12 +13,29 @@ from tomopipe.errors import TomopipeError
 from tomopipe.project.store import Project, SetRecord
 
 
-def newest_sets(project: Project) -> dict[str, SetRecord]:
-    """The newest finished set of each kind."""
-    newest: dict[str, SetRecord] = {}
-    for record in project.finished_sets():
-        newest[record.kind] = record
-    return newest
+def lineage(project: Project, record: SetRecord) -> dict[str, SetRecord]:
+    """The sets a set belongs with, one per kind, nearest first: the outputs of its own run,
+    then those of the runs that produced its inputs, and so on up the provenance."""
+    found: dict[str, SetRecord] = {}
+    queue, seen = [record.run_id], set()
+    while queue:
+        run_id = queue.pop(0)
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        for role, _, set_id in project.provenance(run_id):
+            related = project.get_set(set_id, include_unfinished=True)
+            if role == "output":
+                found.setdefault(related.kind, related)
+            else:
+                queue.append(related.run_id)
+    return found
+
+
+def sets_to_export(project: Project) -> dict[str, SetRecord]:
+    """The newest finished set and its lineage (so that all exported data belong together)."""
+    finished = project.finished_sets()
+    return lineage(project, finished[-1]) if finished else {}
 
 
 def export_project(project: Project, fmt: str, out: str | Path) -> list[Path]:
@@ -27,7 +44,7 @@ def export_project(project: Project, fmt: str, out: str | Path) -> list[Path]:
     exporters = {"relion5": relion5.export, "imod": imod.export}
     if fmt not in exporters:
         raise TomopipeError(f"unknown export format {fmt!r} (known: {', '.join(exporters)})")
-    sets = newest_sets(project)
+    sets = sets_to_export(project)
     if not sets:
         raise TomopipeError(f"{project.folder}: nothing to export yet (no finished run has outputs)")
     out = Path(out)

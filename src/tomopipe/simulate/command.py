@@ -18,7 +18,7 @@ from tomopipe.simulate.config import PRESETS, SimulationConfig, SimulationConfig
 
 __all__ = ["add_arguments", "config_from_args", "run_from_args"]
 
-_EXPLICIT = {"structure", "seed", "device"}
+_EXPLICIT = {"structure", "seed", "device", "threads"}
 _HELP = {
     "n_tilt_series": "number of tilt series",
     "image_width_px": "detector width (px)",
@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (movies, mdoc, gain, truth/)")
     parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file of settings (top level or [simulate])")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     group = parser.add_argument_group("physical settings (override the preset and the TOML file)")

@@ -45,6 +45,7 @@ class SimulationConfig:
     structure: str | None = None  #: PDB/mmCIF file; None -> :func:`default_structure_path`
     seed: int = 0
     device: str = "cpu"
+    threads: int = 0  #: CPU threads for torch (0 = torch's default)
     n_tilt_series: int = 5
     tilt_series_prefix: str = "TS"
     # --- camera -------------------------------------------------------------------------------
@@ -166,6 +167,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 32 or value % 2:
                 raise err(f"{name} must be an even number of pixels >= 32, got {value!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise err(f"threads must be an integer >= 0 (0 = default), got {self.threads!r}")
         for name, low in (("frames_per_tilt", 1), ("n_tilt_series", 1), ("ice_sublayers", 1),
                           ("local_motion_knots", 2), ("dose_symmetric_group_size", 1), ("projector_pad_factor", 1)):
             value = getattr(self, name)

@@ -20,8 +20,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:  # compiled CPU sampler (optional accelerator; torch.poisson otherwise)
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+    _HAVE_NUMBA = False
 
 from tomopipe.algorithms.filters import exposure_filter
 from tomopipe.simulate.plan import TiltPlan
@@ -107,14 +116,71 @@ def _warp(image: torch.Tensor, displacement_px: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
 
 
-def _shift_phasor(image_shape, shift_px: tuple[float, float], device) -> torch.Tensor:
-    """``exp(−2πi(kx·dx + ky·dy))`` (k in cycles/px) on the rfft grid: moves content by (dx, dy)."""
-    h, w = image_shape
-    ky = torch.fft.fftfreq(h, device=device, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)
-    py = torch.polar(torch.ones_like(ky), -2 * math.pi * ky * shift_px[1]).to(torch.complex64)
-    px = torch.polar(torch.ones_like(kx), -2 * math.pi * kx * shift_px[0]).to(torch.complex64)
-    return py[:, None] * px[None, :]
+def _poisson_torch(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator, max_count: int) -> torch.Tensor:
+    lam = (1.0 + contrast).clamp_min(0.0) * scale
+    return torch.poisson(lam, generator=generator).clamp_max(max_count).to(torch.uint8)
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(cache=True, parallel=True)
+    def _poisson_numba(contrast, scale, seed, max_count, out):  # pragma: no cover - compiled
+        """out = min(Poisson((1 + c)·scale), max_count) by CDF inversion (numpy's sampler for λ >= 20).
+
+        The pixels are cut into 16 chunks, each with its own stream seeded from ``seed`` and the
+        chunk number, so the result does not depend on the number of threads.
+        """
+        n = contrast.size
+        n_chunks = 16
+        size = (n + n_chunks - 1) // n_chunks
+        for chunk in numba.prange(n_chunks):
+            np.random.seed(seed + 7919 * chunk)
+            for i in range(chunk * size, min(n, (chunk + 1) * size)):
+                lam = 1.0 + contrast[i]
+                if lam < 0.0:
+                    lam = 0.0
+                lam *= scale[i]
+                if lam < 20.0:
+                    u = np.random.random()
+                    p = math.exp(-lam)
+                    cdf = p
+                    k = 0
+                    while u > cdf and k < max_count:
+                        k += 1
+                        p *= lam / k
+                        cdf += p
+                else:
+                    k = min(np.random.poisson(lam), max_count)
+                out[i] = k
+
+
+def _poisson_counts(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator, max_count: int) -> torch.Tensor:
+    """Counts ``min(Poisson((1 + contrast)·scale), max_count)`` as uint8 (numba on the CPU, else torch).
+
+    The compiled sampler is seeded from ``generator``, so results are reproducible per seed.
+    """
+    if _HAVE_NUMBA and contrast.device.type == "cpu" and max_count <= 255:
+        seed = int(torch.randint(0, 2**30, (1,), generator=generator))
+        out = np.empty(contrast.numel(), dtype=np.uint8)
+        _poisson_numba(contrast.contiguous().reshape(-1).numpy(), scale.contiguous().reshape(-1).numpy(), seed,
+                       max_count, out)
+        return torch.from_numpy(out).reshape(contrast.shape)
+    return _poisson_torch(contrast, scale, generator, max_count)
+
+
+def _local_field_image(tilt: TiltPlan, h: int, w: int, device) -> torch.Tensor:
+    """The local deformation field ``[H, W, 2]`` (px) of a tilt, evaluated on a grid 8 times
+    coarser and interpolated (it varies over hundreds of pixels)."""
+    step = 8
+    hc, wc = h // step + 2, w // step + 2
+    ys = (torch.arange(hc, dtype=torch.float64) * step - h // 2).to(device)
+    xs = (torch.arange(wc, dtype=torch.float64) * step - w // 2).to(device)
+    coarse = tilt.local_field.evaluate_grid(xs, ys)  # [hc, wc, 2]
+    grid_y = (torch.arange(h, dtype=torch.float32, device=device) / ((hc - 1) * step)) * 2 - 1
+    grid_x = (torch.arange(w, dtype=torch.float32, device=device) / ((wc - 1) * step)) * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(grid_x[None, :], grid_y[:, None]), -1)[None]
+    fine = F.grid_sample(coarse.permute(2, 0, 1)[None], grid, mode="bilinear", align_corners=True)[0]
+    return fine.permute(1, 2, 0).contiguous()
 
 
 def render_frames(
@@ -148,9 +214,7 @@ def render_frames(
     knot_spectra = [contrast_spectrum]
     if tilt.local_field is not None and float(tilt.local_profile.max()) > 0:
         base = torch.fft.irfft2(contrast_spectrum, s=(h, w))
-        ys = (torch.arange(h, dtype=torch.float64) - h // 2).to(device)
-        xs = (torch.arange(w, dtype=torch.float64) - w // 2).to(device)
-        field = tilt.local_field.evaluate(xs[None, :].expand(h, w), ys[:, None].expand(h, w)).float()
+        field = _local_field_image(tilt, h, w, device)
         n_knots = max(2, int(local_motion_knots))
         g_max = float(tilt.local_profile.max())
         for gk in torch.linspace(0, g_max, n_knots)[1:].tolist():
@@ -158,39 +222,46 @@ def render_frames(
             knot_spectra.append(torch.fft.rfft2(_warp(base, field * gk)))
         del base, field
 
-    gain = detector.gain
-    inverse_gain = None if gain is None else (1.0 / gain).to(device)
+    scale = torch.full((h, w), counts_per_px, dtype=torch.float32, device=device)
+    if detector.gain is not None:
+        scale = scale / detector.gain.to(device)
+    if exposure_rate is not None:
+        damage = torch.exp(-(tilt.pre_exposure_e_per_A2 + 0.5 * dose_per_frame_e_per_A2) * exposure_rate)
+        damage_step = torch.exp(-dose_per_frame_e_per_A2 * exposure_rate)
     out_dtype = torch.uint8 if detector.shot_noise else torch.float32
     out = torch.empty((frames, h, w), dtype=out_dtype, device=device)
     xrays: list[dict] = []
+    ky = torch.fft.fftfreq(h, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)
     for f in range(frames):
         g_f = float(tilt.local_profile[f])
         if len(knots_g) > 1:
-            b = min(max(int(torch.searchsorted(torch.tensor(knots_g), torch.tensor(g_f), right=True)) - 1, 0), len(knots_g) - 2)
+            b = max(0, min(len(knots_g) - 2, sum(1 for gk in knots_g if gk <= g_f) - 1))
             t = (g_f - knots_g[b]) / (knots_g[b + 1] - knots_g[b])
-            spec = knot_spectra[b] * (1 - t) + knot_spectra[b + 1] * t
+            spec = torch.lerp(knot_spectra[b], knot_spectra[b + 1], t)
         else:
-            spec = knot_spectra[0]
+            spec = knot_spectra[0].clone()
         if exposure_rate is not None:
-            dose_mid = tilt.pre_exposure_e_per_A2 + (f + 0.5) * dose_per_frame_e_per_A2
-            spec = spec * torch.exp(-dose_mid * exposure_rate)
-        shift = tilt.frame_shifts_A[f] / pixel_size_A
-        if float(shift.abs().max()) > 0:
-            spec = spec * _shift_phasor(image_shape, (float(shift[0]), float(shift[1])), device)
+            spec *= damage
+            damage = damage * damage_step
+        dx, dy = (float(v) / pixel_size_A for v in tilt.frame_shifts_A[f])
+        if dx or dy:
+            py = torch.polar(torch.ones_like(ky), -2 * math.pi * ky * dy).to(torch.complex64)
+            px = torch.polar(torch.ones_like(kx), -2 * math.pi * kx * dx).to(torch.complex64)
+            spec *= py[:, None]
+            spec *= px[None, :]
         contrast = torch.fft.irfft2(spec, s=(h, w))
-        lam = (1.0 + contrast).clamp_min(0.0) * counts_per_px
-        if inverse_gain is not None:
-            lam = lam * inverse_gain
+        del spec
         if not detector.shot_noise:
-            out[f] = lam
+            out[f] = (1.0 + contrast).clamp_min(0.0) * scale
             continue
-        counts = torch.poisson(lam, generator=generator)
+        counts = _poisson_counts(contrast, scale, generator, detector.max_count).to(device)
         if detector.hot_pixels.numel():
             hx, hy = detector.hot_pixels[:, 0].to(device), detector.hot_pixels[:, 1].to(device)
             extra = torch.poisson(
                 torch.full((hx.numel(),), detector.hot_pixel_rate_counts, device=device), generator=generator
             )
-            counts[hy, hx] += extra
+            counts[hy, hx] = (counts[hy, hx].to(torch.float32) + extra).clamp_max(detector.max_count).to(torch.uint8)
         if xray_generator is not None and detector.xray_hits_per_megapixel_per_tilt > 0:
             rate = torch.tensor([detector.xray_hits_per_megapixel_per_tilt * h * w / 1e6 / frames], dtype=torch.float64)
             n_hits = int(torch.poisson(rate, generator=xray_generator)[0])
@@ -199,9 +270,9 @@ def render_frames(
                 cy = int(torch.randint(1, h - 1, (1,), generator=xray_generator))
                 value = int(torch.randint(30, 201, (1,), generator=xray_generator))
                 n_pix = int(torch.randint(1, 4, (1,), generator=xray_generator))
-                pixels = [(cx, cy, value)] + [(cx + dx, cy + dy, value // 2) for dx, dy in ((1, 0), (0, 1))[: n_pix - 1]]
+                pixels = [(cx, cy, value)] + [(cx + ddx, cy + ddy, value // 2) for ddx, ddy in ((1, 0), (0, 1))[: n_pix - 1]]
                 for x, y, v in pixels:
-                    counts[y, x] += v
+                    counts[y, x] = min(int(counts[y, x]) + v, detector.max_count)
                     xrays.append({"frame": f, "x": x, "y": y, "counts": v})
-        out[f] = counts.clamp_max(detector.max_count).to(torch.uint8)
+        out[f] = counts
     return out, xrays

@@ -19,6 +19,7 @@ defocus offset δ_l added to U and V: ``χ_l = χ_c + π·λ·δ_l·k²``, so
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -128,6 +129,18 @@ def pixel_mtf(image_shape, device) -> torch.Tensor:
     return (torch.sinc(fy)[:, None] * torch.sinc(fx)[None, :]).float()
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run small tensor ops on one thread: with other processes on the cores, torch's intra-op
+    parallelism makes a 200 × 200 add 50× slower than serial."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _add_box(layer: torch.Tensor, box: torch.Tensor, x0: int, y0: int) -> None:
     """``layer[y0:y0+n, x0:x0+n] += box`` clipped to the layer."""
     h, w = layer.shape
@@ -137,6 +150,19 @@ def _add_box(layer: torch.Tensor, box: torch.Tensor, x0: int, y0: int) -> None:
     if ya >= yb or xa >= xb:
         return
     layer[ya:yb, xa:xb] += box[ya - y0 : yb - y0, xa - x0 : xb - x0]
+
+
+def _layer_stack(workspace: dict | None, n_layers: int, h: int, w: int, device) -> torch.Tensor:
+    """A zeroed ``[n_layers, h, w]`` float32 stack, reusing ``workspace['stack']`` when it is large enough."""
+    if workspace is None:
+        return torch.zeros((n_layers, h, w), dtype=torch.float32, device=device)
+    buf = workspace.get("stack")
+    if buf is None or buf.shape[0] < n_layers or buf.shape[1:] != (h, w) or buf.device != torch.device(device):
+        buf = torch.zeros((n_layers, h, w), dtype=torch.float32, device=device)
+        workspace["stack"] = buf
+    stack = buf[:n_layers]
+    stack.zero_()
+    return stack
 
 
 def render_tilt_contrast(
@@ -153,12 +179,14 @@ def render_tilt_contrast(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     ice_psd_sqrt: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Noise-free contrast spectrum ``rfft2(c)`` of one tilt image (before damage and motion).
 
     Returns ``(spectrum [H, W//2+1] complex64, info)`` with ``info`` holding the particles'
     pixel positions (``xy_px``), depths ``z_P_A``, defocus ``defocus_A`` and the number of
-    depth layers.
+    depth layers. ``workspace``: a dict kept by the caller between tilts, so that the layer stack
+    (layers × H × W float32) is allocated once.
     """
     device = torch.device(device)
     h, w = image_shape
@@ -203,7 +231,8 @@ def render_tilt_contrast(
     d_min = float(all_deltas.min())
     n_layers = int(math.floor((float(all_deltas.max()) - d_min) / dz)) + 2
     info["n_layers"] = n_layers
-    stack = torch.zeros((n_layers, h, w), dtype=torch.float32, device=device)
+    stack = _layer_stack(workspace, n_layers, h, w, device)
+    filled = [False] * n_layers
 
     if n_particles:
         n_box = projector.n
@@ -217,13 +246,16 @@ def render_tilt_contrast(
             rot = projection_rotations(tilt.axis_deg, tilt.tilt_deg).double()[0]
             m_total = (rot[None] @ rotations[sel].double()).float()
             layer_index = torch.round((delta_particles[sel] - d_min) / dz).to(torch.int64)
+            for l in layer_index.tolist():
+                filled[l] = True
             for start in range(0, sel.numel(), 32):
                 part = slice(start, min(start + 32, sel.numel()))
                 boxes = projector.project(m_total[part], frac[sel[part]], m) * interaction_rad_per_V_A
-                for b, i in enumerate(sel[part].tolist()):
-                    x0 = int(ix[i, 0]) - n_box // 2
-                    y0 = int(ix[i, 1]) - n_box // 2
-                    _add_box(stack[int(layer_index[start + b])], boxes[b].to(device), x0, y0)
+                with single_thread():
+                    for b, i in enumerate(sel[part].tolist()):
+                        x0 = int(ix[i, 0]) - n_box // 2
+                        y0 = int(ix[i, 1]) - n_box // 2
+                        _add_box(stack[int(layer_index[start + b])], boxes[b].to(device), x0, y0)
 
     if use_ice:
         path = ice.thickness_A / ice.sublayers / math.cos(theta)
@@ -237,6 +269,8 @@ def render_tilt_contrast(
             w1 = (u - l0).clamp(0, 1)
             stack.scatter_add_(0, l0[None], ((1 - w1) * field)[None])
             stack.scatter_add_(0, (l0 + 1)[None], (w1 * field)[None])
+            for l in range(int(l0.min()), int(l0.max()) + 2):
+                filled[l] = True
 
     # CTF per layer through the two phasor accumulators
     p_eff = p / m
@@ -253,11 +287,11 @@ def render_tilt_contrast(
             phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
         else:
             phasor = phasor * step
-        if not bool(layer.any()):
+        if not filled[l]:
             continue
         spec = torch.fft.rfft2(layer)
-        acc_plus += phasor * spec
-        acc_minus += phasor.conj() * spec
+        acc_plus.addcmul_(phasor, spec)
+        acc_minus.addcmul_(phasor.conj(), spec)
     del stack
     centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
     total = (centre * acc_plus - centre.conj() * acc_minus) / 2j

@@ -70,6 +70,22 @@ class LocalField:
         dy = (self.amp[1].to(x_px) * torch.cos(arg + self.phase[1].to(x_px))).sum(-1)
         return torch.stack([dx, dy], -1) * self.scale
 
+    def evaluate_grid(self, x_px: torch.Tensor, y_px: torch.Tensor) -> torch.Tensor:
+        """Displacement ``[len(y), len(x), 2]`` on the grid of 1-D coordinates x [W], y [H] (px from
+        the image centre), float32; separable: cos(a·x + b·y + φ) = cos(a·x)·cos(b·y + φ) − sin(a·x)·sin(b·y + φ)."""
+        x = x_px.double()
+        y = y_px.double()
+        out = torch.zeros((y.numel(), x.numel(), 2), dtype=torch.float32, device=x_px.device)
+        for mode in range(self.kx.numel()):
+            ax = 2 * math.pi * x * float(self.kx[mode]) / self.length_px
+            cx, sx = torch.cos(ax).float(), torch.sin(ax).float()
+            for c in range(2):
+                by = 2 * math.pi * y * float(self.ky[mode]) / self.length_px + float(self.phase[c, mode])
+                cy, sy = torch.cos(by).float(), torch.sin(by).float()
+                a = float(self.amp[c, mode]) * self.scale
+                out[:, :, c] += a * (cy[:, None] * cx[None, :] - sy[:, None] * sx[None, :])
+        return out
+
 
 @dataclass
 class TiltPlan:

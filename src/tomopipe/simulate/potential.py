@@ -30,16 +30,7 @@ from __future__ import annotations
 import math
 
 import gemmi
-import numpy as np
 import torch
-
-try:  # compiled CPU kernel (optional accelerator; the torch path is the reference)
-    import numba
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-    _HAVE_NUMBA = False
 
 from tomopipe.algorithms.ctf import electron_wavelength_A
 from tomopipe.simulate.structure import AtomicModel, scattering_coefficients
@@ -62,7 +53,7 @@ _SPEED_OF_LIGHT_M_S = 299792458.0
 #: h²/(2π m₀ e) in V·Å²: converts a scattering factor (Å) into a potential integral (V·Å³).
 POTENTIAL_CONSTANT_V_A2 = _PLANCK_J_S**2 / (2.0 * math.pi * _ELECTRON_MASS_KG * _ELEMENTARY_CHARGE_C) * 1e20
 #: Protein volume per dalton (partial specific volume 0.74 cm³/g).
-PROTEIN_VOLUME_A3_PER_DA = 0.74e-24 / 1.66053906660e-24
+PROTEIN_VOLUME_A3_PER_DA = 0.74 * 1.66053906660  # cm³/g × g/Da -> Å³/Da
 #: Hydrogen mass as a fraction of the heavy-atom mass of a protein (≈ 8 H per 110 Da residue).
 HYDROGEN_MASS_FRACTION = 0.075
 
@@ -121,14 +112,12 @@ def atomic_potential_volume(
     device: str | torch.device = "cpu",
     oversampling: float = 1.5,
     tolerance: float = 1e-4,
-    use_compiled: bool | None = None,
 ) -> torch.Tensor:
     """Potential (V) of ``model`` on a ``box`` grid (even size or (nz, ny, nx)) at ``pixel_size_A``.
 
     ``ice_potential_V`` > 0 subtracts the displaced ice (solvent exclusion, see the module
     docstring); 0 gives the potential in vacuo. ``extra_b_factor_A2`` is added to every atom's B.
     Returns float32 ``[nz, ny, nx]`` on ``device``; the model centre sits at voxel ``n//2``.
-    ``use_compiled``: None = the numba kernel on the CPU when installed, False = torch only.
     """
     if pixel_size_A <= 0:
         raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A!r}")
@@ -163,10 +152,7 @@ def atomic_potential_volume(
         amp = amp * ratio
         bb = bb + blur
 
-    if use_compiled is None:
-        use_compiled = _HAVE_NUMBA and device.type == "cpu"
-    draw = _draw_gaussians_compiled if use_compiled else _draw_gaussians
-    fine_vol = draw(model.positions_A / pf, bb / pf**2, amp, fine, device, tolerance)
+    fine_vol = _draw_gaussians(model.positions_A / pf, bb / pf**2, amp, fine, device, tolerance)
     spectrum = torch.fft.rfftn(fine_vol)  # origin at index 0 (wrapped)
     del fine_vol
     spectrum = fourier_crop_volume(spectrum, fine, shape)
@@ -225,62 +211,3 @@ def _draw_gaussians(
             flat.index_add_(0, lin.reshape(-1), vals.reshape(-1))
     return out
 
-
-if _HAVE_NUMBA:
-
-    @numba.njit(cache=True, fastmath=True)
-    def _splat_numba(centres, coef, amp, half, out):  # pragma: no cover - compiled
-        """Add Σ_t amp·exp(coef·d²) of every atom into ``out`` [z, y, x] (periodic), separably."""
-        nz, ny, nx = out.shape
-        t_count = coef.shape[1]
-        kmax = 2 * int(half.max()) + 1
-        gx = np.empty((t_count, kmax), np.float32)
-        gy = np.empty((t_count, kmax), np.float32)
-        gz = np.empty((t_count, kmax), np.float32)
-        fzy = np.empty(t_count, np.float32)
-        for a in range(centres.shape[0]):
-            h = half[a]
-            k = 2 * h + 1
-            cx, cy, cz = centres[a, 0], centres[a, 1], centres[a, 2]
-            ix0 = int(np.floor(cx + 0.5)) - h
-            iy0 = int(np.floor(cy + 0.5)) - h
-            iz0 = int(np.floor(cz + 0.5)) - h
-            for t in range(t_count):
-                c = coef[a, t]
-                for j in range(k):
-                    dx = ix0 + j - cx
-                    dy = iy0 + j - cy
-                    dz = iz0 + j - cz
-                    gx[t, j] = np.exp(c * dx * dx)
-                    gy[t, j] = np.exp(c * dy * dy)
-                    gz[t, j] = np.exp(c * dz * dz) * amp[a, t]
-            inside = ix0 >= 0 and iy0 >= 0 and iz0 >= 0 and ix0 + k <= nx and iy0 + k <= ny and iz0 + k <= nz
-            for jz in range(k):
-                z = iz0 + jz if inside else (iz0 + jz) % nz
-                for jy in range(k):
-                    y = iy0 + jy if inside else (iy0 + jy) % ny
-                    for t in range(t_count):
-                        fzy[t] = gz[t, jz] * gy[t, jy]
-                    if inside:
-                        row = out[z, y, ix0 : ix0 + k]
-                        for jx in range(k):
-                            v = 0.0
-                            for t in range(t_count):
-                                v += fzy[t] * gx[t, jx]
-                            row[jx] += v
-                    else:
-                        for jx in range(k):
-                            v = 0.0
-                            for t in range(t_count):
-                                v += fzy[t] * gx[t, jx]
-                            out[z, y, (ix0 + jx) % nx] += v
-
-
-def _draw_gaussians_compiled(positions_px, beta_px2, amplitude, shape, device, cutoff) -> torch.Tensor:
-    """:func:`_draw_gaussians` through the numba kernel (CPU), same arguments and result."""
-    out = np.zeros(shape, dtype=np.float32)
-    reach = torch.sqrt(beta_px2.max(dim=1).values * math.log(1.0 / cutoff)) / (2.0 * math.pi)
-    half = torch.ceil(reach).to(torch.int64).clamp_min(1).numpy()
-    coef = (-4.0 * math.pi**2 / beta_px2).to(torch.float64).numpy()
-    _splat_numba(positions_px.to(torch.float64).numpy(), coef, amplitude.to(torch.float64).numpy(), half, out)
-    return torch.from_numpy(out).to(device)

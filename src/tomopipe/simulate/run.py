@@ -117,8 +117,18 @@ def simulate(config: SimulationConfig, out_dir: str | Path, *, progress: bool = 
     ground truth in ``out_dir/truth`` (see ``truth/README.md``). Raises TomopipeError
     subclasses for bad settings or unreadable structure files.
     """
-    t_start = time.perf_counter()
     config.validate()
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _simulate(config, out_dir, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> dict:
+    t_start = time.perf_counter()
     out = Path(out_dir)
     truth = out / "truth"
     maps_dir = truth / "maps"
@@ -168,6 +178,7 @@ def simulate(config: SimulationConfig, out_dir: str | Path, *, progress: bool = 
     ts_summaries = []
     t_images = t_frames = t_write = 0.0
     n_layers_max = 0
+    workspace: dict = {}
     for plan in plans:
         stats, particle_rows, xray_rows, transmissions = [], [], [], []
         for tilt in plan.tilts:
@@ -176,7 +187,7 @@ def simulate(config: SimulationConfig, out_dir: str | Path, *, progress: bool = 
                 tilt, shape, p, optics, sigma,
                 projector=projector, positions_A=plan.positions_A, rotations=plan.rotations,
                 ice=ice, generator=generator_for(config.seed, "ice", plan.index, tilt.index, device=device),
-                device=device, ice_psd_sqrt=psd_sqrt,
+                device=device, ice_psd_sqrt=psd_sqrt, workspace=workspace,
             )
             n_layers_max = max(n_layers_max, info.get("n_layers", 0))
             t1 = time.perf_counter()

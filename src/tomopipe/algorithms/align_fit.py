@@ -1,0 +1,304 @@
+"""Fiducial-less tilt-series alignment, part 2: robust fit of the projection model to patch contours
+(the role of IMOD tiltalign).
+
+Model (RELION 5, ``geometry.py``), in pixels from the image centre ``N//2``:
+``x_ij = m_i · [Rz(axis_i)·Ry(tilt_i)·p_j]_xy + s_i`` with ``axis_i = axis + δaxis_i``,
+``tilt_i = nominal_i + offset + δtilt_i``. Unknowns: the 3-D contour points ``p_j``, the shifts ``s_i``,
+the axis angle (global; per-view deviations optional), the tilt-angle offset, per-view tilt
+deviations and per-view magnifications (optional). Gauges: the tilt-angle offset is not seen by
+the projections (it equals a rotation of the specimen about the tilt axis): it is set so that the
+specimen plane fitted to the points is level along x (:func:`_level_specimen`, IMOD's choice); the
+magnification of the zero-tilt view is 1; the per-view deviations have a weak Gaussian prior (``*_prior_sd``) so that the common part
+goes to the global parameters; after the fit the tomogram origin is put at the mean height of the
+points and under the image centre of the zero-tilt view (``s = 0`` there) — a translation of the
+origin changes no projection.
+
+Robustness: iteratively reweighted — after each fit, observations with a residual above
+``median + k·1.4826·MAD`` (at least ``min_outlier_px``) get weight 0, and contours whose mean
+residual is above the same bound over contours are rejected; rounds stop when nothing changes.
+Failures (too few contours, views without enough contours, a fit that diverges or leaves large
+residuals) raise :class:`AlignmentError` with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tomopipe.algorithms.geometry import projection_rotations
+from tomopipe.errors import TomopipeError
+
+__all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "projected_shift_error_px"]
+
+
+class AlignmentError(TomopipeError):
+    """The tilt series cannot be aligned; the message says why (with the numbers)."""
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    refine_axis: bool = True  #: global tilt-axis angle
+    refine_axis_per_view: bool = False  #: per-view axis deviations
+    refine_tilt_offset: bool = True  #: one offset added to every tilt angle
+    refine_tilt_per_view: bool = True  #: per-view tilt deviations
+    refine_magnification: bool = True  #: per-view magnification (zero tilt fixed at 1)
+    axis_prior_sd_deg: float = 0.5
+    tilt_prior_sd_deg: float = 1.0
+    magnification_prior_sd: float = 0.02
+    outlier_mad_factor: float = 4.0  #: k in median + k·1.4826·MAD
+    min_outlier_px: float = 1.0  #: residuals below this are never outliers
+    min_views_per_contour: int = 4
+    min_contours: int = 10
+    min_contours_per_view: int = 3
+    max_residual_px: float = 2.0  #: RMS residual above which the fit is declared failed
+    max_rounds: int = 6
+    max_iterations: int = 100
+
+
+@dataclass
+class FitResult:
+    rot_z_deg: torch.Tensor  #: [n] tilt-axis angle per view
+    tilt_deg: torch.Tensor  #: [n] refined tilt angle per view
+    shifts_px: torch.Tensor  #: [n, 2] specimen shifts (x, y), px
+    magnification: torch.Tensor  #: [n] image scale relative to the zero-tilt view
+    points_px: torch.Tensor  #: [m, 3] contour points (x, y, z) px from the tomogram origin (NaN: rejected)
+    residual_view_px: torch.Tensor  #: [n] RMS residual of the used observations per view
+    residual_contour_px: torch.Tensor  #: [m] RMS residual per contour (all its observations)
+    contour_used: torch.Tensor  #: [m] bool, False for rejected / too-short contours
+    observation_used: torch.Tensor  #: [m, n] bool
+    rms_residual_px: float
+    axis_deg: float  #: global axis angle
+    tilt_offset_deg: float  #: mean of (refined - nominal) tilt over the views
+    specimen_x_tilt_deg: float  #: slope of the specimen plane along y (not applied: rot_x stays 0)
+    rounds: int
+    history: list = field(default_factory=list)
+
+
+def _model(params: dict, tilts0: torch.Tensor, options: FitOptions, i0: int):
+    axis = params["axis"] + (params["daxis"] if options.refine_axis_per_view else 0.0)
+    tilt = tilts0 + params["offset"] + (params["dtilt"] if options.refine_tilt_per_view else 0.0)
+    rot = projection_rotations(axis * torch.ones_like(tilt), tilt)  # float64, differentiable
+    if options.refine_magnification:
+        mask = torch.ones_like(params["logmag"])
+        mask[i0] = 0.0
+        mag = torch.exp(params["logmag"] * mask)
+    else:
+        mag = torch.ones_like(tilt)
+    return axis * torch.ones_like(tilt), tilt, rot, mag
+
+
+def _predict(rot, mag, points, shifts):
+    return mag[None, :, None] * torch.einsum("nij,mj->mni", rot[:, :2, :], points) + shifts[None]
+
+
+def _solve_linear(rot, mag, obs, weight):
+    """Exact weighted least squares for all points and shifts with the view geometry fixed.
+
+    The points are eliminated per contour (3 x 3 blocks, Schur complement) and the reduced
+    ``2n x 2n`` system for the shifts is solved with a tiny ridge: the 3-D translation gauge
+    (``p - t``, ``s + m·R·t``) is left at its minimum-norm choice."""
+    a = mag[:, None, None] * rot[:, :2, :]  # [n, 2, 3]
+    x = torch.nan_to_num(obs)
+    m, n = weight.shape
+    h = torch.einsum("mn,nki,nkj->mij", weight, a, a) + 1e-9 * torch.eye(3, dtype=a.dtype)  # [m, 3, 3]
+    h_inv = torch.linalg.inv(h)
+    b = torch.einsum("mn,nki,mnk->mi", weight, a, x)  # [m, 3]
+    wa = (weight[:, :, None, None] * a[None]).reshape(m, 2 * n, 3)  # [m, 2n, 3]
+    g = torch.bmm(wa, h_inv)  # [m, 2n, 3]
+    coupling = g.transpose(0, 1).reshape(2 * n, 3 * m) @ wa.transpose(0, 1).reshape(2 * n, 3 * m).T
+    lhs = torch.diag_embed(weight.sum(0)[:, None].expand(n, 2).reshape(-1)) - coupling
+    rhs = (weight[..., None] * x).sum(0) - torch.bmm(g, b[:, :, None])[..., 0].sum(0).reshape(n, 2)
+    scale = float(lhs.diagonal().abs().max().clamp_min(1.0))
+    shifts = torch.linalg.solve(lhs + 1e-9 * scale * torch.eye(2 * n, dtype=a.dtype), rhs.reshape(-1)).reshape(n, 2)
+    points = torch.einsum("mij,mj->mi", h_inv, b - torch.bmm(wa.transpose(1, 2), shifts.reshape(1, 2 * n, 1)
+                                                              .expand(m, -1, -1))[..., 0])
+    return points, shifts
+
+
+def _robust_bound(values: torch.Tensor, k: float, floor: float) -> float:
+    med = values.median()
+    mad = (values - med).abs().median()
+    return max(float(med + k * 1.4826 * mad), floor)
+
+
+def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, shifts_px: torch.Tensor,
+                         options: FitOptions = FitOptions(), zero_index: int | None = None) -> FitResult:
+    """Fit the projection model to contours ``positions_px [m, n, 2]`` (NaN where not tracked),
+    starting from the nominal tilts, ``tilt_axis_deg`` and the coarse ``shifts_px [n, 2]``."""
+    obs = positions_px.to(torch.float64)
+    m, n, _ = obs.shape
+    tilts0 = torch.as_tensor(tilt_angles_deg, dtype=torch.float64).reshape(-1)
+    if tilts0.numel() != n:
+        raise ValueError(f"fit_projection_model: {n} views in the contours but {tilts0.numel()} tilt angles")
+    i0 = int(torch.argmin(tilts0.abs())) if zero_index is None else zero_index
+    seen = ~torch.isnan(obs[..., 0])
+    lengths = seen.sum(1)
+    used_contour = lengths >= options.min_views_per_contour
+    _check_counts(used_contour, seen, options, "after tracking")
+    params = {
+        "axis": torch.tensor(float(tilt_axis_deg), dtype=torch.float64),
+        "daxis": torch.zeros(n, dtype=torch.float64),
+        "offset": torch.tensor(0.0, dtype=torch.float64),
+        "dtilt": torch.zeros(n, dtype=torch.float64),
+        "logmag": torch.zeros(n, dtype=torch.float64),
+    }
+    weight = (seen & used_contour[:, None]).to(torch.float64)
+    history = []
+    rounds = 0
+    for rounds in range(1, options.max_rounds + 1):
+        points, shifts = _lbfgs(params, obs, weight, tilts0, options, i0)
+        with torch.no_grad():
+            _, _, rot, mag = _model(params, tilts0, options, i0)
+            residual = (_predict(rot, mag, points, shifts) - obs).norm(dim=-1)  # NaN where not seen
+        if not bool(torch.isfinite(points).all() and torch.isfinite(shifts).all()):
+            raise AlignmentError("the projection-model fit diverged (non-finite parameters)")
+        used = weight > 0
+        obs_bound = _robust_bound(residual[used], options.outlier_mad_factor, options.min_outlier_px)
+        contour_rms = torch.sqrt(torch.where(seen, residual.square(), torch.zeros_like(residual)).sum(1)
+                                 / lengths.clamp_min(1))
+        contour_bound = _robust_bound(contour_rms[used_contour], options.outlier_mad_factor, options.min_outlier_px)
+        history.append({"round": rounds, "rms_px": float(residual[used].square().mean().sqrt()),
+                        "observations": int(used.sum()), "contours": int(used_contour.sum()),
+                        "observation_bound_px": obs_bound, "contour_bound_px": contour_bound})
+        new_contours = used_contour & (contour_rms <= contour_bound)
+        new_weight = (seen & new_contours[:, None] & (residual <= obs_bound)).to(torch.float64)
+        new_contours &= (new_weight > 0).sum(1) >= options.min_views_per_contour
+        new_weight *= new_contours[:, None]
+        changed = bool((new_weight != weight).any())
+        weight, used_contour = new_weight, new_contours
+        _check_counts(used_contour, weight > 0, options, f"after outlier rejection (round {rounds})")
+        if not changed:
+            break
+    else:
+        points, shifts = _lbfgs(params, obs, weight, tilts0, options, i0)
+    x_tilt_deg = 0.0
+    with torch.no_grad():
+        if options.refine_tilt_offset:
+            offset_deg, x_tilt_deg = _level_specimen(points, used_contour)
+            params["offset"] = params["offset"] + offset_deg
+        axis, tilt, rot, mag = _model(params, tilts0, options, i0)
+        points, shifts = _solve_linear(rot, mag, obs, weight)
+        points, shifts = _fix_origin(rot, mag, points, shifts, weight, i0)
+        residual = (_predict(rot, mag, points, shifts) - obs).norm(dim=-1)
+    used = weight > 0
+    sq = torch.where(used, residual.square(), torch.zeros_like(residual))
+    residual_view = torch.sqrt(sq.sum(0) / used.sum(0).clamp_min(1))
+    residual_contour = torch.sqrt(torch.where(seen, residual.square(), torch.zeros_like(residual)).sum(1)
+                                  / lengths.clamp_min(1))
+    rms = float(torch.sqrt(sq.sum() / used.sum()))
+    if not math.isfinite(rms) or rms > options.max_residual_px:
+        raise AlignmentError(f"the projection-model fit failed: RMS residual {rms:.2f} px > {options.max_residual_px}"
+                             f" px with {int(used_contour.sum())} contours (the patches do not follow one rigid "
+                             f"specimen; check the tilt angles, the tilt-axis angle and the images)")
+    points = torch.where(used_contour[:, None], points, torch.full_like(points, math.nan))
+    return FitResult(rot_z_deg=axis, tilt_deg=tilt, shifts_px=shifts, magnification=mag, points_px=points,
+                     residual_view_px=residual_view, residual_contour_px=residual_contour,
+                     contour_used=used_contour, observation_used=used, rms_residual_px=rms,
+                     axis_deg=float(params["axis"]), tilt_offset_deg=float((tilt - tilts0).mean()),
+                     specimen_x_tilt_deg=x_tilt_deg, rounds=rounds, history=history)
+
+
+def _check_counts(used_contour, used_obs, options: FitOptions, when: str) -> None:
+    count = int(used_contour.sum())
+    if count < options.min_contours:
+        raise AlignmentError(f"too few contours {when}: {count} with at least {options.min_views_per_contour} views "
+                             f"(need {options.min_contours}); the patches could not be tracked between views")
+    per_view = (used_obs & used_contour[:, None]).sum(0)
+    weak = torch.nonzero(per_view < options.min_contours_per_view)[:, 0].tolist()
+    if weak:
+        raise AlignmentError(f"views {weak} (0-based, in tilt order) have fewer than {options.min_contours_per_view} "
+                             f"tracked contours {when} ({per_view[weak].tolist()}); exclude them or check the images")
+
+
+def _lbfgs(params, obs, weight, tilts0, options: FitOptions, i0: int):
+    """Minimise the weighted squared residual over the enabled geometry parameters, the points and
+    shifts being solved exactly for each geometry (variable projection: by the envelope theorem
+    the gradient with the linear solution held fixed is the gradient of the reduced objective)."""
+    names = [name for name, on in (("axis", options.refine_axis),
+                                   ("daxis", options.refine_axis_per_view),
+                                   ("dtilt", options.refine_tilt_per_view),
+                                   ("logmag", options.refine_magnification)) if on]
+    variables = {name: params[name].clone().requires_grad_(True) for name in names}
+    target = torch.nan_to_num(obs)
+    total = weight.sum().clamp_min(1.0)
+
+    def objective():
+        current = {**params, **variables}
+        _, _, rot, mag = _model(current, tilts0, options, i0)
+        with torch.no_grad():
+            points, shifts = _solve_linear(rot, mag, obs, weight)
+        r2 = (_predict(rot, mag, points, shifts) - target).square().sum(-1)
+        loss = (weight * r2).sum() / total
+        prior = torch.zeros((), dtype=torch.float64)
+        if "daxis" in variables:
+            prior = prior + (variables["daxis"] / options.axis_prior_sd_deg).square().sum()
+        if "dtilt" in variables:
+            prior = prior + (variables["dtilt"] / options.tilt_prior_sd_deg).square().sum()
+        if "logmag" in variables:
+            prior = prior + (variables["logmag"] / options.magnification_prior_sd).square().sum()
+        return loss + prior / total, points, shifts
+
+    if names:
+        optimiser = torch.optim.LBFGS(list(variables.values()), lr=1.0, max_iter=options.max_iterations,
+                                      tolerance_grad=1e-12, tolerance_change=1e-15, history_size=30,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimiser.zero_grad()
+            loss = objective()[0]
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        for name in names:
+            params[name] = variables[name].detach()
+    with torch.no_grad():
+        _, points, shifts = objective()
+    return points, shifts
+
+
+def _level_specimen(points: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
+    """Tilt-angle offset that makes the specimen level. A common offset of all tilts is the same as
+    rotating the specimen about the tilt axis (``Ry(θ+Δ)·p = Ry(θ)·Ry(Δ)·p``), so the projections
+    cannot give it; as IMOD tiltalign does, it is chosen so that the plane fitted to the contour
+    points, ``z = αx + βy + c``, has no slope along x: ``Δ = -atan(α)``. Also returns the slope
+    along y as an angle (the x-axis tilt that would level it, reported, not applied)."""
+    p = points[used]
+    design = torch.stack([p[:, 0], p[:, 1], torch.ones_like(p[:, 0])], -1)
+    alpha, beta, _ = torch.linalg.lstsq(design, p[:, 2:3]).solution[:, 0].tolist()
+    return -math.degrees(math.atan(alpha)), math.degrees(math.atan(beta))
+
+
+def _fix_origin(rot, mag, points, shifts, weight, i0: int):
+    """Translate the tomogram origin (no projection changes): z at the points' mean height, x and y
+    such that the zero-tilt view's shift is 0."""
+    used = weight.sum(1) > 0
+    t = torch.zeros(3, dtype=torch.float64)
+    t[2] = points[used, 2].mean()
+    # s_i0 + m·[R p_shift]: choose (tx, ty) so that s_i0 + m R (t) = 0 with t_z fixed
+    a = mag[i0] * rot[i0, :2, :]
+    rhs = -(shifts[i0] + a[:, 2] * t[2])
+    t[:2] = torch.linalg.solve(a[:, :2], rhs)
+    # translation p -> p - t keeps x = mR(p - t) + (s + mRt)
+    new_shifts = shifts + mag[:, None] * (rot[:, :2, :] @ t)
+    return points - t, new_shifts
+
+
+def projected_shift_error_px(rot_z_deg, tilt_deg, shifts_px, magnification, true_shifts_px) -> dict:
+    """Gauge-free error of fitted specimen shifts against the truth, in px.
+
+    An alignment is defined up to a 3-D translation ``t`` of the tomogram origin (it adds
+    ``m_i·[R_i t]_xy`` to every shift). The translation that best matches the truth is removed by
+    least squares (with the estimated geometry) and the RMS over views of the remaining 2-D shift
+    differences is returned as ``rms_px`` (with ``max_px`` and the translation ``origin_px``)."""
+    rot = projection_rotations(torch.as_tensor(rot_z_deg, dtype=torch.float64),
+                               torch.as_tensor(tilt_deg, dtype=torch.float64))
+    mag = torch.as_tensor(magnification, dtype=torch.float64).reshape(-1)
+    a = mag[:, None, None] * rot[:, :2, :]  # [n, 2, 3]
+    diff = (torch.as_tensor(true_shifts_px, dtype=torch.float64) - torch.as_tensor(shifts_px, dtype=torch.float64))
+    t = torch.linalg.lstsq(a.reshape(-1, 3), diff.reshape(-1, 1)).solution[:, 0]
+    remaining = diff - a @ t
+    norms = remaining.norm(dim=-1)
+    return {"rms_px": float(norms.square().mean().sqrt()), "max_px": float(norms.max()), "origin_px": t.tolist()}

@@ -1,0 +1,373 @@
+"""Tomogram reconstruction: weighted back projection (WBP) with IMOD's radial filter and a
+SIRT-like filter, straight from the tilt images and their RELION 5 alignment.
+
+Geometry (``shared/notes/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorithms.geometry`):
+
+* Output volume ``[z, y, x]``: z = thickness, **+z toward the electron source**; x, y as the
+  aligned image (tilt axis along +y). Voxel (i_z, i_y, i_x) sits at the specimen point
+  ``p = (i_x - nx//2 - shift_x, i_y - ny//2, i_z - nz//2 - shift_z)`` voxels from the tomogram
+  centre (``shift_x/z``: IMOD ``SHIFT``, a positive value moves the content to +x / +z).
+* Every tilt image is sampled (bilinear) where each voxel projects:
+  ``x_img = Rz(rot_z)·Ry(rot_y)·Rx(rot_x)·p / magnification + shift + N//2`` (pixels), with
+  :func:`~tomopipe.algorithms.geometry.projection_rotations`; the magnification follows
+  :func:`~tomopipe.algorithms.geometry.xf_from_alignment` (IMOD ``A = mag·R2(-rot_z)`` maps the
+  raw image onto the aligned one). No interpolated (aligned) stack is made.
+* Weighting (IMOD ``tilt`` ``RADIAL cutoff falloff`` with ``FalloffIsTrueSigma 1``): a ramp
+  ``|k_perp|`` (cycles/pixel, k_perp = frequency across the tilt axis, the direction
+  ``(cos rot_z, sin rot_z)`` in the tilt image) up to ``cutoff``, times
+  ``exp(-(|k_perp| - cutoff)² / (2·falloff²))`` beyond it.
+* SIRT-like filter (IMOD ``FakeSIRTiterations N``, after Zeng 2012, Med. Phys. 39:603): N
+  Landweber/SIRT iterations from zero equal a filtered back projection with the ramp multiplied
+  by ``1 - (1 - λ(k))^N``, λ(k) the eigenvalue of the normalised ``C·Aᵀ·R·A`` (back projection
+  divided by the view count, ray sums by the ray length L): ``λ(k) = min(1, 1 / (π·|k|·L))``
+  with k in cycles/pixel and L the thickness in pixels (derived for parallel rays; IMOD's own
+  constants were not available to check). Low frequencies (λ ≈ 1) keep the ramp, high
+  frequencies are damped to ``N / (π·L)``: relatively more low-frequency weight, as IMOD
+  documents. N = 0: plain WBP.
+* Super-sampling s (IMOD ``SuperSampleFactor``): voxels are computed on a grid s times finer in
+  x and z (the slice plane) and brought back to the output grid by Fourier cropping.
+* Optional per-tilt dose weighting (Grant & Grigorieff exposure filter at the tilt's
+  pre-exposure) and CTF phase flipping (per tilt at its defocus, or in strips parallel to the
+  tilt axis with the defocus gradient of ``rlnTomoHand``).
+
+Scale: ``volume = (π / n_views) · Σ back-projected filtered images`` (the discrete inverse Radon
+transform; a specimen of density ρ per voxel projected as line sums gives ρ back with full
+angular coverage). Images are mean-subtracted per view. Pure torch, CPU or GPU; memory is
+bounded by working in slabs of rows along y (:func:`iter_slabs`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, phase_flip
+from tomopipe.algorithms.filters import exposure_filter, fourier_crop_bin
+from tomopipe.algorithms.geometry import projection_rotations
+
+__all__ = [
+    "ReconstructionParams",
+    "CtfParams",
+    "radial_weighting",
+    "sirt_like_factor",
+    "filter_tilt_images",
+    "volume_shape_for",
+    "projection_matrices",
+    "iter_slabs",
+    "reconstruct_volume",
+]
+
+
+@dataclass(frozen=True)
+class ReconstructionParams:
+    """Reconstruction settings (IMOD ``tilt`` names in brackets); sizes in output voxels."""
+
+    thickness_px: int = 128  # THICKNESS
+    width_px: int = 0  # WIDTH; 0 = the image extent across the tilt axis
+    shift_x_px: float = 0.0  # SHIFT x: moves the content toward +x
+    shift_z_px: float = 0.0  # SHIFT z: moves the content toward +z (the source)
+    tilt_angle_offset_deg: float = 0.0  # OFFSET (first value): added to every tilt angle
+    tilt_axis_offset_deg: float = 0.0  # OFFSET (second value): added to every tilt-axis angle
+    super_sampling: int = 2  # SuperSampleFactor
+    sirt_like_iterations: int = 0  # FakeSIRTiterations
+    radial_cutoff: float = 0.35  # RADIAL cutoff, cycles/pixel
+    radial_falloff: float = 0.035  # RADIAL fall-off (Gaussian sigma), cycles/pixel
+    slab_rows: int = 0  # rows along y per slab; 0 = from memory_budget_bytes
+    memory_budget_bytes: int = 256 << 20  # working memory of one slab (samples and grids)
+
+    def __post_init__(self):
+        if int(self.thickness_px) < 1:
+            raise ValueError(f"thickness_px must be >= 1, got {self.thickness_px}")
+        if int(self.width_px) < 0:
+            raise ValueError(f"width_px must be >= 0 (0: the image width), got {self.width_px}")
+        if int(self.super_sampling) < 1:
+            raise ValueError(f"super_sampling must be >= 1, got {self.super_sampling}")
+        if int(self.sirt_like_iterations) < 0:
+            raise ValueError(f"sirt_like_iterations must be >= 0, got {self.sirt_like_iterations}")
+        if not 0 < self.radial_cutoff <= 0.5 or self.radial_falloff < 0:
+            raise ValueError(f"radial cutoff must be in (0, 0.5] cycles/pixel and fall-off >= 0, got "
+                             f"{self.radial_cutoff}, {self.radial_falloff}")
+        if int(self.slab_rows) < 0:
+            raise ValueError(f"slab_rows must be >= 0, got {self.slab_rows}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class CtfParams:
+    """CTF phase flipping: per-tilt defocus (Å, underfocus positive, U along ``angle`` from +x)."""
+
+    defocus_u_A: torch.Tensor
+    defocus_v_A: torch.Tensor
+    defocus_angle_deg: torch.Tensor
+    voltage_kV: float
+    spherical_aberration_mm: float
+    amplitude_contrast: float
+    phase_shift_deg: torch.Tensor | float = 0.0
+    defocus_hand: int = -1
+    strip_width_px: float = 0.0  # 0: one defocus per tilt; > 0: strips parallel to the tilt axis
+
+
+# ----------------------------------------------------------------------------- filters
+def radial_weighting(frequency_cpp: torch.Tensor, cutoff: float = 0.35, falloff: float = 0.035) -> torch.Tensor:
+    """IMOD ``RADIAL`` weighting: ``|k|`` up to ``cutoff``, times a Gaussian (sigma ``falloff``) beyond.
+
+    ``frequency_cpp`` in cycles/pixel (signed or not); ``falloff = 0``: a hard cut at ``cutoff``.
+    """
+    k = frequency_cpp.abs()
+    if falloff > 0:
+        atten = torch.exp(-torch.clamp(k - cutoff, min=0.0) ** 2 / (2.0 * falloff * falloff))
+    else:
+        atten = (k <= cutoff).to(k.dtype)
+    return k * atten
+
+
+def sirt_like_factor(frequency_cpp: torch.Tensor, iterations: int, ray_length_px: float) -> torch.Tensor:
+    """Factor ``1 - (1 - λ)^N`` turning the ramp into N SIRT iterations, ``λ = min(1, 1/(π·|k|·L))``.
+
+    ``iterations`` N = 0 gives 1 (plain WBP). ``ray_length_px`` L: the specimen thickness in
+    pixels (the SIRT ray-sum normalisation). k in cycles/pixel.
+    """
+    if iterations < 0:
+        raise ValueError(f"sirt_like_factor: iterations must be >= 0, got {iterations}")
+    if ray_length_px <= 0:
+        raise ValueError(f"sirt_like_factor: ray_length_px must be > 0, got {ray_length_px}")
+    if iterations == 0:
+        return torch.ones_like(frequency_cpp)
+    k = frequency_cpp.abs()
+    lam = torch.clamp(1.0 / (math.pi * torch.clamp(k, min=1e-12) * ray_length_px), max=1.0)
+    return 1.0 - (1.0 - lam) ** iterations
+
+
+def _padded_size(n: int) -> int:
+    """At least 1.5·n, rounded up to a product of 2, 3 and 5 (fast FFT sizes)."""
+    target = int(math.ceil(1.5 * n))
+    m = target
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def filter_tilt_images(
+    images: torch.Tensor,
+    tilt_axis_angle_deg: torch.Tensor,
+    tilt_angles_deg: torch.Tensor,
+    pixel_size_A: float,
+    thickness_px: float,
+    radial_cutoff: float = 0.35,
+    radial_falloff: float = 0.035,
+    sirt_like_iterations: int = 0,
+    pre_exposure_e_per_A2: torch.Tensor | None = None,
+    voltage_kV: float = 300.0,
+    ctf: CtfParams | None = None,
+    shifts_px: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted tilt images ``[n, ny, nx]`` (float32) ready for back projection.
+
+    Per view: mean subtracted, zero-padded (>= 1.5x), multiplied in Fourier space by the radial
+    weighting across the tilt axis (:func:`radial_weighting`, :func:`sirt_like_factor`), the
+    exposure filter at ``pre_exposure_e_per_A2`` (when given) and the sign of the CTF (when
+    ``ctf`` is given; ``shifts_px`` locate the tilt axis in the image for strips), cropped back.
+    """
+    n, ny, nx = images.shape
+    device = images.device
+    py, px = _padded_size(ny), _padded_size(nx)
+    ky = torch.fft.fftfreq(py, device=device, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(px, device=device, dtype=torch.float64)[None, :]
+    axis = torch.as_tensor(tilt_axis_angle_deg, dtype=torch.float64, device=device).reshape(-1).expand(n)
+    tilts = torch.as_tensor(tilt_angles_deg, dtype=torch.float64, device=device).reshape(-1).expand(n)
+    out = torch.empty((n, ny, nx), dtype=torch.float32, device=device)
+    k_abs_A = torch.sqrt(kx * kx + ky * ky) / pixel_size_A
+    for i in range(n):
+        a = math.radians(float(axis[i]))
+        k_perp = kx * math.cos(a) + ky * math.sin(a)  # frequency across the tilt axis
+        weight = radial_weighting(k_perp, radial_cutoff, radial_falloff)
+        weight = weight * sirt_like_factor(k_perp, sirt_like_iterations, float(thickness_px))
+        if pre_exposure_e_per_A2 is not None:
+            weight = weight * exposure_filter(k_abs_A, float(pre_exposure_e_per_A2[i]), voltage_kV).to(torch.float64)
+        image = images[i].to(torch.float64)
+        image = image - image.mean()
+        padded = torch.zeros((py, px), dtype=torch.float64, device=device)
+        padded[:ny, :nx] = image
+        spectrum = torch.fft.rfft2(padded)
+        if ctf is not None:
+            spectrum = _phase_flip_view(spectrum, (py, px), (ny, nx), i, float(axis[i]), float(tilts[i]),
+                                        pixel_size_A, ctf, None if shifts_px is None else shifts_px[i])
+        filtered = torch.fft.irfft2(spectrum * weight, s=(py, px))
+        out[i] = filtered[:ny, :nx].to(torch.float32)
+    return out
+
+
+def _phase_flip_view(spectrum, padded_shape, shape, i, axis_deg, tilt_deg, pixel_size_A, ctf: CtfParams, shift_px):
+    """Phase-flip one view: at its centre defocus, or in strips parallel to the tilt axis (Δf from
+    the depth z_P = -tan(tilt)·x_aligned of the specimen mid-plane, RELION ``rlnTomoHand``)."""
+    py, px = padded_shape
+    ny, nx = shape
+    device = spectrum.device
+    phases = torch.as_tensor(ctf.phase_shift_deg, dtype=torch.float64).reshape(-1)
+    phase_deg = float(phases[i] if phases.numel() > 1 else phases[0])
+
+    def flipped(delta_A: float) -> torch.Tensor:
+        c = ctf_2d((py, px), torch.tensor(pixel_size_A, dtype=torch.float64, device=device),
+                   float(ctf.defocus_u_A[i]) + delta_A, float(ctf.defocus_v_A[i]) + delta_A,
+                   float(ctf.defocus_angle_deg[i]), ctf.voltage_kV, ctf.spherical_aberration_mm,
+                   ctf.amplitude_contrast, phase_deg)
+        return phase_flip(spectrum, c)
+
+    if ctf.strip_width_px <= 0 or abs(tilt_deg) < 1e-6:
+        return flipped(0.0)
+    # aligned x of every pixel: R2(-axis)·(pixel - centre - shift), x component
+    a = math.radians(axis_deg)
+    sx, sy = (0.0, 0.0) if shift_px is None else (float(shift_px[0]), float(shift_px[1]))
+    yy = torch.arange(py, device=device, dtype=torch.float64)[:, None] - ny // 2 - sy
+    xx = torch.arange(px, device=device, dtype=torch.float64)[None, :] - nx // 2 - sx
+    x_aligned = math.cos(a) * xx + math.sin(a) * yy
+    strip = torch.round(x_aligned / ctf.strip_width_px)
+    out = torch.zeros((py, px), dtype=torch.float64, device=device)
+    for s in torch.unique(strip[:ny, :nx]).tolist():
+        centre_x_A = s * ctf.strip_width_px * pixel_size_A
+        depth_A = -math.tan(math.radians(tilt_deg)) * centre_x_A
+        delta = float(defocus_with_handedness(0.0, depth_A, ctf.defocus_hand))
+        part = torch.fft.irfft2(flipped(delta), s=(py, px))
+        out = torch.where(strip == s, part, out)
+    return torch.fft.rfft2(out)
+
+
+# ----------------------------------------------------------------------------- geometry
+def volume_shape_for(image_size_px, tilt_axis_angle_deg: float, params: ReconstructionParams) -> tuple[int, int, int]:
+    """Output ``(nz, ny, nx)``: thickness; the image extent along the tilt axis; ``width_px`` or
+    the extent across it (nx and ny of the images swap when the axis is nearer to x than to y)."""
+    nx_img, ny_img = (int(v) for v in image_size_px)
+    a = math.radians(float(tilt_axis_angle_deg))
+    along, across = (nx_img, ny_img) if abs(math.sin(a)) > abs(math.cos(a)) else (ny_img, nx_img)
+    width = int(params.width_px) or across
+    return int(params.thickness_px), along, width
+
+
+def projection_matrices(rot_z_deg, rot_y_deg, rot_x_deg, shifts_A, pixel_size_A: float, magnification=None,
+                        params: ReconstructionParams = ReconstructionParams()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view ``(M [n, 2, 3], t [n, 2])`` with ``x_img - N//2 = M·p + t`` in pixels.
+
+    ``M = rows 0-1 of Rz(rot_z + axis offset)·Ry(rot_y + angle offset)·Rx(rot_x) / magnification``;
+    ``t = shift_A / pixel_size_A``. float64.
+    """
+    rot_z = torch.as_tensor(rot_z_deg, dtype=torch.float64).reshape(-1) + params.tilt_axis_offset_deg
+    rot_y = torch.as_tensor(rot_y_deg, dtype=torch.float64).reshape(-1) + params.tilt_angle_offset_deg
+    rot_x = torch.as_tensor(rot_x_deg, dtype=torch.float64).reshape(-1)
+    r = projection_rotations(rot_z, rot_y, rot_x)
+    n = r.shape[0]
+    mag = torch.ones(n, dtype=torch.float64) if magnification is None else \
+        torch.as_tensor(magnification, dtype=torch.float64).reshape(-1).expand(n)
+    if bool((mag <= 0).any()) or not bool(torch.isfinite(mag).all()):
+        raise ValueError(f"magnification must be positive and finite, got {mag.tolist()}")
+    shifts = torch.as_tensor(shifts_A, dtype=torch.float64).reshape(-1, 2).expand(n, 2)
+    return r[:, :2, :] / mag[:, None, None], shifts / float(pixel_size_A)
+
+
+def _auto_slab_rows(n_views: int, nz_fine: int, nx_fine: int, budget: int) -> int:
+    per_row = max(1, n_views) * nz_fine * nx_fine * 4 * 4  # samples + (x, y) grid, float32, and slack
+    return max(1, budget // per_row)
+
+
+def iter_slabs(
+    filtered: torch.Tensor,
+    matrices: torch.Tensor,
+    translations_px: torch.Tensor,
+    volume_shape: tuple[int, int, int],
+    params: ReconstructionParams = ReconstructionParams(),
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Back-project ``filtered`` views slab by slab along y: yields ``(y0, y1, slab [nz, y1-y0, nx])``.
+
+    ``matrices`` / ``translations_px`` from :func:`projection_matrices`; the images' centre is
+    ``N//2``. Views are summed in chunks that fit ``params.memory_budget_bytes``; the slab result
+    does not depend on the slab size.
+    """
+    n, ny_img, nx_img = filtered.shape
+    device = filtered.device
+    nz, ny, nx = (int(v) for v in volume_shape)
+    s = int(params.super_sampling)
+    nz_f, nx_f = nz * s, nx * s
+    m = matrices.to(device=device, dtype=torch.float64)
+    t = translations_px.to(device=device, dtype=torch.float64)
+    rows = int(params.slab_rows) or _auto_slab_rows(n, nz_f, nx_f, params.memory_budget_bytes)
+    rows = max(1, min(rows, ny))
+    chunk = max(1, min(n, params.memory_budget_bytes // max(1, nz_f * nx_f * rows * 16)))
+    # fine-grid coordinates (voxels of the output grid) of the slice plane; the fine centre
+    # (s·N)//2 maps onto N//2 in fourier_crop_bin
+    xs = (torch.arange(nx_f, device=device, dtype=torch.float64) - (nx_f // 2)) / s - params.shift_x_px
+    zs = (torch.arange(nz_f, device=device, dtype=torch.float64) - (nz_f // 2)) / s - params.shift_z_px
+    images = filtered[:, None]  # [n, 1, ny, nx]
+    cx, cy = nx_img // 2, ny_img // 2
+    scale = math.pi / n
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        ys = torch.arange(y0, y1, device=device, dtype=torch.float64) - ny // 2
+        acc = torch.zeros((nz_f, y1 - y0, nx_f), dtype=torch.float32, device=device)
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            mc, tc = m[c0:c1], t[c0:c1]
+            # image position (pixels) of every fine voxel, per view: [k, nz_f, rows, nx_f]
+            def coord(row: int, centre: int, size: int) -> torch.Tensor:
+                v = (mc[:, row, 0, None, None, None] * xs[None, None, None, :]
+                     + mc[:, row, 1, None, None, None] * ys[None, None, :, None]
+                     + mc[:, row, 2, None, None, None] * zs[None, :, None, None]
+                     + (tc[:, row] + centre)[:, None, None, None])
+                return (2.0 * v / max(size - 1, 1) - 1.0).to(torch.float32)
+            grid = torch.stack([coord(0, cx, nx_img), coord(1, cy, ny_img)], dim=-1)
+            k = c1 - c0
+            grid = grid.reshape(k, nz_f, (y1 - y0) * nx_f, 2)
+            sampled = F.grid_sample(images[c0:c1], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            acc += sampled.sum(dim=0)[0].reshape(nz_f, y1 - y0, nx_f)
+            del grid, sampled
+        acc *= scale
+        if s > 1:  # [z, y, x] -> [y, z, x], crop (z, x), back
+            acc = fourier_crop_bin(acc.permute(1, 0, 2), s, ndim=2).permute(1, 0, 2).contiguous()
+        yield y0, y1, acc
+
+
+def reconstruct_volume(
+    images: torch.Tensor,
+    rot_z_deg,
+    rot_y_deg,
+    rot_x_deg,
+    shifts_A,
+    pixel_size_A: float,
+    params: ReconstructionParams = ReconstructionParams(),
+    magnification=None,
+    pre_exposure_e_per_A2=None,
+    voltage_kV: float = 300.0,
+    ctf: CtfParams | None = None,
+) -> torch.Tensor:
+    """Whole tomogram ``[nz, ny, nx]`` (float32, on the images' device) from views ``[n, ny, nx]``.
+
+    One value per view for the angles (degrees), ``shifts_A [n, 2]`` (RELION 5 specimen shifts),
+    ``magnification`` and ``pre_exposure_e_per_A2`` (dose weighting when given). For volumes
+    that do not fit in memory use :func:`filter_tilt_images` and :func:`iter_slabs`.
+    """
+    if images.ndim != 3 or images.shape[0] < 1:
+        raise ValueError(f"reconstruct_volume: images must be [n, ny, nx] with n >= 1, got {tuple(images.shape)}")
+    n = images.shape[0]
+    rot_z = torch.as_tensor(rot_z_deg, dtype=torch.float64).reshape(-1).expand(n)
+    rot_y = torch.as_tensor(rot_y_deg, dtype=torch.float64).reshape(-1).expand(n)
+    m, t = projection_matrices(rot_z, rot_y, rot_x_deg, shifts_A, pixel_size_A, magnification, params)
+    shape = volume_shape_for((images.shape[2], images.shape[1]), float(rot_z.mean()) + params.tilt_axis_offset_deg,
+                             params)
+    pre = None if pre_exposure_e_per_A2 is None else torch.as_tensor(pre_exposure_e_per_A2, dtype=torch.float64).reshape(-1)
+    filtered = filter_tilt_images(images, rot_z + params.tilt_axis_offset_deg, rot_y + params.tilt_angle_offset_deg,
+                                  pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
+                                  params.sirt_like_iterations, pre, voltage_kV, ctf, t)
+    volume = torch.empty(shape, dtype=torch.float32, device=images.device)
+    for y0, y1, slab in iter_slabs(filtered, m, t, shape, params):
+        volume[:, y0:y1] = slab
+    return volume

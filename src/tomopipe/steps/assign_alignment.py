@@ -1,0 +1,125 @@
+"""Seed step "tomo - tilt-series assign alignment": attach the alignment found on one tilt-series
+set (e.g. binned by 10) to another set of the same acquisition (e.g. the unbinned, X-ray-erased
+one).
+
+Alignment columns (RELION 5 semantics, :mod:`tomopipe.algorithms.geometry`): ``rot_z_deg,
+rot_y_deg, rot_x_deg`` (angles: unchanged by binning), ``shift_x_A, shift_y_A`` (specimen shifts
+in Å: unchanged too; in pixels of the target they are the source's pixel shifts times
+``source pixel size / target pixel size``, which is what an IMOD ``.xf`` written from the target
+gets, see :func:`xf_for_tilt_series`) and ``magnification``. They are copied per ``tilt_index``.
+
+Refused, with an error naming the tilt series: a target tilt series missing from the source, a
+different number of views, tilt angles that differ by more than ``angle_tolerance_deg``,
+different acquisition orders or mdoc files, or a different field of view (image size x pixel
+size, 1 % tolerance). A view stays enabled only if it is enabled in both sets.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+
+from tomopipe.algorithms.geometry import xf_from_alignment
+from tomopipe.steps.base import Param, Port, Step, register
+
+ALIGNMENT = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification")
+REQUIRED = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
+
+
+def xf_for_tilt_series(views: pd.DataFrame, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """IMOD ``.xf`` ``(A [n, 2, 2], d [n, 2])`` of one tilt series' views at ``pixel_size_A``
+    (the pixel size of the images the ``.xf`` is for): ``d`` in those pixels."""
+    shifts_px = np.array(views[["shift_x_A", "shift_y_A"]], dtype=np.float64) / float(pixel_size_A)
+    mag = np.array(views["magnification"].fillna(1.0), dtype=np.float64) if "magnification" in views else 1.0
+    a, d = xf_from_alignment(np.array(views["rot_z_deg"], dtype=np.float64), shifts_px, mag)
+    return a.numpy(), d.numpy()
+
+
+def check_same_acquisition(ts_id: str, source: pd.DataFrame, target: pd.DataFrame, source_acq: dict,
+                           target_acq: dict, angle_tolerance_deg: float) -> list[str]:
+    """Why the two tilt series are not the same acquisition (empty list: they are)."""
+    problems = []
+    if len(source) != len(target):
+        return [f"{len(source)} views in the source but {len(target)} in the target"]
+    if not np.array_equal(source["tilt_index"].to_numpy(), target["tilt_index"].to_numpy()):
+        return ["the tilt indices differ"]
+    if "tilt_angle_deg" in source and "tilt_angle_deg" in target:
+        diff = np.abs(source["tilt_angle_deg"].to_numpy(float) - target["tilt_angle_deg"].to_numpy(float))
+        if np.nanmax(diff) > angle_tolerance_deg:
+            i = int(np.nanargmax(diff))
+            problems.append(f"tilt angles differ by up to {diff[i]:.3f} deg (tilt_index "
+                            f"{int(target['tilt_index'].iloc[i])}: {source['tilt_angle_deg'].iloc[i]:.3f} vs "
+                            f"{target['tilt_angle_deg'].iloc[i]:.3f}) > {angle_tolerance_deg} deg")
+    if "acquisition_order" in source and "acquisition_order" in target and not np.array_equal(
+            source["acquisition_order"].to_numpy(), target["acquisition_order"].to_numpy()):
+        problems.append("the acquisition orders differ")
+    s_mdoc, t_mdoc = source_acq.get("mdoc_path"), target_acq.get("mdoc_path")
+    if s_mdoc and t_mdoc and s_mdoc != t_mdoc:
+        problems.append(f"different mdoc files ({s_mdoc} vs {t_mdoc})")
+    try:
+        s_fov = np.asarray(source_acq["image_size_px"], float) * float(source_acq["pixel_size_A"])
+        t_fov = np.asarray(target_acq["image_size_px"], float) * float(target_acq["pixel_size_A"])
+    except (KeyError, TypeError, ValueError):
+        problems.append("image_size_px or pixel_size_A missing from an acquisition")
+    else:
+        if np.any(np.abs(s_fov - t_fov) > 0.01 * np.maximum(s_fov, t_fov)):
+            problems.append(f"different fields of view ({s_fov[0]:.0f} x {s_fov[1]:.0f} A vs "
+                            f"{t_fov[0]:.0f} x {t_fov[1]:.0f} A)")
+    return problems
+
+
+@register
+class AssignAlignment(Step):
+    type_name = "assign_alignment"
+    title = "tomo - tilt-series assign alignment"
+    description = ("Copy the alignment (tilt axis, refined tilts, specimen shifts in Å, magnification) of one "
+                   "tilt-series set onto another set of the same acquisition at another pixel size.")
+    params = (
+        Param("angle_tolerance_deg", "float", "largest tilt-angle difference accepted between the two sets",
+              default=0.05, min=0),
+    )
+    inputs = (Port("source", "tilt_series", "aligned tilt series (alignment columns)"),
+              Port("target", "tilt_series", "tilt series of the same acquisitions to get the alignment"))
+    outputs = (Port("tilt_series", "tilt_series", "the target with the source's alignment"),)
+
+    def run(self, ctx):
+        source = ctx.input_items("source", enabled_only=False)
+        target = ctx.input_items("target", enabled_only=False)
+        missing = [c for c in ("ts_id", "tilt_index", *REQUIRED) if c not in source.columns]
+        if missing:
+            ctx.fail(f"the 'source' set has no column(s) {', '.join(missing)}: it is not aligned")
+        for column in ("ts_id", "tilt_index"):
+            if column not in target.columns:
+                ctx.fail(f"the 'target' set has no {column!r} column: not a tilt-series set")
+        source_acqs = ctx.input_attrs("source").get("tilt_series", {})
+        target_acqs = ctx.input_attrs("target").get("tilt_series", {})
+        tables, ratios = [], {}
+        for ts_id, views in target.sort_values(["ts_id", "tilt_index"]).groupby("ts_id", sort=True):
+            src = source[source["ts_id"] == ts_id].sort_values("tilt_index")
+            if src.empty:
+                ctx.fail(f"tilt series {ts_id!r} of the target is not in the source set")
+            if ts_id not in source_acqs or ts_id not in target_acqs:
+                ctx.fail(f"tilt series {ts_id!r} has no acquisition in the attributes of the source or target set")
+            problems = check_same_acquisition(ts_id, src, views, source_acqs[ts_id], target_acqs[ts_id],
+                                              ctx.params["angle_tolerance_deg"])
+            if problems:
+                ctx.fail(f"tilt series {ts_id!r}: the source and target are not the same acquisition: "
+                         + "; ".join(problems))
+            columns = [c for c in ALIGNMENT if c in src.columns]
+            merged = views.drop(columns=[c for c in ALIGNMENT if c in views.columns]).merge(
+                src[["tilt_index", *columns, "enabled"]].rename(columns={"enabled": "_source_enabled"}),
+                on="tilt_index", how="left", validate="one_to_one")
+            merged["enabled"] = merged["enabled"].astype(bool) & merged["_source_enabled"].astype(bool)
+            tables.append(merged.drop(columns="_source_enabled"))
+            ratios[ts_id] = float(source_acqs[ts_id]["pixel_size_A"]) / float(target_acqs[ts_id]["pixel_size_A"])
+        out = pd.concat(tables, ignore_index=True)
+        attrs = copy.deepcopy(ctx.input_attrs("target"))
+        source_attrs = ctx.input_attrs("source")
+        if "alignment" in source_attrs:
+            attrs["alignment"] = copy.deepcopy(source_attrs["alignment"])
+        attrs["assigned_alignment"] = {"pixel_size_ratio": ratios}
+        ctx.add_output("tilt_series", out, attrs)
+        return {"tilt_series": len(tables), "tilts": len(out), "enabled": int(out["enabled"].sum()),
+                "pixel_size_ratio": ratios}

@@ -1,0 +1,222 @@
+"""Seed step "imod - reconstruct tomogram": weighted back projection (IMOD radial filter, optional
+SIRT-like filter) of every aligned tilt series, straight from its views and alignment columns
+(:mod:`tomopipe.algorithms.reconstruct`).
+
+Input: a ``tilt_series`` set with alignment columns (``rot_z_deg, rot_y_deg, shift_x_A,
+shift_y_A``; ``rot_x_deg`` and ``magnification`` optional), e.g. from ``align_tilt_series`` or
+``assign_alignment``; optionally the ``ctf`` set for phase flipping. Disabled views and the
+tilt indices in ``exclude_tilt_indices`` are left out. Output: one float32 MRC per tilt series,
+``TS.mrc`` ``[z, y, x]``: z = thickness with +z toward the electron source, y along the tilt
+axis, voxel size = the tilt series' pixel size; the volume is computed slab by slab along y into
+a memory-mapped scratch file, so memory stays bounded for large tomograms.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tomopipe.algorithms.reconstruct import (
+    CtfParams,
+    ReconstructionParams,
+    filter_tilt_images,
+    iter_slabs,
+    projection_matrices,
+    volume_shape_for,
+)
+from tomopipe.errors import InputFileError
+from tomopipe.io.mrc import write_mrc
+from tomopipe.steps.base import Param, Port, Step, register
+from tomopipe.steps.xray_eraser import compute_device, read_views
+
+log = logging.getLogger("tomopipe")
+
+ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
+CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")
+
+
+def reconstruction_params(params: dict) -> ReconstructionParams:
+    values = {name: params[name] for name in ReconstructionParams.names() if name in params}
+    values["memory_budget_bytes"] = int(params.get("memory_budget_mb", 256)) << 20
+    return ReconstructionParams(**values)
+
+
+def reconstruct_tilt_series(task: dict) -> dict:
+    """Reconstruct one tilt series and write ``TS.mrc``; returns its size and voxel size."""
+    ts_id = task["ts_id"]
+    acquisition = task["acquisition"]
+    params = reconstruction_params(task["params"])
+    device = compute_device(task["params"]["device"])
+    views = task["views"]
+    pixel_size_A = float(acquisition["pixel_size_A"])
+    images = read_views(views, "image_path", acquisition["image_size_px"])
+    images_t = torch.from_numpy(images.astype(np.float32, copy=False)).to(device)
+    del images
+    for index, view in enumerate(views):
+        if not bool(torch.isfinite(images_t[index]).all()):
+            raise InputFileError(view["image_path"], f"section {view['image_section']} (tilt_index "
+                                                     f"{view['tilt_index']}) has NaN or infinite values")
+    col = lambda name: torch.tensor([v[name] for v in views], dtype=torch.float64)  # noqa: E731
+    rot_z, rot_y, rot_x = col("rot_z_deg"), col("rot_y_deg"), col("rot_x_deg")
+    shifts_A = torch.stack([col("shift_x_A"), col("shift_y_A")], dim=1)
+    m, t = projection_matrices(rot_z, rot_y, rot_x, shifts_A, pixel_size_A, col("magnification"), params)
+    ctf = None
+    if task.get("ctf"):
+        c = task["ctf"]
+        ctf = CtfParams(col("defocus_u_A"), col("defocus_v_A"), col("defocus_angle_deg"),
+                        float(acquisition["voltage_kV"]), float(acquisition["spherical_aberration_mm"]),
+                        float(acquisition["amplitude_contrast"]), col("phase_shift_deg"), int(c["defocus_hand"]),
+                        float(c["strip_width_px"]))
+    pre = col("pre_exposure_e_per_A2") if task["params"]["dose_weighting"] else None
+    filtered = filter_tilt_images(images_t, rot_z + params.tilt_axis_offset_deg, rot_y + params.tilt_angle_offset_deg,
+                                  pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
+                                  params.sirt_like_iterations, pre, float(acquisition.get("voltage_kV") or 300.0),
+                                  ctf, t)
+    del images_t
+    shape = volume_shape_for(acquisition["image_size_px"], float(rot_z.mean()) + params.tilt_axis_offset_deg, params)
+    folder = Path(task["folder"])
+    path = folder / f"{ts_id}.mrc"
+    scratch = folder / f".{ts_id}.reconstruct-scratch.npy"
+    try:
+        volume = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=shape)
+        for y0, y1, slab in iter_slabs(filtered, m, t, shape, params):
+            volume[:, y0:y1] = slab.cpu().numpy()
+        volume.flush()
+        write_mrc(path, volume, pixel_size_A)
+        stats = (float(volume.mean()), float(volume.std()))
+        del volume
+    finally:
+        if scratch.exists():
+            os.unlink(scratch)
+    log.info("%s: %d views -> %d x %d x %d voxels of %.4f A", ts_id, len(views), shape[2], shape[1], shape[0],
+             pixel_size_A)
+    return {"ts_id": ts_id, "tomogram_path": str(path), "voxel_size_A": pixel_size_A, "size_x_px": shape[2],
+            "size_y_px": shape[1], "size_z_px": shape[0], "n_views": len(views), "mean": stats[0], "sd": stats[1]}
+
+
+@register
+class ReconstructTomogram(Step):
+    type_name = "reconstruct_tomogram"
+    title = "imod - reconstruct tomogram"
+    description = ("Weighted back projection of the aligned tilt series (IMOD's radial filter, optional SIRT-like "
+                   "filter, super-sampling, dose weighting and CTF phase flipping), straight from the views and "
+                   "their alignment; tomograms [z, y, x] with +z toward the source, y along the tilt axis.")
+    params = (
+        Param("thickness_px", "int", "thickness of the tomogram (voxels of the tilt-series pixel size)", default=128,
+              min=1),
+        Param("width_px", "int", "width across the tilt axis (0: the image width)", default=0, min=0),
+        Param("shift_x_px", "float", "shift of the content toward +x (IMOD SHIFT x)", default=0.0),
+        Param("shift_z_px", "float", "shift of the content toward +z, the source (IMOD SHIFT z)", default=0.0),
+        Param("tilt_angle_offset_deg", "float", "added to every tilt angle (IMOD OFFSET)", default=0.0),
+        Param("tilt_axis_offset_deg", "float", "added to every tilt-axis angle", default=0.0),
+        Param("super_sampling", "int", "compute the slices on a grid this many times finer in x and z, then "
+                                       "Fourier-crop (IMOD SuperSampleFactor)", default=2, min=1, max=8),
+        Param("sirt_like_iterations", "int", "filter equivalent to this many SIRT iterations (0: plain WBP; IMOD "
+                                             "FakeSIRTiterations)", default=0, min=0),
+        Param("radial_cutoff", "float", "radial filter cutoff, cycles/pixel (IMOD RADIAL)", default=0.35, min=0.001,
+              max=0.5),
+        Param("radial_falloff", "float", "radial filter Gaussian fall-off (sigma), cycles/pixel", default=0.035,
+              min=0),
+        Param("exclude_tilt_indices", "list[int]", "tilt indices to leave out, besides disabled views", default=[]),
+        Param("dose_weighting", "bool", "weight every view by the exposure filter at its pre-exposure",
+              default=False),
+        Param("ctf_correction", "str", "none, or phase_flip (needs the ctf input)", default="none",
+              choices=("none", "phase_flip")),
+        Param("ctf_strip_width_px", "float", "phase-flip in strips this wide parallel to the tilt axis (0: one "
+                                             "defocus per view)", default=0.0, min=0),
+        Param("memory_budget_mb", "int", "working memory of one slab", default=256, min=16),
+        Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda", default="auto",
+              choices=("auto", "cpu", "cuda")),
+    )
+    inputs = (Port("tilt_series", "tilt_series", "aligned tilt series (alignment columns)"),
+              Port("ctf", "ctf", "CTF estimates, for phase flipping", optional=True))
+    outputs = (Port("tomograms", "tomograms", "one MRC volume per tilt series"),)
+
+    def run(self, ctx):
+        p = ctx.params
+        try:
+            reconstruction_params(p)
+        except ValueError as error:
+            ctx.fail(str(error))
+        items = ctx.input_items("tilt_series", enabled_only=False)
+        if items.empty:
+            ctx.fail("the input set 'tilt_series' has no items")
+        missing = [c for c in ("ts_id", "tilt_index", "image_path", "image_section", *ALIGNMENT_COLUMNS)
+                   if c not in items.columns]
+        if missing:
+            ctx.fail(f"the input set 'tilt_series' has no column(s) {', '.join(missing)}: the tilt series are not "
+                     f"aligned (run align_tilt_series, or assign_alignment from an aligned set, first)")
+        items = items.copy()
+        if "rot_x_deg" not in items.columns:
+            items["rot_x_deg"] = 0.0
+        if "magnification" not in items.columns:
+            items["magnification"] = 1.0
+        items["rot_x_deg"] = items["rot_x_deg"].fillna(0.0)
+        items["magnification"] = items["magnification"].fillna(1.0)
+        use = items["enabled"].astype(bool) & ~items["tilt_index"].isin(p["exclude_tilt_indices"] or [])
+        ctf_table, ctf_info = None, None
+        if p["ctf_correction"] == "phase_flip":
+            if "ctf" not in ctx.inputs:
+                ctx.fail("ctf_correction = 'phase_flip' needs the 'ctf' input (a ctf set)")
+            ctf_table = ctx.input_items("ctf", enabled_only=False)
+            absent = [c for c in ("ts_id", "tilt_index", *CTF_COLUMNS) if c not in ctf_table.columns]
+            if absent:
+                ctx.fail(f"the input set 'ctf' has no column(s) {', '.join(absent)}")
+        acquisitions = ctx.input_attrs("tilt_series").get("tilt_series", {})
+        tasks = []
+        for ts_id, group in items[use].sort_values(["ts_id", "tilt_index"]).groupby("ts_id", sort=True):
+            if ts_id not in acquisitions:
+                ctx.fail(f"tilt series {ts_id!r} has no acquisition in the attributes of the input set")
+            group = group.copy()
+            bad = group[list(ALIGNMENT_COLUMNS)].isna().any(axis=1)
+            if bad.any():
+                ctx.fail(f"tilt series {ts_id!r}: enabled views without alignment (tilt_index "
+                         f"{group.loc[bad, 'tilt_index'].tolist()}); disable them or align again")
+            if p["dose_weighting"] and ("pre_exposure_e_per_A2" not in group or group["pre_exposure_e_per_A2"].isna().any()):
+                ctx.fail(f"tilt series {ts_id!r}: dose_weighting needs pre_exposure_e_per_A2 for every view")
+            if ctf_table is not None:
+                est = ctf_table[ctf_table["ts_id"] == ts_id].drop(columns=["ts_id", "enabled", "tilt_angle_deg"],
+                                                                  errors="ignore")
+                group = group.drop(columns=[c for c in est.columns if c != "tilt_index" and c in group.columns])
+                group = group.merge(est, on="tilt_index", how="left")
+                if group[list(CTF_COLUMNS)].isna().any().any():
+                    ctx.fail(f"tilt series {ts_id!r}: views without a CTF estimate (tilt_index "
+                             f"{group.loc[group[list(CTF_COLUMNS)].isna().any(axis=1), 'tilt_index'].tolist()})")
+                if "phase_shift_deg" not in group:
+                    group["phase_shift_deg"] = 0.0
+                group["phase_shift_deg"] = group["phase_shift_deg"].fillna(0.0)
+                hands = group["defocus_hand"].dropna().unique() if "defocus_hand" in group else []
+                ctf_info = {"defocus_hand": int(hands[0]) if len(hands) else -1,
+                            "strip_width_px": p["ctf_strip_width_px"]}
+            views = []
+            for row in group.to_dict("records"):
+                view = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                            else v) for k, v in row.items()}
+                view["tilt_index"] = int(row["tilt_index"])
+                view["image_section"] = int(row["image_section"])
+                view["image_path"] = str(ctx.resolve(row["image_path"]))
+                views.append(view)
+            tasks.append({"ts_id": ts_id, "views": views, "acquisition": acquisitions[ts_id], "params": p,
+                          "ctf": ctf_info, "folder": str(ctx.folder)})
+        if not tasks:
+            ctx.fail("no enabled views to reconstruct")
+        for task in tasks:
+            if len(task["views"]) < 2:
+                ctx.fail(f"tilt series {task['ts_id']!r} has {len(task['views'])} view(s) left to reconstruct")
+        results = ctx.map(reconstruct_tilt_series, tasks, desc="reconstruct")
+        out = pd.DataFrame([{"ts_id": r["ts_id"], "tomogram_path": ctx.stored_path(r["tomogram_path"]),
+                             "voxel_size_A": r["voxel_size_A"], "size_x_px": r["size_x_px"],
+                             "size_y_px": r["size_y_px"], "size_z_px": r["size_z_px"], "enabled": True}
+                            for r in results])
+        attrs = copy.deepcopy(ctx.input_attrs("tilt_series"))
+        attrs["reconstruction"] = {name: p[name] for name in p if name != "device"}
+        ctx.add_output("tomograms", out, attrs)
+        return {"tomograms": len(results), "views": {r["ts_id"]: r["n_views"] for r in results},
+                "size_xyz_px": sorted({(r["size_x_px"], r["size_y_px"], r["size_z_px"]) for r in results}),
+                "voxel_size_A": sorted({round(r["voxel_size_A"], 6) for r in results})}

@@ -1,0 +1,139 @@
+"""The ``align_tilt_series`` step through the engine: a synthetic tilt series with a known alignment
+(one view excluded) and a pure-noise one that must fail with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tomopipe.algorithms.align_fit import projected_shift_error_px
+from tomopipe.algorithms.align_synthetic import blob_tilt_series
+from tomopipe.algorithms.geometry import alignment_from_xf
+from tomopipe.engine.executors import LocalExecutor
+from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.workflow import load_workflow
+from tomopipe.io.imod import read_tlt, read_xf
+from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.project.store import Project
+from tomopipe.steps.base import REGISTRY, Param, Port, Step, register
+
+PIXEL_A = 8.0
+AXIS_DEG = -85.6
+TILTS = np.arange(-60.0, 60.1, 4.0)
+DISABLED_TILT_INDEX = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class AlignTestStacks(Step):
+    """Test-only import of ``TS_*.mrc`` stacks (tilt order), nominal axis 85.6 + 0.7 deg."""
+
+    type_name = "test_align_stacks"
+    title = "test - tilt series for alignment"
+    params = (Param("folder", "path", "folder of the stacks", required=True),)
+    outputs = (Port("tilt_series", "tilt_series"),)
+
+    def run(self, ctx):
+        rows, acquisitions = [], {}
+        for path in sorted(Path(ctx.params["folder"]).glob("TS_*.mrc")):
+            data, _ = read_mrc(path, mmap=True)
+            for i, angle in enumerate(TILTS):
+                rows.append({"ts_id": path.stem, "tilt_index": i, "tilt_angle_deg": float(angle),
+                             "image_path": ctx.stored_path(path), "image_section": i,
+                             "enabled": i != DISABLED_TILT_INDEX})
+            acquisitions[path.stem] = {"pixel_size_A": PIXEL_A, "tilt_axis_angle_deg": AXIS_DEG + 0.7,
+                                       "image_size_px": [int(data.shape[2]), int(data.shape[1])],
+                                       "n_tilts": int(data.shape[0])}
+        ctx.add_output("tilt_series", pd.DataFrame(rows), {"tilt_series": acquisitions})
+        return {}
+
+
+if AlignTestStacks.type_name not in REGISTRY:
+    register(AlignTestStacks)
+
+WORKFLOW = """
+[workflow]
+name = "align_test"
+
+[steps.source]
+type = "test_align_stacks"
+folder = "{data}"
+
+[steps.align]
+type = "align_tilt_series"
+tilt_series = "source.tilt_series"
+interpolated_stack = true
+interpolated_binning = 2
+"""
+
+
+def _run(tmp_path: Path):
+    workflow = tmp_path / "wf.toml"
+    workflow.write_text(WORKFLOW.format(data=tmp_path / "data"))
+    with Project.open_or_init(tmp_path / "project") as project:
+        return run_workflow(project, load_workflow(workflow, []), LocalExecutor(1), echo=lambda *_: None)
+
+
+def test_align_step_writes_the_alignment_and_leaves_excluded_views_out(tmp_path):
+    ts = blob_tilt_series(size_px=192, tilt_angles_deg=TILTS, tilt_axis_deg=AXIS_DEG, tilt_offset_deg=-0.8,
+                          shift_sd_px=2.0, slab_thickness_px=12.0, blobs=2200, noise_sd=0.5, seed=11)
+    (tmp_path / "data").mkdir()
+    write_mrc(tmp_path / "data" / "TS_01.mrc", ts.images.numpy(), PIXEL_A, stack=True)
+    report = _run(tmp_path)
+    assert [o.status for o in report.outcomes] == ["finished", "finished"], [o.message for o in report.outcomes]
+    with Project.open(tmp_path / "project") as project:
+        run = project.find_run("align")
+        record = project.sets_of_run(run.id)["tilt_series"]
+        items = project.read_items(record.id).sort_values("tilt_index").reset_index(drop=True)
+        folder = project.absolute_path(items["aligned_image_path"].dropna().iloc[0]).parent
+        summary = run.summary
+    enabled = items["enabled"].to_numpy()
+    assert not enabled[DISABLED_TILT_INDEX] and enabled.sum() == len(TILTS) - 1
+    assert items.loc[DISABLED_TILT_INDEX, ["rot_z_deg", "rot_y_deg", "shift_x_A"]].isna().all()
+    used = items[enabled]
+    shifts_px = used[["shift_x_A", "shift_y_A"]].to_numpy() / PIXEL_A
+    error = projected_shift_error_px(used["rot_z_deg"].to_numpy(), used["rot_y_deg"].to_numpy(), shifts_px,
+                                     used["magnification"].to_numpy(), ts.shifts_px[torch.from_numpy(enabled.copy())])
+    assert error["rms_px"] <= 0.5, error
+    assert abs(float(used["rot_z_deg"].mean()) - AXIS_DEG) <= 0.3
+    assert abs(float((used["rot_y_deg"] - TILTS[enabled]).mean()) - (-0.8)) <= 0.3
+    assert (used["rot_x_deg"] == 0).all() and (used["align_residual_px"] < 1.0).all()
+    # IMOD files: one line per enabled view in tilt order, consistent with the columns
+    a, d = read_xf(folder / "TS_01.xf")
+    assert a.shape == (len(TILTS) - 1, 2, 2)
+    rot, shifts = alignment_from_xf(torch.from_numpy(a / np.sqrt(np.linalg.det(a))[:, None, None]),
+                                    torch.from_numpy(d / np.sqrt(np.linalg.det(a))[:, None]))
+    assert np.allclose(rot.numpy(), used["rot_z_deg"].to_numpy(), atol=1e-4)
+    assert np.allclose(read_tlt(folder / "TS_01.tlt"), used["rot_y_deg"].to_numpy(), atol=0.006)
+    assert np.allclose(read_tlt(folder / "TS_01.xtilt"), 0.0)
+    contours = pd.read_csv(folder / "TS_01_contours.csv")
+    assert contours["used"].sum() >= 10 and {"residual_px", "x_A", "z_A"} <= set(contours.columns)
+    # interpolated stack: binned by 2, enabled views only; the zero tilt matches the raw view binned and shifted
+    aligned, pixel_A = read_mrc(folder / "TS_01_ali.mrc")
+    assert aligned.shape == (len(TILTS) - 1, 96, 96) and pixel_A == pytest.approx(2 * PIXEL_A)
+    assert summary["rms_residual_px"]["TS_01"] < 0.6 and len(summary["residual_per_view_px"]["TS_01"]) == len(TILTS) - 1
+    # the aligned views agree with each other near the axis: neighbouring zero-tilt views correlate highly
+    k = int(np.argmin(np.abs(TILTS[enabled])))
+    centre = aligned[:, 24:72, 24:72]
+    corr = np.corrcoef(centre[k].ravel(), centre[k + 1].ravel())[0, 1]
+    assert corr > 0.8
+
+
+def test_align_step_fails_clearly_on_noise(tmp_path):
+    (tmp_path / "data").mkdir()
+    noise = np.random.default_rng(0).normal(size=(len(TILTS), 128, 128)).astype(np.float32)
+    write_mrc(tmp_path / "data" / "TS_02.mrc", noise, PIXEL_A, stack=True)
+    report = _run(tmp_path)
+    assert [o.status for o in report.outcomes] == ["finished", "failed"]
+    assert "TS_02: alignment failed:" in report.outcomes[1].message
+    assert "too few contours" in report.outcomes[1].message or "fewer than" in report.outcomes[1].message
