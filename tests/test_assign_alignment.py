@@ -12,7 +12,7 @@ from test_reconstruct import TRIAD, peak_positions
 from test_step_reconstruct import N, PIXEL_A, _one_thread, run, tomograms, write_set  # noqa: F401
 from tomopipe.io.mrc import read_mrc
 from tomopipe.project.store import Project
-from tomopipe.steps.assign_alignment import xf_for_tilt_series
+from tomopipe.model.alignment import xf_for_views
 from tomopipe.steps.base import step_class
 
 WORKFLOW = """
@@ -67,8 +67,8 @@ def test_alignment_assigned_to_the_unbinned_set_and_reconstructed(tmp_path):
     assert attrs["assigned_alignment"]["pixel_size_ratio"] == {"TS_01": 2.0}
     assert out["enabled"].tolist() == [i not in (2, 4) for i in range(N)]
     # IMOD .xf: same rotation, DX/DY in target pixels = source pixels x (source / target pixel size)
-    a_src, d_src = xf_for_tilt_series(source, 2 * PIXEL_A)
-    a_out, d_out = xf_for_tilt_series(out, PIXEL_A)
+    a_src, d_src = xf_for_views(source, 2 * PIXEL_A)
+    a_out, d_out = xf_for_views(out, PIXEL_A)
     np.testing.assert_allclose(a_out, a_src)
     np.testing.assert_allclose(d_out, d_src * 2.0, rtol=1e-12)
     assert np.abs(d_out).max() > 1.0  # the shifts are not trivially zero

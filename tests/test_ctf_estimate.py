@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tomopipe.algorithms import ctf_estimate as ce
-from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, defocus_with_handedness, electron_wavelength_A
+from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, defocus_with_handedness, electron_wavelength_A, enforce_ctffind_convention
 from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.errors import TomopipeError
 
@@ -346,3 +346,58 @@ def test_consistency_path_prefers_the_series_trend_over_a_weak_far_maximum():
     chosen = grid[torch.tensor(choice)]
     assert float((chosen - true).abs().max()) <= 100.0
     assert int(torch.argmax(curves[5])) != choice[5]  # tilt 20° did not take its own best maximum
+
+
+# ----------------------------------------------------------------------------- the digital twin
+def _twin_tilt_series(folder):
+    """Frames summed per tilt ``[n, h, w]`` (gain-corrected) and the truth STAR rows (angle order)."""
+    import numpy as np
+
+    from tomopipe.io.movies import read_gain, read_movie
+    from tomopipe.io.star import read_tilt_series_star
+
+    star = read_tilt_series_star(folder / "truth" / "TS_01.star")
+    gain = torch.from_numpy(read_gain(folder / "gain_ref.mrc", flip_y=True))  # stored upside down (README)
+    sums = torch.stack([(torch.from_numpy(read_movie(folder / name).astype(np.float32)) * gain).sum(0)
+                        for name in star["rlnMicrographMovieName"]])
+    return sums, star
+
+
+def _twin_truth(star):
+    u, v, a = (torch.tensor(star[c].to_numpy(), dtype=F64) for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"))
+    return enforce_ctffind_convention(u, v, a)
+
+
+def test_twin_tiny_noise_free_matches_its_truth(one_thread, tmp_path):
+    """The simulator's image formation (multi-layer weak phase, coherence envelopes, MTF) and this
+    estimator agree: noise-free ``tiny`` images (256 px, 3.16 Å/px), U and V within 100 Å of the
+    truth STAR, the astigmatism angle (per tilt) within 5°."""
+    from tomopipe.simulate import config_from_preset, simulate
+
+    simulate(config_from_preset("tiny", seed=0, tilt_min_deg=-6.0, tilt_max_deg=6.0, shot_noise=False,
+                                movie_format="mrc", radiation_damage=False, hot_pixels_per_megapixel=0.0,
+                                xray_hits_per_megapixel_per_tilt=0.0, beam_induced_motion=False, local_motion=False),
+             tmp_path, progress=False)
+    sums, star = _twin_tilt_series(tmp_path)
+    res = ce.estimate_tilt_series_ctf(sums, 3.16, star["rlnTomoYTilt"].tolist(), star["rlnTomoZRot"].tolist(), KV,
+                                      CS, 0.1, window_px=256, astigmatism_per_tilt=True)
+    u, v, a = _twin_truth(star)
+    assert float((res["defocus_u_A"].double() - u).abs().max()) <= 100.0, (res["defocus_u_A"], u)
+    assert float((res["defocus_v_A"].double() - v).abs().max()) <= 100.0, (res["defocus_v_A"], v)
+    assert float(angle_difference_deg(res["defocus_angle_deg"], a).abs().max()) <= 5.0
+    assert bool((res["fit_score"] > 0.5).all()) and bool((res["fit_resolution_A"] < 8.0).all())
+
+
+def test_twin_tiny_preset_scored_against_its_truth(one_thread, tmp_path):
+    """The ``tiny`` preset as it is (2.64 e⁻/Å² per tilt on 256 px images, shot noise, damage, drift,
+    hot pixels, X-rays): the frame sums' defocus within 1500 Å of the truth, median ≤ 500 Å."""
+    from tomopipe.simulate import config_from_preset, simulate
+
+    simulate(config_from_preset("tiny", seed=0), tmp_path, progress=False)
+    sums, star = _twin_tilt_series(tmp_path)
+    res = ce.estimate_tilt_series_ctf(sums, 3.16, star["rlnTomoYTilt"].tolist(), star["rlnTomoZRot"].tolist(), KV,
+                                      CS, 0.1, window_px=256)
+    u, v, _ = _twin_truth(star)
+    error = ((res["defocus_u_A"] + res["defocus_v_A"]).double() / 2 - (u + v) / 2).abs()
+    assert float(error.median()) <= 500.0 and float(error.max()) <= 1500.0, error
+    assert bool(((res["fit_resolution_A"] >= 2 * 3.16) & (res["fit_resolution_A"] <= 30.0)).all())

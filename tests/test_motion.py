@@ -148,6 +148,16 @@ def test_hot_pixels_and_x_ray_hits_do_not_pull_towards_zero_shift():
     assert rms_A(model.shifts_A, truth_A) <= 0.3
 
 
+def test_pure_noise_gives_no_motion_rather_than_a_noise_trajectory():
+    noise = torch.poisson(torch.full((6, 256, 256), 1.0), generator=torch.Generator().manual_seed(9))
+    model = estimate_motion(noise, PIXEL_A)
+    assert not model.significant
+    assert torch.equal(model.shifts_A, torch.zeros(6, 2))
+    assert not MotionModel.from_dict(model.to_dict()).significant
+    movie, _, _, _ = synthetic_movie(counts=1.0, seed=1)
+    assert estimate_motion(movie, PIXEL_A).significant
+
+
 def test_aligned_sum_restores_power_at_4_to_8_A():
     movie, expected, truth_A, still_sum = synthetic_movie(seed=4)
     model = estimate_motion(movie, PIXEL_A)

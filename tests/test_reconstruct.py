@@ -146,9 +146,9 @@ def test_axis_shifts_xtilt_and_magnification_are_applied():
     rot_z = 85.0 + torch.randn(n, generator=g, dtype=torch.float64) * 0.5
     mag = 1.0 + (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 0.02
     plain = reconstruct_volume(project_blobs(centres, 0.0, TILTS), 0.0, TILTS, 0.0, torch.zeros(n, 2), 1.0, PARAMS)
-    # the projector works in pixels: x_img = R·p/mag + shift; build it from scaled centres per view
+    # the projector works in pixels: x_img = mag·R·p + shift; build it from scaled centres per view
     r = projection_rotations(rot_z, TILTS.double(), 2.0)
-    pts = project_points(torch.tensor(centres, dtype=torch.float64), r) / mag[:, None, None]
+    pts = project_points(torch.tensor(centres, dtype=torch.float64), r) * mag[:, None, None]
     images = torch.zeros((n, 64, 64), dtype=torch.float64)
     yy = torch.arange(64, dtype=torch.float64)[:, None] - 32
     xx = torch.arange(64, dtype=torch.float64)[None, :] - 32

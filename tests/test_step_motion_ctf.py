@@ -239,11 +239,14 @@ def test_ctf_of_the_aligned_tilts(tmp_path, use_movie_average):
 
 @pytest.fixture(scope="module")
 def simulated_tiny(tmp_path_factory):
-    """The digital twin's ``tiny`` preset (3 tilts, a larger drift so that 'no motion' is clearly wrong)."""
+    """The digital twin's ``tiny`` preset: 3 tilts, a larger drift (so that 'no motion' is clearly
+    wrong) and 8 e/Å² per tilt: at the preset's 2.64 e/Å² a 256² px frame of 4 frames holds too
+    little signal to align single frames (the step then reports the motion as not significant)."""
     from tomopipe.simulate import config_from_preset, simulate
 
     folder = tmp_path_factory.mktemp("tiny")
-    simulate(config_from_preset("tiny", tilt_min_deg=-6.0, tilt_max_deg=6.0, drift_A=8.0), folder, progress=False)
+    simulate(config_from_preset("tiny", tilt_min_deg=-6.0, tilt_max_deg=6.0, drift_A=8.0, dose_per_tilt_e_per_A2=8.0),
+             folder, progress=False)
     return folder
 
 
@@ -280,14 +283,15 @@ use_movie_average = true    # at tiny's dose the summed frame spectra have 4x we
         assert row["tilt_angle_deg"] == pytest.approx(true_tilt["nominal_tilt_deg"], abs=0.01)
         true_A = truth[["shift_x_A", "shift_y_A"]].to_numpy()
         true_A = true_A - true_A.mean(0)  # the twin refers to frame 0, we to the mean position
-        estimate = MotionModel.from_dict(entry).shifts_A.numpy()
-        errors.append(((estimate - true_A) ** 2).sum(1))
+        model = MotionModel.from_dict(entry)
+        assert model.significant
+        errors.append(((model.shifts_A.numpy() - true_A) ** 2).sum(1))
         still.append((true_A**2).sum(1))
     rms_A = float(np.sqrt(np.mean(errors)))
     no_motion_rms_A = float(np.sqrt(np.mean(still)))
-    # tiny is 256 px at 3.16 Å/px with 4 frames: shot noise limits the precision to ~0.9 Å here
-    # (the small preset reaches ~0.16 Å, benchmarks/bench_motion.py)
-    assert rms_A <= 1.0 and rms_A < 0.5 * no_motion_rms_A, (rms_A, no_motion_rms_A)
+    # tiny is 256 px at 3.16 Å/px with 4 frames: shot noise limits the precision to ~0.4 Å here
+    # (the small preset reaches ~0.16 Å at its own dose, benchmarks/bench_motion.py)
+    assert rms_A <= 0.6 and rms_A < 0.3 * no_motion_rms_A, (rms_A, no_motion_rms_A)
     # the CTF of each tilt (fitted on the aligned sum) lands on the true defocus at its centre
     true_defocus = [float(tilts[tilts["acquisition_index"] == a]["defocus_centre_A"].iloc[0])
                     for a in items["acquisition_order"]]

@@ -286,6 +286,11 @@ def _fix_origin(rot, mag, points, shifts, weight, i0: int):
     return points - t, new_shifts
 
 
+def _as_f64(value) -> torch.Tensor:
+    """A float64 tensor copy of a tensor, array or list (read-only arrays accepted)."""
+    return torch.tensor(value.tolist() if hasattr(value, "tolist") else value, dtype=torch.float64)
+
+
 def projected_shift_error_px(rot_z_deg, tilt_deg, shifts_px, magnification, true_shifts_px) -> dict:
     """Gauge-free error of fitted specimen shifts against the truth, in px.
 
@@ -293,11 +298,11 @@ def projected_shift_error_px(rot_z_deg, tilt_deg, shifts_px, magnification, true
     ``m_i·[R_i t]_xy`` to every shift). The translation that best matches the truth is removed by
     least squares (with the estimated geometry) and the RMS over views of the remaining 2-D shift
     differences is returned as ``rms_px`` (with ``max_px`` and the translation ``origin_px``)."""
-    rot = projection_rotations(torch.as_tensor(rot_z_deg, dtype=torch.float64),
-                               torch.as_tensor(tilt_deg, dtype=torch.float64))
-    mag = torch.as_tensor(magnification, dtype=torch.float64).reshape(-1)
+    rot = projection_rotations(_as_f64(rot_z_deg),
+                               _as_f64(tilt_deg))
+    mag = _as_f64(magnification).reshape(-1)
     a = mag[:, None, None] * rot[:, :2, :]  # [n, 2, 3]
-    diff = (torch.as_tensor(true_shifts_px, dtype=torch.float64) - torch.as_tensor(shifts_px, dtype=torch.float64))
+    diff = (_as_f64(true_shifts_px) - _as_f64(shifts_px))
     t = torch.linalg.lstsq(a.reshape(-1, 3), diff.reshape(-1, 1)).solution[:, 0]
     remaining = diff - a @ t
     norms = remaining.norm(dim=-1)

@@ -397,10 +397,11 @@ def _peak_significance(cc: torch.Tensor, radius_px: float) -> torch.Tensor:
 
 
 def _linear_start(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.Tensor,
-                  radius_px: float) -> torch.Tensor:
+                  radius_px: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting trajectories ``[N, F, 2]`` (px, mean zero): a constant drift from the displacement
     between the sums of the first and the second half of the frames (each with half the dose, far
-    more signal than one frame); zero where that peak is not significant."""
+    more signal than one frame), zero where that peak is not significant; and whether it is ``[N]``
+    (when it is not, single frames hold too little signal to be aligned)."""
     n, n_frames = spectra.shape[:2]
     half = n_frames // 2
     first, second = spectra[:, :half].sum(dim=1), spectra[:, half:].sum(dim=1)
@@ -410,20 +411,22 @@ def _linear_start(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.T
     t = frame_times(n_frames, spectra.device)
     velocity = displacement / (t[half:].mean() - t[:half].mean())
     start = velocity[:, None, :] * (t - t.mean())[None, :, None]
-    return torch.where(significant[:, None, None], start, torch.zeros_like(start))
+    return torch.where(significant[:, None, None], start, torch.zeros_like(start)), significant
 
 
 def _align_stacks(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.Tensor, smoother: torch.Tensor,
                   radius_px: float, max_iterations: int, tolerance_px: float,
-                  step_px: float = 2.5) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  step_px: float = 2.5) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Iterative leave-one-out alignment of ``N`` independent stacks ``spectra`` ``[N, F, h, w//2+1]``.
 
     Starts from :func:`_linear_start`; each iteration moves a frame by at most ``step_px`` (a local
     refinement: no jumps to noise peaks) and no frame further than ``radius_px`` from the mean.
     ``smoother`` ``[F, F]`` projects a trajectory onto the temporal model. Returns (smooth shifts,
-    raw shifts) ``[N, F, 2]`` (x, y) in px (content displacement, mean zero) and the iteration count.
+    raw shifts) ``[N, F, 2]`` (x, y) in px (content displacement, mean zero), the iteration count
+    and the variance ``[N, F, 2]`` (px²) of each raw shift (:func:`_shift_variance_px2`; infinite
+    where the half sums did not correlate significantly, :func:`_linear_start`).
     """
-    shifts = _linear_start(spectra, shape, weight, radius_px)
+    shifts, signal = _linear_start(spectra, shape, weight, radius_px)
     raw = shifts.clone()
     iterations = 0
     for iterations in range(1, max_iterations + 1):
@@ -440,36 +443,47 @@ def _align_stacks(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.T
         if change < tolerance_px:
             break
     raw = raw - raw.mean(dim=1, keepdim=True)
-    return shifts, raw, iterations
+    aligned = spectra * _phase_ramp(-raw, shape)
+    variance = _shift_variance_px2(aligned, aligned.sum(dim=1, keepdim=True) - aligned, weight, shape)
+    variance = torch.where(signal[:, None, None], variance, float("inf"))  # too little signal: no evidence
+    return shifts, raw, iterations, variance
 
 
-def _split_halves(spectra: torch.Tensor, shape: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two copies of a stack ``[F, h, w//2+1]`` with independent noise and the same signal: every
-    pixel of every frame goes to one of them at random (a new random split for every frame)."""
-    images = torch.fft.irfft2(spectra, s=shape)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    mask = (torch.rand(images.shape, generator=generator) < 0.5).to(images.device)
-    return torch.fft.rfft2(torch.where(mask, 2.0 * images, 0.0)), torch.fft.rfft2(torch.where(mask, 0.0, 2.0 * images))
+def _shift_variance_px2(aligned: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor,
+                        shape: tuple[int, int]) -> torch.Tensor:
+    """Variance ``[..., 2]`` (x, y, px²) of the cross-correlation peak position of every frame.
+
+    Sandwich estimate at the peak (the frames are aligned, so the peak is at 0): the correlation
+    is ``c(δ) = Σ_k W·Re(A·R*·e^{2πik·δ})``; the noise of its slope is estimated from the data as
+    ``Σ (2πk)² W² |A|² |R|² / 2`` (conservative: the signal counts as noise), its curvature is
+    ``Σ (2πk)² W Re(A·R*)``; variance = slope noise / curvature².
+    """
+    ky, kx = _frequencies_px(shape, aligned.device)
+    product = aligned * reference.conj()
+    power = (product.real**2 + product.imag**2).to(torch.float64)
+    real = product.real.to(torch.float64)
+    w = weight.to(torch.float64)
+    out = []
+    for k in (kx, ky):
+        k2 = (_TWO_PI * k) ** 2
+        noise = (k2 * w * w * power).sum(dim=(-2, -1)) / 2.0
+        curvature = (k2 * w * real).sum(dim=(-2, -1))
+        out.append(noise / curvature.clamp_min(1e-30) ** 2 * torch.where(curvature > 0, 1.0, float("inf")))
+    return torch.stack(out, dim=-1)
 
 
-def _trajectory_is_significant(shifts_px: torch.Tensor, raw_a: torch.Tensor, raw_b: torch.Tensor,
-                               n_model: int, level: float = 0.99) -> bool:
-    """F-test of a trajectory ``[F, 2]`` against its noise, measured as the difference of the per-frame
-    estimates ``raw_a``, ``raw_b`` from two halves of the data (each with twice the variance of the
-    full estimate): noise variance per coordinate ``|a - b|² / (4·2(F-1))``; the trajectory spans
-    ``2(n_model - 1)`` dimensions (mean removed)."""
-    from scipy.stats import f as f_distribution
+def _trajectory_is_significant(shifts_px: torch.Tensor, variance_px2: torch.Tensor, n_model: int,
+                               level: float = 0.95) -> bool:
+    """Chi-square test of a smooth trajectory ``[F, 2]`` (mean zero) against the per-frame variance
+    ``[F, 2]`` of the measurements it was fitted to: it spans ``2(min(n_model, F) - 1)`` dimensions."""
+    from scipy.stats import chi2
 
     n_frames = shifts_px.shape[0]
     k = 2 * (min(n_model, n_frames) - 1)
-    dof = 2 * (n_frames - 1)
     if k < 1:
         return False
-    noise_var = float((raw_a - raw_b).pow(2).sum()) / (4.0 * dof)
-    if noise_var <= 0:
-        return True
-    statistic = float(shifts_px.pow(2).sum()) / noise_var / k
-    return statistic >= float(f_distribution.ppf(level, k, dof))
+    statistic = float(shifts_px.pow(2).sum() / variance_px2.mean().clamp_min(1e-30))
+    return statistic >= float(chi2.ppf(level, k))
 
 
 def _smoother(n_frames: int, n_control: int, device) -> torch.Tensor:
@@ -546,13 +560,10 @@ def estimate_motion(
         radius_px = max(1.5, max_shift_A / min(pix_yx))
     smoother = _smoother(n_frames, temporal, device)
     tolerance_px = tolerance_A / max(pix_yx)
-    shifts_px, raw_px, iterations = _align_stacks(spectra[None], small_shape, weight, smoother, radius_px,
-                                                  max_iterations, tolerance_px)
-    # is the trajectory signal? estimate it again on two halves of the counts and compare
-    half_a, half_b = _split_halves(spectra, small_shape)
-    _, raw_a, _ = _align_stacks(half_a[None], small_shape, weight, smoother, radius_px, max_iterations, tolerance_px)
-    _, raw_b, _ = _align_stacks(half_b[None], small_shape, weight, smoother, radius_px, max_iterations, tolerance_px)
-    significant = _trajectory_is_significant(shifts_px[0], raw_a[0], raw_b[0], temporal)
+    shifts_px, raw_px, iterations, variance = _align_stacks(spectra[None], small_shape, weight, smoother, radius_px,
+                                                            max_iterations, tolerance_px)
+    # a trajectory within the noise of its measurements is no evidence of motion: keep the frames still
+    significant = _trajectory_is_significant(shifts_px[0], variance[0], temporal)
     if not significant:
         shifts_px = torch.zeros_like(shifts_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=device)
@@ -592,8 +603,8 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
     patch_spectra = torch.fft.rfft2(patches)
     weight = _correlation_weight((size_y, size_x), pix_yx, low_A, high_A, b_factor_A2, aligned.device)
     radius_px = max(2.0, min(size_y, size_x) / 8.0)  # residuals are small after the global alignment
-    _, raw_px, _ = _align_stacks(patch_spectra, (size_y, size_x), weight, smoother, radius_px, max_iterations,
-                                 tolerance_px)
+    _, raw_px, _, _ = _align_stacks(patch_spectra, (size_y, size_x), weight, smoother, radius_px, max_iterations,
+                                    tolerance_px)
     to_A = torch.tensor([pix_yx[1], pix_yx[0]], dtype=torch.float64, device=aligned.device)
     measured = (raw_px * to_A).reshape(len(starts_y), len(starts_x), -1, 2)  # [py, px, F, 2] per-frame
     # patch centres in full-size pixel coordinates (pixel centres on integers, sample j at j·n/n_small)

@@ -8,10 +8,10 @@ Geometry (``shared/notes/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorit
   ``p = (i_x - nx//2 - shift_x, i_y - ny//2, i_z - nz//2 - shift_z)`` voxels from the tomogram
   centre (``shift_x/z``: IMOD ``SHIFT``, a positive value moves the content to +x / +z).
 * Every tilt image is sampled (bilinear) where each voxel projects:
-  ``x_img = Rz(rot_z)·Ry(rot_y)·Rx(rot_x)·p / magnification + shift + N//2`` (pixels), with
-  :func:`~tomopipe.algorithms.geometry.projection_rotations`; the magnification follows
-  :func:`~tomopipe.algorithms.geometry.xf_from_alignment` (IMOD ``A = mag·R2(-rot_z)`` maps the
-  raw image onto the aligned one). No interpolated (aligned) stack is made.
+  ``x_img = magnification·Rz(rot_z)·Ry(rot_y)·Rx(rot_x)·p + shift + N//2`` (pixels), with
+  :func:`~tomopipe.algorithms.geometry.projection_rotations`; ``magnification`` is the image
+  scale of the view (the alignment column; its IMOD ``.xf`` has ``A = R2(-rot_z)/magnification``,
+  see :func:`tomopipe.model.alignment.xf_for_views`). No interpolated (aligned) stack is made.
 * Weighting (IMOD ``tilt`` ``RADIAL cutoff falloff`` with ``FalloffIsTrueSigma 1``): a ramp
   ``|k_perp|`` (cycles/pixel, k_perp = frequency across the tilt axis, the direction
   ``(cos rot_z, sin rot_z)`` in the tilt image) up to ``cutoff``, times
@@ -259,7 +259,7 @@ def projection_matrices(rot_z_deg, rot_y_deg, rot_x_deg, shifts_A, pixel_size_A:
                         params: ReconstructionParams = ReconstructionParams()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-view ``(M [n, 2, 3], t [n, 2])`` with ``x_img - N//2 = M·p + t`` in pixels.
 
-    ``M = rows 0-1 of Rz(rot_z + axis offset)·Ry(rot_y + angle offset)·Rx(rot_x) / magnification``;
+    ``M = magnification · rows 0-1 of Rz(rot_z + axis offset)·Ry(rot_y + angle offset)·Rx(rot_x)``;
     ``t = shift_A / pixel_size_A``. float64.
     """
     rot_z = torch.as_tensor(rot_z_deg, dtype=torch.float64).reshape(-1) + params.tilt_axis_offset_deg
@@ -272,7 +272,7 @@ def projection_matrices(rot_z_deg, rot_y_deg, rot_x_deg, shifts_A, pixel_size_A:
     if bool((mag <= 0).any()) or not bool(torch.isfinite(mag).all()):
         raise ValueError(f"magnification must be positive and finite, got {mag.tolist()}")
     shifts = torch.as_tensor(shifts_A, dtype=torch.float64).reshape(-1, 2).expand(n, 2)
-    return r[:, :2, :] / mag[:, None, None], shifts / float(pixel_size_A)
+    return r[:, :2, :] * mag[:, None, None], shifts / float(pixel_size_A)
 
 
 def _auto_slab_rows(n_views: int, nz_fine: int, nx_fine: int, budget: int) -> int:

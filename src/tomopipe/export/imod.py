@@ -6,8 +6,9 @@ the tilt series (views in tilt order, numbered from 1):
   EXCLUDELIST in newst/tilt/tiltalign — the views stay in the stack, as IMOD expects;
 - ``TS.defocus``: ctfplotter format (version 3, with astigmatism and phase shift) when there
   are CTF estimates;
-- ``TS.xf`` / ``TS.tlt`` / ``TS.xtilt``: the alignment, when there is one (``.xf`` about the
-  IMOD centre, pixels of the stack; ``.tlt`` the refined tilt angles).
+- ``TS.xf`` / ``TS.tlt`` / ``TS.xtilt``: the alignment, when there is one, one line per aligned
+  (enabled) view, as the alignment step writes them (``.xf`` about the IMOD centre, pixels of
+  the stack; ``.tlt`` the refined tilt angles).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tomopipe.algorithms.geometry import xf_from_alignment
 from tomopipe.errors import TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import format_exclude_list, write_defocus, write_tlt, write_xf
+from tomopipe.model.alignment import xf_for_views
 from tomopipe.project.store import Project, SetRecord
 
 
@@ -58,12 +59,9 @@ def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path
             }))
         if "rot_z_deg" in views.columns and views["rot_z_deg"].notna().any():
             pixel_size_A = base.attrs["tilt_series"][ts_id]["pixel_size_A"]
-            aligned = views.fillna({"rot_z_deg": views["rot_z_deg"].median(), "rot_y_deg": views["tilt_angle_deg"],
-                                    "rot_x_deg": 0.0, "shift_x_A": 0.0, "shift_y_A": 0.0})
-            magnification = aligned["magnification"].fillna(1.0).to_numpy() if "magnification" in aligned else 1.0
-            shifts_px = aligned[["shift_x_A", "shift_y_A"]].to_numpy() / pixel_size_A
-            A, d = xf_from_alignment(aligned["rot_z_deg"].to_numpy(), shifts_px, magnification)
-            write_xf(path(".xf"), A.numpy(), d.numpy())
+            aligned = views[views["rot_z_deg"].notna()]
+            A, d = xf_for_views(aligned, pixel_size_A)
+            write_xf(path(".xf"), A, d)
             write_tlt(path(".tlt"), aligned["rot_y_deg"].to_numpy())
             write_tlt(path(".xtilt"), aligned["rot_x_deg"].to_numpy())
         excluded = (np.flatnonzero(~enabled) + 1).tolist()

@@ -6,7 +6,7 @@ Alignment columns (RELION 5 semantics, :mod:`tomopipe.algorithms.geometry`): ``r
 rot_y_deg, rot_x_deg`` (angles: unchanged by binning), ``shift_x_A, shift_y_A`` (specimen shifts
 in Å: unchanged too; in pixels of the target they are the source's pixel shifts times
 ``source pixel size / target pixel size``, which is what an IMOD ``.xf`` written from the target
-gets, see :func:`xf_for_tilt_series`) and ``magnification``. They are copied per ``tilt_index``.
+gets, see :func:`tomopipe.model.alignment.xf_for_views`) and ``magnification``. They are copied per ``tilt_index``.
 
 Refused, with an error naming the tilt series: a target tilt series missing from the source, a
 different number of views, tilt angles that differ by more than ``angle_tolerance_deg``,
@@ -21,20 +21,10 @@ import copy
 import numpy as np
 import pandas as pd
 
-from tomopipe.algorithms.geometry import xf_from_alignment
+from tomopipe.model.alignment import ALIGNMENT_COLUMNS
 from tomopipe.steps.base import Param, Port, Step, register
 
-ALIGNMENT = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification")
 REQUIRED = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
-
-
-def xf_for_tilt_series(views: pd.DataFrame, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """IMOD ``.xf`` ``(A [n, 2, 2], d [n, 2])`` of one tilt series' views at ``pixel_size_A``
-    (the pixel size of the images the ``.xf`` is for): ``d`` in those pixels."""
-    shifts_px = np.array(views[["shift_x_A", "shift_y_A"]], dtype=np.float64) / float(pixel_size_A)
-    mag = np.array(views["magnification"].fillna(1.0), dtype=np.float64) if "magnification" in views else 1.0
-    a, d = xf_from_alignment(np.array(views["rot_z_deg"], dtype=np.float64), shifts_px, mag)
-    return a.numpy(), d.numpy()
 
 
 def check_same_acquisition(ts_id: str, source: pd.DataFrame, target: pd.DataFrame, source_acq: dict,
@@ -107,8 +97,8 @@ class AssignAlignment(Step):
             if problems:
                 ctx.fail(f"tilt series {ts_id!r}: the source and target are not the same acquisition: "
                          + "; ".join(problems))
-            columns = [c for c in ALIGNMENT if c in src.columns]
-            merged = views.drop(columns=[c for c in ALIGNMENT if c in views.columns]).merge(
+            columns = [c for c in ALIGNMENT_COLUMNS if c in src.columns]
+            merged = views.drop(columns=[c for c in ALIGNMENT_COLUMNS if c in views.columns]).merge(
                 src[["tilt_index", *columns, "enabled"]].rename(columns={"enabled": "_source_enabled"}),
                 on="tilt_index", how="left", validate="one_to_one")
             merged["enabled"] = merged["enabled"].astype(bool) & merged["_source_enabled"].astype(bool)
