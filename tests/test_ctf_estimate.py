@@ -234,7 +234,7 @@ def _grid_gradient_sign(grid: torch.Tensor, axis_deg: float, tilt_deg: float) ->
 
 @pytest.mark.parametrize("true_hand", [-1, 1])
 def test_handedness_is_found_for_both_signs(one_thread, true_hand):
-    tilts = [-50.0, -35.0, -20.0, 20.0, 35.0, 50.0]
+    tilts = [-50.0, -30.0, 30.0, 50.0]
     images, truth = simulate_series(20 + true_hand, tilts, hand=true_hand, axis_deg=-80.0, half_astig_A=200.0)
     res = ce.estimate_tilt_series_ctf(images, 2.0, tilts, -80.0, KV, CS, AC, hand="auto")
     hd = res["handedness"]
@@ -323,10 +323,10 @@ def test_bad_settings_raise_clear_errors():
     assert issubclass(ce.CtfEstimationError, TomopipeError)
 
 
-def test_consistency_path_prefers_the_series_trend_over_a_weak_far_maximum():
-    """Viterbi over candidate maxima (z-scores, 0.5 per 1000 Å beyond 3000 Å between neighbours): a tilt
-    whose best maximum is slightly stronger but far off follows its neighbours; a tilt with a
-    strong genuine 5000 Å jump keeps it."""
+def test_consistency_prefers_the_series_trend_over_a_weak_far_maximum():
+    """Robust trend + penalty (z-scores, 1 per 1000 Å beyond 1500 Å, at most 8): a tilt whose best
+    maximum is slightly stronger but far off follows the series; a tilt with a strong genuine
+    5000 Å jump keeps it; a tilt without any maximum near the truth stays near the trend."""
     step = 50.0
     grid = 5000.0 + step * torch.arange(1501, dtype=F64)
     gen = torch.Generator().manual_seed(8)
@@ -341,11 +341,17 @@ def test_consistency_path_prefers_the_series_trend_over_a_weak_far_maximum():
         curve = torch.randn(len(grid), generator=gen, dtype=F64) + peak(d, 20.0 if i != 3 else 30.0)
         if i == 5:  # the true maximum is weaker than a wrong one 15000 Å away
             curve = curve - peak(d, 8.0) + peak(d - 15000.0, 15.0)
+        if i == 6:  # no maximum at the truth, a wrong one 20000 Å away
+            curve = curve - peak(d, 18.0) + peak(d + 20000.0, 4.0)
         curves.append(curve)
-    choice = ce._consistent_path(torch.stack(curves), tilts, step, free_A=3000.0, z_per_A=0.5e-3)
+    curves = torch.stack(curves)
+    choice, trend = ce._consistent_choice(curves, tilts, step, free_A=1500.0, z_per_A=1e-3, max_penalty=8.0)
     chosen = grid[torch.tensor(choice)]
-    assert float((chosen - true).abs().max()) <= 100.0
+    assert float((chosen[:6] - true[:6]).abs().max()) <= 100.0
     assert int(torch.argmax(curves[5])) != choice[5]  # tilt 20° did not take its own best maximum
+    # tilt 30° (noise only near the truth): a value near the trend, not the maximum 20000 Å off
+    assert abs(float(chosen[6] - (trend[6] + 5000.0))) <= 3000.0 and abs(float(chosen[6] - true[6])) < 5000.0
+    assert float((trend + 5000.0 - true).abs()[[0, 1, 2, 4, 5]].max()) < 3000.0
 
 
 # ----------------------------------------------------------------------------- the digital twin

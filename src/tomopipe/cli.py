@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="small", help="simulation preset (small; tiny for a quick look)")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--jobs", "-j", type=int, default=1)
+    demo.add_argument("--until", metavar="STEP", help="stop after this step of the tutorial workflow")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STEP.PARAM=VALUE",
+                      help="override a parameter of the tutorial workflow (repeatable)")
     return parser
 
 
@@ -235,7 +238,8 @@ def cmd_simulate(args) -> int:
 def cmd_demo(args) -> int:
     from tomopipe.demo import run_demo
 
-    return run_demo(args.out, preset=args.preset, seed=args.seed, jobs=args.jobs)
+    return run_demo(args.out, preset=args.preset, seed=args.seed, jobs=args.jobs, until=args.until,
+                    overrides=args.overrides)
 
 
 COMMANDS = {

@@ -12,10 +12,21 @@ from tomopipe.engine.executors import make_executor
 from tomopipe.engine.runner import run_workflow
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.project.store import Project
-from tomopipe.report.scores import score_import
+from tomopipe.project.store import SetRecord
+from tomopipe.report.scores import score_ctf, score_import, score_motion
 from tomopipe.report.truth import Truth
 
-SCORERS = {"import_movies": score_import}
+
+def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> dict:
+    """The scores against the truth of one output set of a step (empty when there are none)."""
+    items = project.read_items(record.id, enabled_only=True)
+    if step_type == "import_movies":
+        return score_import(items, record.attrs, truth)
+    if step_type == "motion_ctf" and record.kind == "tilt_series":
+        return score_motion(items, project, truth)
+    if step_type == "motion_ctf" and record.kind == "ctf":
+        return score_ctf(items, truth)
+    return {}
 
 
 def tutorial_workflow_path() -> Path:
@@ -38,7 +49,8 @@ def simulate_once(data_dir: Path, preset: str, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1) -> int:
+def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, until: str | None = None,
+             overrides: list[str] = ()) -> int:
     out = Path(out)
     data_dir = out / "data"
     simulation_s = simulate_once(data_dir, preset, seed)
@@ -46,20 +58,20 @@ def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1) -> 
         print(f"[simulate] {preset} preset, seed {seed}: {simulation_s:.1f} s -> {data_dir}")
     overrides = [f"import.files_directory={json.dumps(str(data_dir.resolve()))}",
                  f"import.gain_image={json.dumps(str((data_dir / 'gain_ref.mrc').resolve()))}",
-                 "import.gain_flip_y=true"]
+                 "import.gain_flip_y=true", *overrides]
     workflow = load_workflow(tutorial_workflow_path(), overrides)
     truth = Truth.find(data_dir)
     executor = make_executor(jobs)
     try:
         with Project.open_or_init(out / "project") as project:
-            report = run_workflow(project, workflow, executor)
+            report = run_workflow(project, workflow, executor, until=until)
             print("\nstep            time (s)  scores against the truth")
+            types = {step.name: step.step.type_name for step in workflow.steps}
             for outcome in report.outcomes:
                 scores = {}
-                scorer = SCORERS.get(next(s.step.type_name for s in workflow.steps if s.name == outcome.name))
-                if scorer and outcome.run is not None and outcome.status in ("finished", "skipped"):
+                if outcome.run is not None and outcome.status in ("finished", "skipped"):
                     for record in project.sets_of_run(outcome.run.id).values():
-                        scores = scorer(project.read_items(record.id), record.attrs, truth)
+                        scores.update(scores_of_set(project, record, types[outcome.name], truth))
                 seconds = outcome.run.elapsed_s if outcome.run and outcome.run.elapsed_s else 0.0
                 print(f"{outcome.name:15s} {seconds:8.1f}  {outcome.status}  {json.dumps(scores)}")
             print(f"\nproject: {project.folder} (tomopipe status --project {project.folder})")

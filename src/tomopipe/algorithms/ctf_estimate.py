@@ -24,9 +24,11 @@ Method, per tilt image:
 4. Local refinement of (defocus, astigmatism vector, phase) by Nelder–Mead on the same score
    tabulated on a 5 Å defocus grid (2.5° phase grid) and interpolated linearly.
 5. Second pass: background and envelope are fitted by least squares against the first model
-   (``P ≈ bg(k) + env(k)·CTF²``); the search and refinement are repeated with the data whitened
-   by ``bg`` and the model weighted by the signal-to-noise envelope ``env / bg`` (a matched
-   filter, which keeps noise-dominated high frequencies from creating false maxima).
+   (``P ≈ bg(k) + A·exp(−B·k²/4)·CTF²``, piecewise-linear bg, B on a grid); the search and
+   refinement are repeated with the data whitened by ``bg`` and the oscillation of the model
+   (CTF² − ½) weighted by the signal-to-noise envelope ``env / bg`` (a matched filter, which keeps
+   noise-dominated high frequencies from creating false maxima). The envelope is used only when
+   its amplitude is ≥ 3 standard errors above zero.
 
 Tilt series:
 
@@ -38,9 +40,11 @@ Tilt series:
   maximising the summed scores of all tilts (each with its own defocus) — it pools the SNR of
   all tilts; ``astigmatism_per_tilt=True`` keeps each tilt's own value instead.
 * Consistency: every tilt's score curve over the whole defocus range is expressed in units of
-  its noise level (sandwich estimate, z-scores); a Viterbi path through each tilt's 6 best maxima (tilt-angle order)
-  maximises the total z minus 0.5 per 1000 Å of change between neighbours beyond 3000 Å. A
-  weak maximum far from the series gives way; a strong genuine jump pays and stays.
+  its noise level (sandwich estimate, z-scores). A robust trend (Tukey biweight, weights z²,
+  quadratic in the tilt angle) runs through the tilts' own best maxima, and each tilt takes the
+  one of its 6 best maxima (or its best value within 1500 Å of the trend) that maximises
+  z − 1 per 1000 Å of distance to the trend beyond 1500 Å (at most 8): a weak maximum far from
+  the series gives way, a strong genuine jump stays.
 * A ``gy × gx`` grid of local defocus values (the windows of each cell, offsets relative to the
   cell centre) is fitted per tilt.
 
@@ -352,7 +356,7 @@ def _smooth_log_background(profile: torch.Tensor, k: torch.Tensor, degree: int =
 # ----------------------------------------------------------------------------- rows (grouped windows)
 @dataclass
 class _Groups:
-    """Windows grouped by depth (``step_A`` bins): mean power, number of windows, mean depth."""
+    """Windows grouped by depth (100 Å bins): mean power, number of windows, exact mean depth."""
 
     power: torch.Tensor  # [rows, n_sec, n_k]
     weight: torch.Tensor  # [rows]
@@ -412,8 +416,10 @@ class _Fit:
 
 
 def _model_fit(setup: _Setup, snr_fit: torch.Tensor, phase_deg: float) -> torch.Tensor:
-    """Detrended, SNR-weighted model table ``[n_fit, L]``."""
-    return setup.detrend @ (setup.model_table(phase_deg)[setup.fit] * snr_fit[:, None])
+    """Model table ``[n_fit, L]``: ``detrend(snr(k)·(CTF² − ½))``. Only the oscillation of CTF²
+    about its mean ½ is weighted by the SNR envelope, so that the envelope's own shape (fitted to
+    the data) cannot correlate with the data at every defocus."""
+    return setup.detrend @ ((setup.model_table(phase_deg)[setup.fit] - 0.5) * snr_fit[:, None])
 
 
 def _shift_tables(rows: _Rows, mfit: torch.Tensor, hand: int, setup: _Setup, lo: int, hi: int,
@@ -521,7 +527,7 @@ class _LocalTables:
         for phase in self.phases:
             c = ctf_1d(setup.k_sub[setup.fit][:, :, None], d[None, None, :], setup.voltage_kV, setup.cs_mm,
                        setup.amplitude_contrast, phase_shift_deg=phase)
-            m = setup.detrend @ ((c * c).mean(1) * snr_fit[:, None])  # [n_fit, n_d]
+            m = setup.detrend @ (((c * c).mean(1) - 0.5) * snr_fit[:, None])  # as _model_fit
             nums.append(torch.einsum("rsj,jd->rsd", rows.s_fit * rows.weight[:, None, None], m).reshape(-1, self.n_d))
             dens.append((m * m).sum(0))
         self.num = torch.stack(nums)  # [P, rows·n_sec, n_d]
@@ -644,38 +650,53 @@ def _hat_basis(k: torch.Tensor, n_knots: int) -> torch.Tensor:
     return torch.clamp(1.0 - (k[:, None] - knots[None, :]).abs() / (knots[1] - knots[0]), min=0.0)
 
 
-def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n_knots: int = 10):
-    """Least squares ``P ≈ bg(k) + env(k)·CTF²`` over all windows and sectors, with piecewise-linear
-    bg and env in k (weights 1/bg₀², the periodogram variance); returns ``(bg, env/bg normalised to
-    a maximum of 1 in the fit range)``, or None when no positive envelope is found."""
+_ENVELOPE_B_GRID_A2 = (0.0, 25.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0)
+
+
+def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n_knots: int = 10,
+                             min_t: float = 3.0):
+    """Least squares ``P ≈ bg(k) + A·exp(−B·k²/4)·CTF²`` over all windows and sectors, with a
+    piecewise-linear bg, for every B of a grid (weights 1/bg₀², the periodogram variance); the B with
+    the smallest residual wins. Returns ``(bg, snr)`` with ``snr = A·exp(−B·k²/4)/bg`` normalised to
+    a maximum of 1 in the fit range — or ``snr = 1`` when the envelope amplitude A is not at least
+    ``min_t`` standard errors above 0 (too little signal to weight by); None if bg is not positive.
+    The two-parameter envelope cannot follow the noise, unlike a free envelope."""
     groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
         c = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
     basis = _hat_basis(setup.k, n_knots)  # [n_k, nb]
     nb = basis.shape[1]
-    wt = groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2  # [rows, 1, n_k]
-    wt = wt.expand_as(c)
-    # normal equations with columns [basis(k), basis(k)·c]
-    s0 = wt.sum((0, 1))  # [n_k]
-    s1 = (wt * c).sum((0, 1))
-    s2 = (wt * c * c).sum((0, 1))
-    y0 = (wt * groups.power).sum((0, 1))
-    y1 = (wt * c * groups.power).sum((0, 1))
-    bb = basis[:, :, None] * basis[:, None, :]  # [n_k, nb, nb]
-    ata = torch.cat([torch.cat([(s0[:, None, None] * bb).sum(0), (s1[:, None, None] * bb).sum(0)], 1),
-                     torch.cat([(s1[:, None, None] * bb).sum(0), (s2[:, None, None] * bb).sum(0)], 1)], 0)
-    aty = torch.cat([basis.T @ y0, basis.T @ y1])
-    ata = ata + 1e-12 * torch.trace(ata) / len(ata) * torch.eye(len(ata), dtype=_F64)
-    sol = torch.linalg.solve(ata, aty)
-    bg, env = basis @ sol[:nb], basis @ sol[nb:]
+    wt = (groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2).expand_as(c)  # [rows, sec, n_k]
+    s0, s1, s2 = wt.sum((0, 1)), (wt * c).sum((0, 1)), (wt * c * c).sum((0, 1))
+    y0, y1 = (wt * groups.power).sum((0, 1)), (wt * c * groups.power).sum((0, 1))
+    yy = float((wt * groups.power ** 2).sum())
+    bb = (s0[:, None, None] * basis[:, :, None] * basis[:, None, :]).sum(0)  # [nb, nb]
+    best = None
+    for b_factor in _ENVELOPE_B_GRID_A2:
+        e = torch.exp(-0.25 * b_factor * setup.k ** 2)
+        ata = torch.zeros(nb + 1, nb + 1, dtype=_F64)
+        ata[:nb, :nb] = bb
+        ata[:nb, nb] = ata[nb, :nb] = basis.T @ (s1 * e)
+        ata[nb, nb] = (s2 * e * e).sum()
+        aty = torch.cat([basis.T @ y0, ((y1 * e).sum())[None]])
+        ata = ata + 1e-12 * torch.trace(ata) / (nb + 1) * torch.eye(nb + 1, dtype=_F64)
+        sol = torch.linalg.solve(ata, aty)
+        residual = yy - float(sol @ aty)
+        if best is None or residual < best[0]:
+            best = (residual, b_factor, sol, ata)
+    _, b_factor, sol, ata = best
+    bg = basis @ sol[:nb]
     if not bool((bg > 0).all()):
         return None
-    snr = (env / bg).clamp(min=0.0)
-    peak = float(snr[setup.fit].max())
-    if not peak > 0:
-        return None
-    return bg, snr / peak
+    dof = max(float((groups.weight > 0).sum()) * setup.n_sectors * len(setup.k) - nb - 1, 1.0)
+    sigma2 = max(best[0] / dof, 1e-30)
+    se = math.sqrt(sigma2 * float(torch.linalg.inv(ata)[nb, nb]))
+    amplitude = float(sol[nb])
+    if not amplitude > min_t * se:
+        return bg, torch.ones_like(bg)
+    snr = amplitude * torch.exp(-0.25 * b_factor * setup.k ** 2) / bg
+    return bg, snr / snr[setup.fit].max()
 
 
 # ----------------------------------------------------------------------------- fit resolution
@@ -829,14 +850,45 @@ def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_cont
 
 
 # ----------------------------------------------------------------------------- tilt series
-def _consistent_path(z_curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, n_candidates: int = 6):
-    """Candidate per tilt that maximises Σ z − Σ penalty along the tilt series (Viterbi).
+def _robust_trend(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, degree: int) -> torch.Tensor:
+    """Polynomial trend of ``y(x)``: weighted least squares, reweighted with Tukey's biweight
+    (c = 4.685, scale = 1.4826·weighted MAD) from the weighted median; robust to a minority of wild
+    values."""
+    t = (x - x.mean()) / max(float((x - x.mean()).abs().max()), 1e-12)
+    basis = torch.stack([t ** d for d in range(degree + 1)], 1)
+
+    def weighted_median(v, w):
+        order = torch.argsort(v)
+        cw = torch.cumsum(w[order], 0)
+        return float(v[order][int(torch.searchsorted(cw, 0.5 * cw[-1]).clamp(max=len(v) - 1))])
+
+    fit = torch.full_like(y, weighted_median(y, weight))
+    for _ in range(30):
+        res = y - fit
+        scale = max(1.4826 * weighted_median(res.abs(), weight), 1.0)
+        u = res / (4.685 * scale)
+        w = weight * torch.where(u.abs() < 1, (1 - u * u) ** 2, torch.zeros_like(u))
+        if int((w > 0).sum()) <= degree + 1:
+            break
+        sw = w.sqrt()[:, None]
+        new = (basis @ torch.linalg.lstsq(basis * sw, y[:, None] * sw).solution)[:, 0]
+        converged = float((new - fit).abs().max()) < 1e-3
+        fit = new
+        if converged:
+            break
+    return fit
+
+
+def _consistent_choice(z_curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, max_penalty: float,
+                       n_candidates: int = 6):
+    """Candidate per tilt that maximises ``z − min(max_penalty, z_per_A·max(0, |Δf − trend| − free_A))``.
 
     ``z_curves`` ``[n, c]``: every tilt's score over the centre-defocus grid (``step_A`` apart) in
-    units of its noise level. The candidates of a tilt are its ``n_candidates`` best local maxima;
-    neighbours in tilt-angle order pay ``z_per_A · max(0, |Δdefocus| − free_A)``. Returns the
-    chosen grid index of every tilt."""
-    n = z_curves.shape[0]
+    units of its noise level. The trend is a robust fit (Tukey biweight, weights z²; quadratic in
+    the tilt angle from 8 tilts on, else constant) through every tilt's own best maximum; the
+    candidates of a tilt are its ``n_candidates`` best local maxima and its best value within
+    ``free_A`` of the trend. Returns the chosen grid index of every tilt and the trend (Å from the
+    grid start)."""
     cands, zs = [], []
     for z in z_curves:
         peak = torch.ones_like(z, dtype=torch.bool)
@@ -846,36 +898,37 @@ def _consistent_path(z_curves, tilt_angles, step_A: float, free_A: float, z_per_
         idx = idx[torch.argsort(z[idx], descending=True)[:n_candidates]]
         cands.append(idx)
         zs.append(z[idx])
-    order = sorted(range(n), key=lambda i: tilt_angles[i])
-    total = zs[order[0]].clone()
-    back = []
-    for prev, cur in zip(order[:-1], order[1:]):
-        jump = (cands[cur][:, None] - cands[prev][None, :]).abs().to(_F64) * step_A
-        value, arg = (total[None, :] - z_per_A * (jump - free_A).clamp(min=0.0)).max(1)
-        total = value + zs[cur]
-        back.append(arg)
-    choice = [0] * n
-    j = int(torch.argmax(total))
-    for k in range(n - 1, -1, -1):
-        choice[order[k]] = int(cands[order[k]][j])
-        if k > 0:
-            j = int(back[k - 1][j])
-    return choice
+    own = torch.tensor([float(c[0]) for c in cands], dtype=_F64) * step_A
+    weight = torch.stack([z[0] for z in zs]).clamp(min=0.0) ** 2 + 1e-6
+    trend = _robust_trend(torch.tensor(tilt_angles, dtype=_F64), own, weight, 2 if len(cands) >= 8 else 0)
+    choice = []
+    for c, z, ref, curve in zip(cands, zs, trend.tolist(), z_curves):
+        lo = max(0, int(math.floor((ref - free_A) / step_A)))  # the best value near the trend is a candidate too
+        hi = min(len(curve) - 1, int(math.ceil((ref + free_A) / step_A)))
+        if lo <= hi:
+            near = lo + int(torch.argmax(curve[lo:hi + 1]))
+            c, z = torch.cat([c, torch.tensor([near])]), torch.cat([z, curve[near:near + 1]])
+        jump = (c.to(_F64) * step_A - ref).abs()
+        value = z - (z_per_A * (jump - free_A).clamp(min=0.0)).clamp(max=max_penalty)
+        choice.append(int(c[int(torch.argmax(value))]))
+    return choice, trend
 
 
 def _consistency(rows_of, fits, curves, sigmas, curve_phases, setup, snr_of, hand, fit_phase, tilt_angles, astig,
-                 refine_astig: bool = False, free_A: float = 3000.0, z_per_1000_A: float = 0.5):
+                 refine_astig: bool = False, free_A: float = 1500.0, z_per_1000_A: float = 1.0,
+                 max_penalty: float = 8.0):
     """Tilt-series consistency of the defocus: every tilt's score curve over the whole defocus range
-    (``curves [n, c]``, astigmatism ``astig``) in units of its noise level ``sigmas`` (z-scores),
-    and a path through the candidate maxima of all tilts (tilt-angle order) that maximises the
-    total z minus ``z_per_1000_A`` per 1000 Å of change between neighbours beyond ``free_A``
-    (Viterbi). A tilt whose chosen candidate is more than 500 Å from its fit is refined again from
-    that candidate: a weak wrong maximum gives way, a strong genuine jump pays and stays."""
+    (``curves [n, c]``, astigmatism ``astig``) in units of its noise level ``sigmas`` (z-scores); a
+    robust trend through the tilts' own best maxima (weighted by z²); each tilt takes the candidate
+    maximum that maximises z minus ``z_per_1000_A`` per 1000 Å of distance to the trend beyond
+    ``free_A`` (at most ``max_penalty``). A tilt whose choice is more than 500 Å from its fit is
+    refined again from it: a weak wrong maximum gives way, a strong genuine jump stays."""
     n = len(fits)
     refit = [False] * n
     if n < 3:
         return fits, refit
-    choice = _consistent_path(curves / sigmas, tilt_angles, setup.step_A, free_A, z_per_1000_A / 1000.0)
+    choice, _ = _consistent_choice(curves / sigmas, tilt_angles, setup.step_A, free_A, z_per_1000_A / 1000.0,
+                                   max_penalty)
     for i, c in enumerate(choice):
         d = float(setup.table_defocus_A[setup.search_lo + c])
         if abs(d - fits[i].defocus_A) <= 500.0:

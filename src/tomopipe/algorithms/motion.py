@@ -11,21 +11,27 @@ Conventions
   B-spline of degree ``min(3, n_control - 1)`` with ``n_control`` control points over t
   (1: constant, 2: linear, 3: quadratic, 4: cubic, more: a cubic spline with interior knots).
 - Local motion (grid X x Y > 1) is a residual displacement field on top of the global
-  trajectory, a tensor-product B-spline over (t, y, x) whose control points span the whole
-  image (normalised coordinates ``y / (ny - 1)``, ``x / (nx - 1)``), fitted by least squares to
-  patch trajectories and shrunk towards zero by its significance (James-Stein), so that noise
-  does not become a deformation.
+  trajectory: a tensor-product B-spline over (t, y, x) whose spatial control points span the
+  rectangle of the patch centres it was measured at (``MotionModel.local_extent_px``; the field
+  continues linearly outside it).
 
-Method: pixels that are outliers in the sum of the frames (hot pixels: a fixed pattern that would
-pull every frame towards zero shift) and in single frames (X-ray hits) are replaced by the mean for
-the estimation only. Every frame is then cross-correlated with the sum of all other frames (leave-one-out
-reference, no self-correlation of noise), in a band ``fit_resolution_min_A .. fit_resolution_max_A``
-with a B-factor weight ``exp(B k² / 4)`` (Warp's sign: a negative B damps high frequencies) on
-the cross-power spectrum; the sub-pixel peak (parabolic fit) gives a per-frame correction; the
-corrected trajectory is projected onto the temporal model; repeat until it stops changing. Frames
-are Fourier-cropped to the fit resolution for the estimation. Local motion repeats this on
-overlapping patches of the globally aligned frames and fits the smooth field to the patch
-trajectories by least squares.
+Method (global): pixels that are outliers in the sum of the frames (hot pixels: a fixed pattern
+that would pull every frame towards zero shift) and in single frames (X-ray hits) are replaced by
+the mean, edges tapered, frames Fourier-cropped to the fit resolution (estimation only). The
+cross-power spectra are weighted by a band ``fit_resolution_min_A .. fit_resolution_max_A`` and a
+B-factor ``exp(B k² / 4)`` (Warp's sign: a negative B damps high frequencies).
+1. Start: a constant drift from the displacement between the sums of the first and second half
+   of the frames (zero when that correlation peak is not significant, > 6 SD).
+2. Iterate: every frame is cross-correlated with the sum of all other frames (leave-one-out: no
+   self-correlation of noise); the sub-pixel peak (parabolic fit) within a small step gives a
+   per-frame correction; the trajectory is projected onto the temporal model (least squares);
+   until it stops changing.
+3. Significance: if the half sums did not correlate significantly, or the trajectory is within
+   the noise of its per-frame measurements (chi-square, 95 %), the frames are kept still
+   (``MotionModel.significant = False``): no motion is better than a noise trajectory.
+Local: the same on overlapping patches of the globally aligned frames (kept off the frame edges),
+a least-squares fit of the field to the patch trajectories, dropped when not significant at ~3 SD
+and otherwise shrunk James-Stein style, so that patch noise does not become a deformation.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tomopipe.algorithms.filters import exposure_filter, fourier_crop_bin, fourier_crop_shape
+from tomopipe.algorithms.filters import critical_exposure_e_per_A2, fourier_crop_bin, fourier_crop_shape
 
 __all__ = [
     "MotionModel",
@@ -133,6 +139,8 @@ class MotionModel:
     B-spline spans (the patch centres it was measured at; None: the whole image); outside it the
     field continues linearly (value and slope at its edge).
     ``image_size_px`` (ny, nx) and ``pixel_size_A`` of the movie the model was estimated on.
+    ``significant``: False when the data held no significant evidence of motion (then
+    ``shifts_A`` is zero and ``raw_shifts_A`` keeps the measurement for diagnosis).
     """
 
     shifts_A: torch.Tensor
@@ -706,19 +714,25 @@ def align_and_sum(
     shape = (ny, nx)
     shifts_px = motion.shifts_A.to(device=device, dtype=torch.float64) / pixel_size_A
 
-    weights = None
+    weight_of = None
     if frame_dose_e_per_A2 is not None:
-        doses = torch.as_tensor(frame_dose_e_per_A2, dtype=torch.float64).reshape(-1)
-        if doses.numel() != n_frames:
-            raise ValueError(f"align_and_sum: {doses.numel()} frame doses for {n_frames} frames")
+        doses = [float(d) for d in torch.as_tensor(frame_dose_e_per_A2, dtype=torch.float64).reshape(-1)]
+        if len(doses) != n_frames:
+            raise ValueError(f"align_and_sum: {len(doses)} frame doses for {n_frames} frames")
+        if min(doses) < 0:
+            raise ValueError(f"align_and_sum: frame doses must be >= 0 e/Å², got {doses}")
         ky, kx = _frequencies_px(shape, device)
-        k_per_A = torch.sqrt(ky**2 + kx**2) / pixel_size_A
-        weights = [exposure_filter(k_per_A, float(d), voltage_kV).to(torch.float32) for d in doses]
-        power = torch.zeros_like(weights[0])
-        for q in weights:
-            power += q * q
+        k_per_A = (torch.sqrt(ky**2 + kx**2) / pixel_size_A).to(torch.float32)
+        # exposure_filter's q = exp(-N / 2Ne(k)), with Ne(k) computed once for all frames (float32:
+        # a 4k frame's grid in float64 per frame costs more than the FFTs)
+        half_inverse_ne = 0.5 / critical_exposure_e_per_A2(k_per_A, voltage_kV)
+        power = torch.zeros_like(half_inverse_ne)
+        for dose in doses:
+            power += torch.exp(-2.0 * dose * half_inverse_ne)
         norm = torch.sqrt(n_frames / power)
-        weights = [q * norm for q in weights]
+
+        def weight_of(frame: int) -> torch.Tensor:
+            return torch.exp(-doses[frame] * half_inverse_ne) * norm
 
     def finish(spectrum):
         image = torch.fft.irfft2(spectrum, s=shape)
@@ -736,8 +750,8 @@ def align_and_sum(
             spectrum = torch.fft.rfft2(image)
         if keep_frames:
             kept.append(finish(spectrum))
-        if weights is not None:
-            spectrum = spectrum * weights[f]
+        if weight_of is not None:
+            spectrum = spectrum * weight_of(f)
         total = spectrum if total is None else total + spectrum
         if even_odd:
             half = f % 2

@@ -40,3 +40,54 @@ def score_import(items: pd.DataFrame, attrs: dict, truth: Truth) -> dict:
         "max_tilt_axis_line_error_deg": float(max(axis_errors)),
         "tilt_axis_direction": "as the truth" if all(same_direction) else "opposite to the truth (other hand)",
     }
+
+
+def _by_tilt_angle(ours: pd.DataFrame, true_table: pd.DataFrame, angle_column: str) -> pd.DataFrame:
+    """Pair our per-tilt rows with the truth's by the (stage) tilt angle, which the mdoc carries."""
+    ours = ours.assign(_angle=np.round(ours["tilt_angle_deg"].to_numpy(float), 2))
+    true_table = true_table.assign(_angle=np.round(true_table[angle_column].to_numpy(float), 2))
+    return ours.merge(true_table, on="_angle", how="inner", suffixes=("", "_true"))
+
+
+def score_motion(items: pd.DataFrame, project, truth: Truth) -> dict:
+    """RMS error (Å) of the estimated per-frame shifts against the truth, both taken relative
+    to their mean over the frames of a movie."""
+    import json
+
+    squared, frames = 0.0, 0
+    for ts_id, group in items.groupby("ts_id"):
+        document = json.loads(project.absolute_path(group["motion_path"].iloc[0]).read_text())
+        estimated = {t["tilt_index"]: np.asarray(t["shifts_A"], dtype=float) for t in document["tilts"]}
+        true_tilts = truth.tilts(ts_id)
+        true_shifts = truth.frame_shifts(ts_id)
+        paired = _by_tilt_angle(group, true_tilts, "stage_tilt_deg")
+        for row in paired.itertuples(index=False):
+            true = true_shifts[true_shifts["acquisition_index"] == row.acquisition_index].sort_values("frame")
+            true_xy = true[["shift_x_A", "shift_y_A"]].to_numpy(float)
+            ours = estimated[row.tilt_index]
+            difference = (ours - ours.mean(0)) - (true_xy - true_xy.mean(0))
+            squared += float((difference ** 2).sum())
+            frames += len(difference)
+    return {"motion_shift_rms_error_A": float(np.sqrt(squared / frames)) if frames else float("nan"),
+            "frames_scored": frames}
+
+
+def score_ctf(items: pd.DataFrame, truth: Truth) -> dict:
+    """Defocus errors (Å) against the truth: |mean defocus error| median and 95th percentile,
+    astigmatism (U − V) error median; fit resolutions reported."""
+    defocus_errors, astigmatism_errors = [], []
+    for ts_id, group in items.groupby("ts_id"):
+        paired = _by_tilt_angle(group, truth.tilt_series_star(ts_id), "rlnTomoNominalStageTiltAngle")
+        ours_mean = 0.5 * (paired["defocus_u_A"] + paired["defocus_v_A"])
+        true_mean = 0.5 * (paired["rlnDefocusU"] + paired["rlnDefocusV"])
+        defocus_errors.append(np.abs(ours_mean - true_mean).to_numpy())
+        astigmatism_errors.append(np.abs(np.abs(paired["defocus_u_A"] - paired["defocus_v_A"])
+                                         - np.abs(paired["rlnDefocusU"] - paired["rlnDefocusV"])).to_numpy())
+    defocus = np.concatenate(defocus_errors) if defocus_errors else np.array([np.nan])
+    astigmatism = np.concatenate(astigmatism_errors) if astigmatism_errors else np.array([np.nan])
+    resolution = items["fit_resolution_A"].to_numpy(float)
+    return {"defocus_error_median_A": float(np.median(defocus)),
+            "defocus_error_p95_A": float(np.percentile(defocus, 95)),
+            "astigmatism_error_median_A": float(np.median(astigmatism)),
+            "fit_resolution_median_A": float(np.nanmedian(resolution)) if np.isfinite(resolution).any() else None,
+            "tilts_scored": int(defocus.size)}

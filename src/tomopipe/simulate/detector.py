@@ -123,25 +123,35 @@ def _poisson_torch(contrast: torch.Tensor, scale: torch.Tensor, generator: torch
 
 if _HAVE_NUMBA:
 
-    @numba.njit(cache=True, parallel=True)
+    @numba.njit(cache=True, parallel=True, fastmath=True)
     def _poisson_numba(contrast, scale, seed, max_count, out):  # pragma: no cover - compiled
-        """out = min(Poisson((1 + c)·scale), max_count) by CDF inversion (numpy's sampler for λ >= 20).
-
-        The pixels are cut into 16 chunks, each with its own stream seeded from ``seed`` and the
-        chunk number, so the result does not depend on the number of threads.
-        """
+        """out = min(Poisson((1 + c)·scale), max_count) by CDF inversion for λ < 30 (numpy's
+        sampler above). Uniforms from xorshift64* streams, one per chunk of pixels seeded from
+        ``seed`` and the chunk number (splitmix64), so the result does not depend on the threads."""
         n = contrast.size
         n_chunks = 16
         size = (n + n_chunks - 1) // n_chunks
         for chunk in numba.prange(n_chunks):
+            z = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(chunk + 1) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            state = z ^ (z >> np.uint64(31))
+            if state == np.uint64(0):
+                state = np.uint64(0x2545F4914F6CDD1D)
             np.random.seed(seed + 7919 * chunk)
             for i in range(chunk * size, min(n, (chunk + 1) * size)):
                 lam = 1.0 + contrast[i]
                 if lam < 0.0:
                     lam = 0.0
                 lam *= scale[i]
-                if lam < 20.0:
-                    u = np.random.random()
+                if lam < 30.0:
+                    state ^= state >> np.uint64(12)
+                    state ^= state << np.uint64(25)
+                    state ^= state >> np.uint64(27)
+                    u = float((state * np.uint64(2685821657736338717)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                    if u <= 1.0 - lam:  # 1 − λ <= exp(−λ): certainly no count, no exponential needed
+                        out[i] = 0
+                        continue
                     p = math.exp(-lam)
                     cdf = p
                     k = 0
@@ -155,10 +165,8 @@ if _HAVE_NUMBA:
 
 
 def _poisson_counts(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator, max_count: int) -> torch.Tensor:
-    """Counts ``min(Poisson((1 + contrast)·scale), max_count)`` as uint8 (numba on the CPU, else torch).
-
-    The compiled sampler is seeded from ``generator``, so results are reproducible per seed.
-    """
+    """Counts ``min(Poisson((1 + contrast)·scale), max_count)`` as uint8: the compiled CPU sampler
+    (numba, seeded from ``generator``) or ``torch.poisson``. Reproducible per seed."""
     if _HAVE_NUMBA and contrast.device.type == "cpu" and max_count <= 255:
         seed = int(torch.randint(0, 2**30, (1,), generator=generator))
         out = np.empty(contrast.numel(), dtype=np.uint8)

@@ -23,7 +23,16 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+try:  # compiled CPU kernel (optional accelerator; torch is the reference path)
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the environment
+    numba = None
+    _HAVE_NUMBA = False
 
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, electron_wavelength_A
 from tomopipe.algorithms.geometry import project_points, projection_rotations
@@ -152,6 +161,72 @@ def _add_box(layer: torch.Tensor, box: torch.Tensor, x0: int, y0: int) -> None:
     layer[ya:yb, xa:xb] += box[ya - y0 : yb - y0, xa - x0 : xb - x0]
 
 
+if _HAVE_NUMBA:
+
+    @numba.njit(cache=True, parallel=True, fastmath=True)
+    def _accumulate_numba(spec, phasor, step, acc_plus, acc_minus):  # pragma: no cover - compiled
+        """acc_plus += phasor·spec; acc_minus += conj(phasor)·spec; phasor *= step (one pass)."""
+        rows, cols = spec.shape
+        for i in numba.prange(rows):
+            for j in range(cols):
+                s = spec[i, j]
+                p = phasor[i, j]
+                acc_plus[i, j] += p * s
+                acc_minus[i, j] += p.conjugate() * s
+                phasor[i, j] = p * step[i, j]
+
+    @numba.njit(cache=True, parallel=True, fastmath=True)
+    def _spread_numba(field, stack, u0, ux, uy):  # pragma: no cover - compiled
+        """Add ``field`` to the layers around u = u0 + ux·column + uy·row with linear weights."""
+        n_layers, rows, cols = stack.shape
+        for i in numba.prange(rows):
+            for j in range(cols):
+                u = u0 + ux * j + uy * i
+                l0 = int(math.floor(u))
+                if l0 < 0:
+                    l0 = 0
+                elif l0 > n_layers - 2:
+                    l0 = n_layers - 2
+                w1 = u - l0
+                if w1 < 0.0:
+                    w1 = 0.0
+                elif w1 > 1.0:
+                    w1 = 1.0
+                f = field[i, j]
+                stack[l0, i, j] += (1.0 - w1) * f
+                stack[l0 + 1, i, j] += w1 * f
+
+
+def _spread(field: torch.Tensor, stack: torch.Tensor, u0: float, ux: float, uy: float) -> tuple[int, int]:
+    """Split ``field`` between the two layers around the plane ``u = u0 + ux·x + uy·y`` (layer
+    units, x = column, y = row); returns the range of layers touched."""
+    n_layers, h, w = stack.shape
+    corners = [u0, u0 + ux * (w - 1), u0 + uy * (h - 1), u0 + ux * (w - 1) + uy * (h - 1)]
+    lo = min(max(int(math.floor(min(corners))), 0), n_layers - 2)
+    hi = min(max(int(math.floor(max(corners))), 0), n_layers - 2) + 1
+    if _HAVE_NUMBA and stack.device.type == "cpu":
+        _spread_numba(field.contiguous().numpy(), stack.numpy(), u0, ux, uy)
+        return lo, hi
+    ys = torch.arange(h, dtype=torch.float64, device=stack.device)[:, None]
+    xs = torch.arange(w, dtype=torch.float64, device=stack.device)[None, :]
+    u = (u0 + ux * xs + uy * ys).float()
+    l0 = torch.floor(u).clamp(0, n_layers - 2).to(torch.int64)
+    w1 = (u - l0).clamp(0, 1)
+    stack.scatter_add_(0, l0[None], ((1 - w1) * field)[None])
+    stack.scatter_add_(0, (l0 + 1)[None], (w1 * field)[None])
+    return lo, hi
+
+
+def _accumulate(spec, phasor, step, acc_plus, acc_minus) -> torch.Tensor:
+    """One depth layer into the two CTF accumulators; returns the phasor of the next layer."""
+    if _HAVE_NUMBA and spec.device.type == "cpu":
+        _accumulate_numba(spec.numpy(), phasor.numpy(), step.numpy(), acc_plus.numpy(), acc_minus.numpy())
+        return phasor
+    acc_plus.addcmul_(phasor, spec)
+    acc_minus.addcmul_(phasor.conj(), spec)
+    return phasor * step
+
+
 def _layer_stack(workspace: dict | None, n_layers: int, h: int, w: int, device) -> torch.Tensor:
     """A zeroed ``[n_layers, h, w]`` float32 stack, reusing ``workspace['stack']`` when it is large enough."""
     if workspace is None:
@@ -204,21 +279,22 @@ def render_tilt_contrast(
     else:
         delta_particles = torch.zeros(0, dtype=torch.float64)
 
-    # ice sub-slab planes: z_P(x) = −tanθ·x_ali + z_k / cosθ, x_ali = [R2(−axis)·(x − s)/m]_x
+    # ice sub-slab planes: z_P(x) = −tanθ·x_ali + z_k / cosθ, x_ali = [R2(−axis)·(x − s)/m]_x,
+    # linear in the pixel position: z_P = zp0 + zpx·column + zpy·row + z_k / cosθ
     theta = math.radians(tilt.tilt_deg)
     alpha = math.radians(tilt.axis_deg)
     use_ice = ice is not None and ice.fluctuations
     if use_ice:
         n_sub = ice.sublayers
         z_k = [(-0.5 + (k + 0.5) / n_sub) * ice.thickness_A for k in range(n_sub)]
-        ys = (torch.arange(h, dtype=torch.float64, device=device) - h // 2) * p - tilt.shift_A[1]
-        xs = (torch.arange(w, dtype=torch.float64, device=device) - w // 2) * p - tilt.shift_A[0]
-        x_ali = (math.cos(alpha) * xs[None, :] + math.sin(alpha) * ys[:, None]) / m  # R2(−α) row 0
-        base_zp = -math.tan(theta) * x_ali  # [h, w]
-        corners = torch.stack([base_zp[0, 0], base_zp[0, -1], base_zp[-1, 0], base_zp[-1, -1]])
+        slope = -math.tan(theta) / m
+        zpx = slope * math.cos(alpha) * p
+        zpy = slope * math.sin(alpha) * p
+        zp0 = slope * (math.cos(alpha) * (-(w // 2) * p - tilt.shift_A[0]) + math.sin(alpha) * (-(h // 2) * p - tilt.shift_A[1]))
+        corner_zp = [zp0, zp0 + zpx * (w - 1), zp0 + zpy * (h - 1), zp0 + zpx * (w - 1) + zpy * (h - 1)]
         ice_deltas = []
         for zk in z_k:
-            for c in corners:
+            for c in corner_zp:
                 ice_deltas.append(float(defocus_with_handedness(0.0, c + zk / math.cos(theta), hand)))
         ice_deltas_t = torch.tensor(ice_deltas, dtype=torch.float64)
     else:
@@ -263,13 +339,10 @@ def render_tilt_contrast(
             field = ice_potential_field(
                 (h, w), p, path, ice.density_g_per_cm3, generator, device, psd_sqrt=ice_psd_sqrt
             ) * interaction_rad_per_V_A
-            delta = (hand * (base_zp + zk / math.cos(theta))).float()
-            u = (delta - d_min) / dz
-            l0 = torch.floor(u).clamp(0, n_layers - 2).to(torch.int64)
-            w1 = (u - l0).clamp(0, 1)
-            stack.scatter_add_(0, l0[None], ((1 - w1) * field)[None])
-            stack.scatter_add_(0, (l0 + 1)[None], (w1 * field)[None])
-            for l in range(int(l0.min()), int(l0.max()) + 2):
+            # layer coordinate u = (hand·z_P − d_min) / dz, linear in the pixel position
+            u0 = (hand * (zp0 + zk / math.cos(theta)) - d_min) / dz
+            lo, hi = _spread(field, stack, u0, hand * zpx / dz, hand * zpy / dz)
+            for l in range(lo, hi + 1):
                 filled[l] = True
 
     # CTF per layer through the two phasor accumulators
@@ -280,18 +353,14 @@ def render_tilt_contrast(
     acc_plus = torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device)
     acc_minus = torch.zeros_like(acc_plus)
     step = torch.polar(torch.ones_like(a), a * dz)
-    phasor = None
+    phasor = torch.polar(torch.ones_like(a), a * d_min)
     for l in range(n_layers):
-        layer = stack[l]
-        if l % 16 == 0 or phasor is None:
+        if l % 16 == 0:  # exact phasor now and then: no drift from the repeated products
             phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
-        else:
-            phasor = phasor * step
         if not filled[l]:
+            phasor = phasor * step
             continue
-        spec = torch.fft.rfft2(layer)
-        acc_plus.addcmul_(phasor, spec)
-        acc_minus.addcmul_(phasor.conj(), spec)
+        phasor = _accumulate(torch.fft.rfft2(stack[l]), phasor, step, acc_plus, acc_minus)
     del stack
     centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
     total = (centre * acc_plus - centre.conj() * acc_minus) / 2j

@@ -202,13 +202,14 @@ class FourierSliceProjector:
         out = torch.empty((count, n, n), dtype=torch.float32, device=self.device)
         ky = torch.fft.fftfreq(n, d=1.0 / n, device=self.device).float()
         kx = torch.fft.rfftfreq(n, d=1.0 / n, device=self.device).float()
+        # the shift by n//2 in the phase ramp moves the origin from index 0 to n//2 (a folded fftshift)
         for start in range(0, count, batch):
             sl = slice(start, min(start + batch, count))
             m = mag[sl]
             values = self.slices(rot[sl], m).to(self.device)
-            phase_y = torch.polar(torch.ones_like(ky)[None], -2.0 * math.pi * ky[None] * shifts[sl, 1:2] / n)
-            phase_x = torch.polar((m * m)[:, None].expand(-1, kx.numel()), -2.0 * math.pi * kx[None] * shifts[sl, 0:1] / n)
+            phase_y = torch.polar(torch.ones_like(ky)[None], -2.0 * math.pi * ky[None] * (shifts[sl, 1:2] + n // 2) / n)
+            phase_x = torch.polar((m * m * self.pixel_size_A)[:, None].expand(-1, kx.numel()),
+                                  -2.0 * math.pi * kx[None] * (shifts[sl, 0:1] + n // 2) / n)
             values = values * phase_y[:, :, None] * phase_x[:, None, :]
-            img = torch.fft.irfft2(values, s=(n, n))
-            out[sl] = torch.fft.fftshift(img, dim=(-2, -1)) * self.pixel_size_A
+            out[sl] = torch.fft.irfft2(values, s=(n, n))
         return out

@@ -1,17 +1,25 @@
 """Seed step "warp - tilt-series motion and ctf estimation": align the frames of every tilt,
 sum them with dose weighting, and estimate each tilt's CTF (tilt-aware).
 
-Per tilt series (one task of the executor): the movies are read, multiplied by the import
-step's oriented gain, their motion is estimated (:func:`tomopipe.algorithms.motion.estimate_motion`,
-the seed's grid X x Y x temporal), and the aligned sums are written as one MRC stack sorted by
-``tilt_index``. Trajectories are stored per tilt series as ``TS_motion.csv`` (per frame: global
-shift (x, y) in Å, content displacement relative to the mean position, and the accumulated dose)
-and ``TS_motion.json`` (the complete model, local field included; read it back with
-``MotionModel.from_dict``). Frame doses: the tilt's pre-exposure plus its dose spread evenly over
-its frames, taken at the end of each frame.
+Per tilt series (one task of the executor): the movies are read (EER: grouped by ``eer_fraction``
+or ``eer_group_exposure_e_per_A2``), multiplied by the import step's oriented gain, their motion
+is estimated (:func:`tomopipe.algorithms.motion.estimate_motion`, the seed's grid X x Y x
+temporal), and the aligned, dose-weighted sums are written as one MRC stack sorted by
+``tilt_index`` (even/odd half sums as two more stacks). Frame doses: the tilt's pre-exposure plus
+the part of its dose received by the end of each frame.
+
+Trajectories per tilt series: ``TS_motion.csv`` (per frame: global shift (x, y) in Å, content
+displacement relative to the mean position, the unsmoothed measurement, the accumulated dose) and
+``TS_motion.json`` (the complete models, local fields included; ``MotionModel.from_dict``).
+Item columns added to the tilt-series set: ``image_path``, ``image_section``, ``motion_path``,
+``motion_total_A`` (path length), ``motion_iterations``, ``motion_significant`` (False: no
+significant motion signal, frames summed unshifted) and, with ``even_odd``,
+``image_even_path`` / ``image_odd_path``.
 
 CTF: ``use_movie_average = false`` (the seed's choice, Warp's default) fits the sum of the
-aligned frames' power spectra; ``true`` fits the spectrum of the aligned (dose-weighted) sum.
+aligned frames' power spectra (the frames are kept in memory for that); ``true`` fits the
+spectrum of the aligned, dose-weighted sum, whose Thon rings are F times stronger relative to
+the shot noise (better at tomography's low dose per tilt).
 """
 
 from __future__ import annotations
@@ -151,9 +159,14 @@ def process_tilt_series(task: dict) -> dict:
             "image_section": len(sums) - 1,
             "motion_total_A": _trajectory_length_A(model.shifts_A.cpu()),
             "motion_iterations": int(model.iterations),
+            "motion_significant": bool(model.significant),
         })
         log.info("%s tilt %d (%.1f deg): %d frames, trajectory %.2f A, %d iterations", ts_id, tilt["tilt_index"],
                  tilt["tilt_angle_deg"], movie.shape[0], results[-1]["motion_total_A"], model.iterations)
+        if not model.significant:
+            log.warning("%s tilt %d (%.1f deg): no significant motion signal in %s (too little contrast or dose); "
+                        "frames summed without shifts", ts_id, tilt["tilt_index"], tilt["tilt_angle_deg"],
+                        movie_path.name)
         del movie, frames
 
     files = {"image_path": folder / f"{ts_id}.mrc"}
@@ -359,6 +372,7 @@ class MotionCtf(Step):
         ctx.add_output("tilt_series", ts_items, ts_attrs)
         summary = {"tilt_series": len(results), "tilts": len(ts_items),
                    "motion_total_A_median": float(np.median(ts_items["motion_total_A"])),
+                   "tilts_without_significant_motion": int((~ts_items["motion_significant"]).sum()),
                    "pixel_size_A": sorted({r["pixel_size_A"] for r in results})}
         if ctf_tables:
             ctf_items = pd.concat(ctf_tables, ignore_index=True)
