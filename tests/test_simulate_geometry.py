@@ -224,7 +224,7 @@ def test_particle_orientation_is_not_a_mirror_image():
     """Apoferritin (chiral) at RELION angles (30, 60, 90) seen at +30° tilt: the simulator's image
     matches the sheet's rotation (A = (Rz Ry Rz)ᵀ, §5; projection Rz(α)Ry(θ), §7) and not the mirror."""
     assert STRUCTURE.is_file()
-    model = read_atomic_model(STRUCTURE)
+    model = read_atomic_model(STRUCTURE, implicit_hydrogens=False)  # gemmi sees the file's atoms
     pixel, box, shape = 3.16, 56, (96, 96)
     projector = FourierSliceProjector(atomic_potential_volume(model, box, pixel), pixel, pad_factor=3)
     a = Rotation.from_euler("ZYZ", [30.0, 60.0, 90.0], degrees=True).as_matrix().T

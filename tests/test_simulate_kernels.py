@@ -89,3 +89,29 @@ def test_ice_spreading_kernel_agrees():
     assert torch.allclose(fast, slow, atol=1e-6)
     assert torch.allclose(fast.sum(0), field, atol=1e-5)  # the weights of every pixel add up to 1
     assert float(fast[8].abs().max()) == 0.0
+
+
+def test_layer_blocks_give_the_same_image():
+    """Processing the depth layers in blocks (bounded memory) changes nothing."""
+    from datetime import datetime
+
+    from tomopipe.simulate.imaging import IceModel, Optics, render_tilt_contrast
+    from tomopipe.simulate.plan import TiltPlan
+
+    r = (torch.arange(16, dtype=torch.float64) - 8) * 8.0
+    d2 = r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2
+    proj = FourierSliceProjector((5.0 * torch.exp(-d2 / 300.0)).float(), 8.0, pad_factor=2)
+    tilt = TiltPlan(index=0, nominal_deg=40.0, stage_deg=40.0, tilt_deg=40.0, axis_deg=-85.6, shift_A=(10.0, -5.0),
+                    magnification=1.0, defocus_u_A=20000.0, defocus_v_A=19800.0, astigmatism_angle_deg=20.0,
+                    target_defocus_um=-2.0, scope_defocus_um=-2.0, pre_exposure_e_per_A2=0.0, dose_e_per_A2=2.64,
+                    time=datetime(2026, 1, 1), frame_shifts_A=torch.zeros((1, 2)), local_profile=torch.zeros(1),
+                    local_field=None)
+    positions = torch.tensor([[0.0, 0.0, 0.0], [300.0, 100.0, 150.0], [-200.0, 50.0, -150.0]], dtype=torch.float64)
+    kwargs = dict(projector=proj, positions_A=positions, rotations=torch.eye(3, dtype=torch.float64).expand(3, 3, 3),
+                  ice=IceModel(400.0, sublayers=2))
+    whole, info = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4, generator=torch.Generator().manual_seed(1),
+                                       max_stack_bytes=1e12, **kwargs)
+    blocks, info_b = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4, generator=torch.Generator().manual_seed(1),
+                                          max_stack_bytes=3 * 4 * 128 * 128, **kwargs)
+    assert info["n_layers"] > 6 and info_b["layer_block"] == 3
+    assert torch.allclose(whole, blocks, atol=1e-5 * float(whole.abs().max()))

@@ -264,3 +264,16 @@ def test_bad_settings_fail_before_writing(tmp_path):
     with pytest.raises(InputFileError, match="absent.pdb"):
         run_from_args(parser.parse_args(["--structure", str(tmp_path / "absent.pdb"), "--out", str(tmp_path / "z"), *MINI]))
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_a_second_simulation_needs_overwrite(tmp_path):
+    from tomopipe.errors import TomopipeError
+
+    run(tmp_path, *MINI, "--tilt-min-deg", "-10", "--tilt-max-deg", "10", "--tilt-step-deg", "10")
+    assert len(list(tmp_path.glob("TS_01_*.tif"))) == 3
+    with pytest.raises(TomopipeError, match="already holds a simulated acquisition"):
+        run(tmp_path, *MINI)
+    (tmp_path / "notes.txt").write_text("mine")
+    run(tmp_path, *MINI, "--overwrite")
+    assert len(list(tmp_path.glob("TS_01_*.tif"))) == 1  # the earlier movies are gone
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # other files are left alone

@@ -43,8 +43,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
+    """The file's atoms only (gemmi computes the same atoms for the independent check)."""
     assert STRUCTURE.is_file(), f"the apoferritin model is expected at {STRUCTURE}"
-    return read_atomic_model(STRUCTURE)
+    return read_atomic_model(STRUCTURE, implicit_hydrogens=False)
 
 
 def gemmi_potential_V(path: Path, centre_A, box: int, pixel_size_A: float, oversampling: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def test_model_reading(model):
     assert float(model.positions_A.mean(0).abs().max()) < 1e-9  # centred
     assert 60 < model.radius_A < 70  # apoferritin: ~12-13 nm across
     volume = float(excluded_volumes_A3(model).sum())
-    assert volume == pytest.approx(1.23 * model.mass_Da() * 1.075, rel=0.01)
+    assert volume == pytest.approx(1.2288 * model.mass_Da() * 1.075, rel=1e-3)  # 0.74 cm³/g, with hydrogens
 
 
 def test_fsc_against_gemmi_to_twice_the_pixel(model):
@@ -126,6 +127,25 @@ def test_fsc_against_gemmi_coarse_pixel(model, coarse_maps):
     assert float(fsc(coarse_maps[0], theirs)[1:].min()) >= 0.99
 
 
+def test_implicit_hydrogens():
+    heavy = read_atomic_model(STRUCTURE, implicit_hydrogens=False)
+    with_h = read_atomic_model(STRUCTURE)
+    st = gemmi.read_structure(str(STRUCTURE))
+    st.remove_waters()
+    expected = sum(
+        gemmi.find_tabulated_residue(r.name).hydrogen_count - (2 if gemmi.find_tabulated_residue(r.name).is_amino_acid() else 0)
+        for ch in st[0] for r in ch
+    )
+    assert with_h.n_implicit_hydrogens == pytest.approx(expected) and 7.5 < expected / 4176 < 8.5  # ~8 H per residue
+    assert with_h.mass_Da() == pytest.approx(heavy.mass_Da() + expected * gemmi.Element("H").weight)
+    assert torch.equal(with_h.positions_A[: heavy.n_atoms], heavy.positions_A)  # same centre and heavy atoms
+    # hydrogens add ~18 % to the integrated potential (independent atom model)
+    box, pixel = 40, 4.0
+    ratio = float(atomic_potential_volume(with_h, box, pixel).sum() / atomic_potential_volume(heavy, box, pixel).sum())
+    f_h = sum(gemmi.Element("H").c4322.a)
+    assert ratio == pytest.approx(1 + expected * f_h / 3.69e6 * POTENTIAL_CONSTANT_V_A2, rel=0.01)
+
+
 def test_solvent_exclusion_removes_the_displaced_ice(model, coarse_maps):
     box, pixel, v_ice = COARSE_BOX, COARSE_PIXEL, V_ICE
     vacuum, contrast = coarse_maps
@@ -160,9 +180,9 @@ def test_assembly_is_built_from_one_chain(tmp_path):
     st.assemblies.append(assembly)
     path = tmp_path / "one_chain.cif"
     st.make_mmcif_document().write_file(str(path))
-    built = read_atomic_model(path)
+    built = read_atomic_model(path, implicit_hydrogens=False)
     assert built.n_atoms == 2 * n_one and built.n_chains == 2
-    as_is = read_atomic_model(path, build_assembly=False)
+    as_is = read_atomic_model(path, build_assembly=False, implicit_hydrogens=False)
     assert as_is.n_atoms == n_one
     # the copy sits where the operator puts it: the model's centroid moves to the 2-fold axis
     assert float(built.positions_A[:n_one, 2].mean() - built.positions_A[n_one:, 2].mean()) == pytest.approx(0, abs=1e-6)

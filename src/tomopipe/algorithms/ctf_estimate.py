@@ -40,23 +40,24 @@ Tilt series:
   maximising the summed scores of all tilts (each with its own defocus) — it pools the SNR of
   all tilts; ``astigmatism_per_tilt=True`` keeps each tilt's own value instead.
 * Consistency: every tilt's score curve over the whole defocus range is expressed in units of
-  its noise level (sandwich estimate, z-scores). A robust trend (Tukey biweight, weights z²,
-  quadratic in the tilt angle) runs through the tilts' own best maxima, and each tilt takes the
-  one of its 6 best maxima (or its best value within 1500 Å of the trend) that maximises
-  z − 1 per 1000 Å of distance to the trend beyond 1500 Å (at most 8): a weak maximum far from
-  the series gives way, a strong genuine jump stays.
+  its noise level (sandwich estimate, z-scores). Each tilt takes the one of its 6 best maxima (or
+  its best value within 1500 Å of a series trend) that maximises z − 1 per 1000 Å of distance
+  to the trend beyond 1500 Å (at most 8); the trend is the constant that maximises the sum of
+  these values (scanned over the whole range), refined to a robust quadratic in the tilt angle
+  from 8 tilts on. A weak maximum far from the series gives way, a strong genuine jump stays.
 * A ``gy × gx`` grid of local defocus values (the windows of each cell, offsets relative to the
   cell centre) is fitted per tilt.
 
 Fit resolution (documented rule): the whitened spectrum and the model are averaged in bins of
 the CTF phase χ (π/12 wide, over all sectors and windows, so astigmatism and tilt are
-corrected), and for every Thon ring n (χ from nπ to (n+1)π) the weighted Pearson correlation
-between data and model is computed over rings n−1..n+1. Going outward from the first ring inside
-the fit range, the fit resolution is 1/k (at the mean defocus) of the outer zero of the last ring
-of the first run of rings with correlation ≥ ``FIT_RESOLUTION_THRESHOLD`` (0.5); the run must
-start within the first three rings and ends at two consecutive rings below the threshold (single
-dips are tolerated); k is evaluated up to ``0.96 × Nyquist``. If no ring passes, the
-low-resolution limit of the fit range is reported.
+corrected), and for every Thon ring n (χ from nπ to (n+1)π) the weighted correlation between
+data and model (each with a linear trend in χ removed) is computed over rings n−1..n+1. Going
+outward from the first ring inside the fit range, the fit resolution is 1/k (at the mean
+defocus) of the outer zero of the last ring of the first run of rings with correlation ≥
+``FIT_RESOLUTION_THRESHOLD`` (0.5, and ≥ 3/√bins so that a short window of noise cannot pass);
+the run must start within the first three rings and ends at two consecutive rings below the
+threshold (single dips are tolerated); k is evaluated up to ``0.96 × Nyquist``. If no ring
+passes, the low-resolution limit of the fit range is reported.
 """
 
 from __future__ import annotations
@@ -586,7 +587,9 @@ def _refine(rows: _Rows, setup: _Setup, snr_fit, hand: int, start: _Fit, fit_pha
             fit_astig: bool = True, radius_A: float = 400.0) -> _Fit:
     """Local refinement of defocus (and astigmatism vector, phase) by Nelder–Mead on the exact
     correlation tabulated on a 5 Å defocus grid (2.5° phase grid), interpolated linearly."""
-    phases = [start.phase_deg + dp for dp in torch.arange(-15.0, 15.01, 2.5).tolist()] if fit_phase else [start.phase_deg]
+    phases = [start.phase_deg]
+    if fit_phase:
+        phases = [start.phase_deg + dp for dp in torch.arange(-15.0, 15.01, 2.5).tolist()]
     tab = _LocalTables(rows, setup, snr_fit, hand, start.defocus_A, radius_A, phases)
 
     def unpack(x):
@@ -595,7 +598,8 @@ def _refine(rows: _Rows, setup: _Setup, snr_fit, hand: int, start: _Fit, fit_pha
         ph = start.phase_deg + 10.0 * x[-1] if fit_phase else start.phase_deg
         return start.defocus_A + dm, ax, ay, ph
 
-    x0 = [0.0] + ([start.astig_x_A / 100.0, start.astig_y_A / 100.0] if fit_astig else []) + ([0.0] if fit_phase else [])
+    x0 = [0.0] + ([start.astig_x_A / 100.0, start.astig_y_A / 100.0] if fit_astig else [])
+    x0 += [0.0] if fit_phase else []
     initial = tab.score(*unpack(x0))
     x = _nelder_mead(lambda v: -tab.score(*unpack(v)), x0)
     d, ax, ay, ph = unpack(x)
@@ -732,12 +736,13 @@ def fit_resolution_from_phase_profile(chi_rad: torch.Tensor, data: torch.Tensor,
     """Phase χ (rad) of the fit-resolution limit from samples (χ, data, model, weight) of a spectrum.
 
     Samples are averaged in χ bins of π/``bins_per_ring``; ring n spans χ ∈ [nπ, (n+1)π) and its
-    quality is the weighted Pearson correlation of data and model over rings n−1..n+1 (χ ≥
-    ``chi_start_rad``). Going outward from the ring containing ``chi_start_rad``, the limit is the
-    outer phase (n+1)π of the last ring of the first run of rings with correlation ≥
-    ``threshold`` (and ≥ 3/√bins, 3σ above chance); the run ends at two consecutive rings below it (a single dip is tolerated)
-    and must start within the first three rings. ``chi_start_rad`` if no ring passes.
-    Returns ``(chi_limit_rad, ring_correlations)``.
+    quality is the weighted correlation of data and model, each with a weighted linear trend in χ
+    removed, over rings n−1..n+1 (χ ≥ ``chi_start_rad``). Going outward from the ring containing
+    ``chi_start_rad``, the limit is the outer phase (n+1)π of the last ring of the first run of
+    rings with correlation ≥ ``threshold`` (and ≥ 3/√bins, 3σ above chance); the run must start
+    within the first three rings and ends at two consecutive rings below the threshold (a single
+    dip is tolerated). ``chi_start_rad`` if no ring passes. Returns ``(chi_limit_rad,
+    ring_correlations)``.
     """
     width = math.pi / bins_per_ring
     b = torch.floor(chi_rad.reshape(-1) / width).long()
@@ -881,14 +886,17 @@ def _robust_trend(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, degree
 
 def _consistent_choice(z_curves, tilt_angles, step_A: float, free_A: float, z_per_A: float, max_penalty: float,
                        n_candidates: int = 6):
-    """Candidate per tilt that maximises ``z − min(max_penalty, z_per_A·max(0, |Δf − trend| − free_A))``.
+    """Choice of one maximum per tilt that agrees with a defocus trend along the tilt series.
 
     ``z_curves`` ``[n, c]``: every tilt's score over the centre-defocus grid (``step_A`` apart) in
-    units of its noise level. The trend is a robust fit (Tukey biweight, weights z²; quadratic in
-    the tilt angle from 8 tilts on, else constant) through every tilt's own best maximum; the
-    candidates of a tilt are its ``n_candidates`` best local maxima and its best value within
-    ``free_A`` of the trend. Returns the chosen grid index of every tilt and the trend (Å from the
-    grid start)."""
+    units of its noise level. Candidates of a tilt: its ``n_candidates`` best local maxima and its
+    best value within ``free_A`` of the trend; each tilt takes the candidate that maximises
+    ``z − min(max_penalty, z_per_A·max(0, |Δf − trend| − free_A))``. The trend is first the
+    constant that maximises the sum of these values over all tilts (a scan of the whole grid: a
+    majority of weak, scattered wrong maxima cannot outvote it), then, from 8 tilts on, a robust
+    quadratic in the tilt angle (Tukey biweight, weights z²) through the values chosen with it.
+    Returns the chosen grid index of every tilt and the trend (Å from the grid start)."""
+    n, n_grid = z_curves.shape
     cands, zs = [], []
     for z in z_curves:
         peak = torch.ones_like(z, dtype=torch.bool)
@@ -898,19 +906,41 @@ def _consistent_choice(z_curves, tilt_angles, step_A: float, free_A: float, z_pe
         idx = idx[torch.argsort(z[idx], descending=True)[:n_candidates]]
         cands.append(idx)
         zs.append(z[idx])
-    own = torch.tensor([float(c[0]) for c in cands], dtype=_F64) * step_A
-    weight = torch.stack([z[0] for z in zs]).clamp(min=0.0) ** 2 + 1e-6
-    trend = _robust_trend(torch.tensor(tilt_angles, dtype=_F64), own, weight, 2 if len(cands) >= 8 else 0)
-    choice = []
-    for c, z, ref, curve in zip(cands, zs, trend.tolist(), z_curves):
-        lo = max(0, int(math.floor((ref - free_A) / step_A)))  # the best value near the trend is a candidate too
-        hi = min(len(curve) - 1, int(math.ceil((ref + free_A) / step_A)))
-        if lo <= hi:
-            near = lo + int(torch.argmax(curve[lo:hi + 1]))
-            c, z = torch.cat([c, torch.tensor([near])]), torch.cat([z, curve[near:near + 1]])
-        jump = (c.to(_F64) * step_A - ref).abs()
-        value = z - (z_per_A * (jump - free_A).clamp(min=0.0)).clamp(max=max_penalty)
-        choice.append(int(c[int(torch.argmax(value))]))
+    half = int(round(free_A / step_A))
+    # best z within ±free_A of every grid position (running maximum)
+    near = torch.nn.functional.max_pool1d(z_curves[:, None, :], 2 * half + 1, stride=1, padding=half)[:, 0, :]
+    grid = torch.arange(n_grid, dtype=_F64) * step_A
+
+    def penalty(distance):
+        return (z_per_A * (distance - free_A).clamp(min=0.0)).clamp(max=max_penalty)
+
+    # constant trend: scan every grid position
+    total = near.sum(0).clone()
+    for t in range(n):
+        far = (zs[t][None, :] - penalty((cands[t].to(_F64)[None, :] * step_A - grid[:, None]).abs())).max(1).values
+        total += (far - near[t]).clamp(min=0.0)
+    trend = torch.full((n,), float(grid[int(torch.argmax(total))]), dtype=_F64)
+
+    def choose(trend):
+        choice = []
+        for t in range(n):
+            ref = float(trend[t])
+            lo = max(0, int(math.floor((ref - free_A) / step_A)))
+            hi = min(n_grid - 1, int(math.ceil((ref + free_A) / step_A)))
+            c, z = cands[t], zs[t]
+            if lo <= hi:
+                best_near = lo + int(torch.argmax(z_curves[t, lo:hi + 1]))
+                c, z = torch.cat([c, torch.tensor([best_near])]), torch.cat([z, z_curves[t, best_near:best_near + 1]])
+            value = z - penalty((c.to(_F64) * step_A - ref).abs())
+            choice.append(int(c[int(torch.argmax(value))]))
+        return choice
+
+    choice = choose(trend)
+    if n >= 8:
+        chosen = torch.tensor(choice, dtype=_F64) * step_A
+        weight = torch.stack([z_curves[t, c] for t, c in enumerate(choice)]).clamp(min=0.0) ** 2 + 1e-6
+        trend = _robust_trend(torch.tensor(tilt_angles, dtype=_F64), chosen, weight, 2)
+        choice = choose(trend)
     return choice, trend
 
 
@@ -1016,7 +1046,9 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
                              fit_resolution_threshold: float = FIT_RESOLUTION_THRESHOLD) -> dict:
     """Tilt-aware CTF estimation of every image of a tilt series (see the module docstring).
 
-    ``images`` ``[n, h, w]`` (or ``[n, frames, h, w]``: frame periodograms are summed);
+    ``images`` ``[n, h, w]`` (or ``[n, frames, h, w]``: frame periodograms are summed — immune to
+    drift, but with f frames the Thon rings stand f times weaker above the noise background than
+    in the periodogram of the sum; any float dtype, on any device: the FFTs run there);
     ``tilt_angles_deg`` ``[n]``; ``tilt_axis_angle_deg`` scalar or ``[n]`` (RELION ``rlnTomoZRot``,
     from +y CCW, for the arrays as given); ``hand``: −1 / +1 (RELION ``rlnTomoHand``) to fit with
     that handedness, or ``"auto"`` to fit with the one the data support.

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a simulation already in --out (its movies, mdocs, gain and truth/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     group = parser.add_argument_group("physical settings (override the preset and the TOML file)")
     for f in fields(SimulationConfig):
@@ -99,7 +101,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if getattr(args, "print_config", False):
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    summary = simulate(config, args.out, progress=not getattr(args, "quiet", False))
+    summary = simulate(config, args.out, progress=not getattr(args, "quiet", False),
+                       overwrite=getattr(args, "overwrite", False))
     n_tilts = sum(ts["n_tilts"] for ts in summary["tilt_series"])
     n_particles = sum(ts["n_particles"] for ts in summary["tilt_series"])
     print(

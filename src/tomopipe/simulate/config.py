@@ -94,6 +94,7 @@ class SimulationConfig:
     ice_density_g_per_cm3: float = 0.94  #: low-density amorphous ice
     ice_mean_potential_V: float | None = None  #: None -> independent-atom value from the density
     solvent_exclusion: bool = True
+    implicit_hydrogens: bool = True  #: add united-atom hydrogens to models that have none
     ice_structure: bool = True  #: amorphous-ice potential fluctuations (non-white background)
     ice_sublayers: int = 3
     extra_b_factor_A2: float = 0.0
@@ -115,6 +116,7 @@ class SimulationConfig:
     xray_hits_per_megapixel_per_tilt: float = 0.5
     # --- numerics and output ------------------------------------------------------------------
     projector_pad_factor: int = 3
+    max_layer_stack_GB: float = 2.0  #: memory for depth layers held at once (processed in blocks)
     truth_binnings: tuple[int, ...] = (1, 2, 4, 6, 10)
     truth_map_box_A: float = 189.0
     acquisition_start: str = "2026-01-15T09:00:00"
@@ -156,7 +158,8 @@ class SimulationConfig:
                 raise err(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
         for name in ("pixel_size_A", "dose_per_tilt_e_per_A2", "voltage_kV", "tilt_step_deg", "exposure_time_s",
-                     "defocus_layer_A", "inelastic_mean_free_path_A", "truth_map_box_A", "ice_density_g_per_cm3"):
+                     "defocus_layer_A", "inelastic_mean_free_path_A", "truth_map_box_A", "ice_density_g_per_cm3",
+                     "max_layer_stack_GB"):
             positive(name)
         for name in ("cs_mm", "cc_mm", "energy_spread_eV", "illumination_semi_angle_mrad", "stage_shift_sigma_A",
                      "magnification_sigma", "tilt_angle_sigma_deg", "defocus_sigma_um", "astigmatism_sigma_A",

@@ -24,13 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # compiled CPU sampler (optional accelerator; torch.poisson otherwise)
-    import numba
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-    _HAVE_NUMBA = False
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 
 from tomopipe.algorithms.filters import exposure_filter
 from tomopipe.simulate.plan import TiltPlan

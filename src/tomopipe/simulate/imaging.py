@@ -26,13 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-try:  # compiled CPU kernel (optional accelerator; torch is the reference path)
-    import numba
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-    _HAVE_NUMBA = False
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, electron_wavelength_A
 from tomopipe.algorithms.geometry import project_points, projection_rotations
@@ -176,9 +171,10 @@ if _HAVE_NUMBA:
                 phasor[i, j] = p * step[i, j]
 
     @numba.njit(cache=True, parallel=True, fastmath=True)
-    def _spread_numba(field, stack, u0, ux, uy):  # pragma: no cover - compiled
-        """Add ``field`` to the layers around u = u0 + ux·column + uy·row with linear weights."""
-        n_layers, rows, cols = stack.shape
+    def _spread_numba(field, stack, u0, ux, uy, n_layers, first):  # pragma: no cover - compiled
+        """Add ``field`` to the layers around u = u0 + ux·column + uy·row (linear weights); the
+        stack holds layers ``first .. first + len(stack) − 1`` of ``n_layers``."""
+        count, rows, cols = stack.shape
         for i in numba.prange(rows):
             for j in range(cols):
                 u = u0 + ux * j + uy * i
@@ -193,27 +189,38 @@ if _HAVE_NUMBA:
                 elif w1 > 1.0:
                     w1 = 1.0
                 f = field[i, j]
-                stack[l0, i, j] += (1.0 - w1) * f
-                stack[l0 + 1, i, j] += w1 * f
+                k = l0 - first
+                if 0 <= k < count:
+                    stack[k, i, j] += (1.0 - w1) * f
+                if 0 <= k + 1 < count:
+                    stack[k + 1, i, j] += w1 * f
 
 
-def _spread(field: torch.Tensor, stack: torch.Tensor, u0: float, ux: float, uy: float) -> tuple[int, int]:
+def _spread(field: torch.Tensor, stack: torch.Tensor, u0: float, ux: float, uy: float,
+            n_layers: int | None = None, first: int = 0) -> tuple[int, int]:
     """Split ``field`` between the two layers around the plane ``u = u0 + ux·x + uy·y`` (layer
-    units, x = column, y = row); returns the range of layers touched."""
-    n_layers, h, w = stack.shape
+    units, x = column, y = row), clamped to layers 0 .. n_layers − 1. ``stack`` holds layers
+    ``first .. first + len(stack) − 1`` (all of them by default). Returns the range of layers the
+    plane touches (whether or not they are in ``stack``)."""
+    count, h, w = stack.shape
+    n_layers = count if n_layers is None else n_layers
     corners = [u0, u0 + ux * (w - 1), u0 + uy * (h - 1), u0 + ux * (w - 1) + uy * (h - 1)]
     lo = min(max(int(math.floor(min(corners))), 0), n_layers - 2)
     hi = min(max(int(math.floor(max(corners))), 0), n_layers - 2) + 1
+    if hi < first or lo >= first + count:
+        return lo, hi
     if _HAVE_NUMBA and stack.device.type == "cpu":
-        _spread_numba(field.contiguous().numpy(), stack.numpy(), u0, ux, uy)
+        _spread_numba(field.contiguous().numpy(), stack.numpy(), u0, ux, uy, n_layers, first)
         return lo, hi
     ys = torch.arange(h, dtype=torch.float64, device=stack.device)[:, None]
     xs = torch.arange(w, dtype=torch.float64, device=stack.device)[None, :]
     u = (u0 + ux * xs + uy * ys).float()
     l0 = torch.floor(u).clamp(0, n_layers - 2).to(torch.int64)
     w1 = (u - l0).clamp(0, 1)
-    stack.scatter_add_(0, l0[None], ((1 - w1) * field)[None])
-    stack.scatter_add_(0, (l0 + 1)[None], (w1 * field)[None])
+    for offset, weight in ((0, 1 - w1), (1, w1)):
+        k = l0 + offset - first
+        inside = (k >= 0) & (k < count)
+        stack.scatter_add_(0, k.clamp(0, count - 1)[None], (weight * field * inside)[None])
     return lo, hi
 
 
@@ -255,13 +262,15 @@ def render_tilt_contrast(
     device: torch.device | str = "cpu",
     ice_psd_sqrt: torch.Tensor | None = None,
     workspace: dict | None = None,
+    max_stack_bytes: float = 2e9,
 ) -> tuple[torch.Tensor, dict]:
     """Noise-free contrast spectrum ``rfft2(c)`` of one tilt image (before damage and motion).
 
     Returns ``(spectrum [H, W//2+1] complex64, info)`` with ``info`` holding the particles'
     pixel positions (``xy_px``), depths ``z_P_A``, defocus ``defocus_A`` and the number of
     depth layers. ``workspace``: a dict kept by the caller between tilts, so that the layer stack
-    (layers × H × W float32) is allocated once.
+    (layers × H × W float32) is allocated once; at most ``max_stack_bytes`` of layers are held at
+    a time (blocks of layers are processed in turn).
     """
     device = torch.device(device)
     h, w = image_shape
@@ -307,9 +316,8 @@ def render_tilt_contrast(
     d_min = float(all_deltas.min())
     n_layers = int(math.floor((float(all_deltas.max()) - d_min) / dz)) + 2
     info["n_layers"] = n_layers
-    stack = _layer_stack(workspace, n_layers, h, w, device)
-    filled = [False] * n_layers
-
+    # particles: projections (phase, rad) and their layers
+    boxes, placements = None, []
     if n_particles:
         n_box = projector.n
         ix = torch.floor(xy_px).to(torch.int64)
@@ -321,31 +329,23 @@ def render_tilt_contrast(
         if sel.numel():
             rot = projection_rotations(tilt.axis_deg, tilt.tilt_deg).double()[0]
             m_total = (rot[None] @ rotations[sel].double()).float()
-            layer_index = torch.round((delta_particles[sel] - d_min) / dz).to(torch.int64)
-            for l in layer_index.tolist():
-                filled[l] = True
-            for start in range(0, sel.numel(), 32):
-                part = slice(start, min(start + 32, sel.numel()))
-                boxes = projector.project(m_total[part], frac[sel[part]], m) * interaction_rad_per_V_A
-                with single_thread():
-                    for b, i in enumerate(sel[part].tolist()):
-                        x0 = int(ix[i, 0]) - n_box // 2
-                        y0 = int(ix[i, 1]) - n_box // 2
-                        _add_box(stack[int(layer_index[start + b])], boxes[b].to(device), x0, y0)
+            layer_index = torch.round((delta_particles[sel] - d_min) / dz).to(torch.int64).tolist()
+            boxes = (projector.project(m_total, frac[sel], m) * interaction_rad_per_V_A).to(device)
+            placements = [(layer_index[b], int(ix[i, 0]) - n_box // 2, int(ix[i, 1]) - n_box // 2)
+                          for b, i in enumerate(sel.tolist())]
 
+    # ice sub-slabs: one Gaussian field each, on a plane of layer coordinate u = u0 + ux·col + uy·row
+    ice_planes = []
     if use_ice:
         path = ice.thickness_A / ice.sublayers / math.cos(theta)
         for zk in z_k:
             field = ice_potential_field(
                 (h, w), p, path, ice.density_g_per_cm3, generator, device, psd_sqrt=ice_psd_sqrt
             ) * interaction_rad_per_V_A
-            # layer coordinate u = (hand·z_P − d_min) / dz, linear in the pixel position
             u0 = (hand * (zp0 + zk / math.cos(theta)) - d_min) / dz
-            lo, hi = _spread(field, stack, u0, hand * zpx / dz, hand * zpy / dz)
-            for l in range(lo, hi + 1):
-                filled[l] = True
+            ice_planes.append((field, u0, hand * zpx / dz, hand * zpy / dz))
 
-    # CTF per layer through the two phasor accumulators
+    # CTF per layer through the two phasor accumulators, a block of layers at a time
     p_eff = p / m
     ky, kx = _k_grid(image_shape, p_eff, device)
     lam = float(electron_wavelength_A(float(optics.voltage_kV)))
@@ -354,14 +354,31 @@ def render_tilt_contrast(
     acc_minus = torch.zeros_like(acc_plus)
     step = torch.polar(torch.ones_like(a), a * dz)
     phasor = torch.polar(torch.ones_like(a), a * d_min)
-    for l in range(n_layers):
-        if l % 16 == 0:  # exact phasor now and then: no drift from the repeated products
-            phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
-        if not filled[l]:
-            phasor = phasor * step
-            continue
-        phasor = _accumulate(torch.fft.rfft2(stack[l]), phasor, step, acc_plus, acc_minus)
-    del stack
+    block = max(2, min(n_layers, int(max_stack_bytes // (4 * h * w))))
+    info["layer_block"] = block
+    for first in range(0, n_layers, block):
+        count = min(block, n_layers - first)
+        stack = _layer_stack(workspace, count, h, w, device)
+        filled = [False] * count
+        if placements:
+            with single_thread():
+                for b, (layer, x0, y0) in enumerate(placements):
+                    if first <= layer < first + count:
+                        _add_box(stack[layer - first], boxes[b], x0, y0)
+                        filled[layer - first] = True
+        for field, u0, ux, uy in ice_planes:
+            lo, hi = _spread(field, stack, u0, ux, uy, n_layers, first)
+            for l in range(max(lo, first), min(hi, first + count - 1) + 1):
+                filled[l - first] = True
+        for k in range(count):
+            l = first + k
+            if l % 16 == 0:  # exact phasor now and then: no drift from the repeated products
+                phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
+            if not filled[k]:
+                phasor = phasor * step
+                continue
+            phasor = _accumulate(torch.fft.rfft2(stack[k]), phasor, step, acc_plus, acc_minus)
+        del stack
     centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
     total = (centre * acc_plus - centre.conj() * acc_minus) / 2j
     envelope = torch.ones_like(a)

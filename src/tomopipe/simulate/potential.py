@@ -71,12 +71,16 @@ def interaction_constant_rad_per_V_A(voltage_kV: float) -> float:
 
 
 def excluded_volumes_A3(model: AtomicModel) -> torch.Tensor:
-    """Per-atom solvent-excluded volume (Å³): Bondi vdW sphere volumes scaled so that their sum is
-    the protein volume ``1.23 Å³/Da × mass × (1 + HYDROGEN_MASS_FRACTION)``."""
+    """Per-atom solvent-excluded volume (Å³) of the heavy atoms: Bondi vdW sphere volumes scaled so
+    that their sum is the protein volume ``1.23 Å³/Da × mass``, the mass including hydrogens (the
+    model's, implicit ones, or ``HYDROGEN_MASS_FRACTION`` of the heavy-atom mass when there are
+    none). Hydrogen entries get 0 (their volume is in their carrier's share)."""
     radii = torch.tensor([gemmi.Element(s).vdw_r for s in model.element_symbols], dtype=torch.float64)
     v_el = 4.0 / 3.0 * math.pi * radii**3
-    v = v_el[model.element_index] * model.occupancies
-    target = PROTEIN_VOLUME_A3_PER_DA * model.mass_Da() * (1.0 + HYDROGEN_MASS_FRACTION)
+    is_h = torch.tensor([s == "H" for s in model.element_symbols])[model.element_index]
+    v = torch.where(is_h, torch.zeros_like(model.occupancies), v_el[model.element_index] * model.occupancies)
+    has_h = bool(is_h.any())
+    target = PROTEIN_VOLUME_A3_PER_DA * model.mass_Da() * (1.0 if has_h else 1.0 + HYDROGEN_MASS_FRACTION)
     return v * (target / float(v.sum()))
 
 
@@ -135,10 +139,12 @@ def atomic_potential_volume(
     bb = b_el[model.element_index] + (model.b_factors_A2 + extra_b_factor_A2)[:, None]
     amp = POTENTIAL_CONSTANT_V_A2 * model.occupancies[:, None] * a * (4.0 * math.pi / bb.clamp_min(1e-6)) ** 1.5
     if ice_potential_V:
+        # displaced ice: peak −V_ice, width from the excluded volume v (occupancy included), so
+        # that the term integrates to −V_ice·v; hydrogen entries (v = 0) displace nothing here
         v = excluded_volumes_A3(model)
-        bx = 4.0 * math.pi * v ** (2.0 / 3.0)
+        bx = 4.0 * math.pi * v.clamp_min(1e-3) ** (2.0 / 3.0)
         bb = torch.cat([bb, bx[:, None]], dim=1)
-        amp = torch.cat([amp, -float(ice_potential_V) * model.occupancies[:, None]], dim=1)
+        amp = torch.cat([amp, torch.where(v > 0, -float(ice_potential_V), 0.0)[:, None].double()], dim=1)
     if float(bb.min()) <= 0:
         raise ValueError("atom B-factors make a Gaussian width <= 0")
     # blur so that the narrowest Gaussian aliases < tolerance into the kept band (removed below):

@@ -26,13 +26,8 @@ import math
 import numpy as np
 import torch
 
-try:  # compiled CPU kernel (optional accelerator; torch is the reference path)
-    import numba
-
-    _HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - depends on the environment
-    numba = None
-    _HAVE_NUMBA = False
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 
 __all__ = ["FourierSliceProjector"]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
 from functools import reduce
 from pathlib import Path
@@ -13,7 +15,7 @@ from tqdm import tqdm
 
 from tomopipe.algorithms.filters import fourier_crop_bin
 from tomopipe.io.mrc import write_mrc
-from tomopipe.simulate.config import SimulationConfig
+from tomopipe.simulate.config import SimulationConfig, SimulationConfigError
 from tomopipe.simulate.detector import (
     DetectorModel,
     exposure_rate_grid,
@@ -29,6 +31,7 @@ from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.specimen import ice_mean_potential_V, ice_psd_sqrt_grid
 from tomopipe.simulate.structure import AtomicModel, read_atomic_model
 from tomopipe.simulate.writer import (
+    GAIN_FILE_NAME,
     write_gain_file,
     write_global_truth,
     write_movie_frames,
@@ -110,14 +113,37 @@ def reference_map(config: SimulationConfig, model: AtomicModel, box: int, device
     return volume
 
 
-def simulate(config: SimulationConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+def _clear_previous(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two simulations in one folder; with ``overwrite`` remove the earlier one's
+    files (movies and mdocs of its tilt series, the gain, ``truth/``) and nothing else."""
+    previous = out / "truth" / "truth.json"
+    if not previous.exists():
+        return
+    if not overwrite:
+        raise SimulationConfigError(
+            f"{out} already holds a simulated acquisition ({previous}); choose another folder or overwrite it"
+        )
+    try:
+        names = [ts["name"] for ts in json.loads(previous.read_text())["tilt_series"]]
+    except (ValueError, KeyError, TypeError):
+        raise SimulationConfigError(f"{previous} is not a tomopipe truth file; remove the folder by hand") from None
+    for name in names:
+        for path in list(out.glob(f"{name}_*.tif")) + list(out.glob(f"{name}_*.mrc")) + [out / f"{name}.mdoc"]:
+            path.unlink(missing_ok=True)
+    (out / GAIN_FILE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / "truth")
+
+
+def simulate(config: SimulationConfig, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Simulate the acquisition described by ``config`` into ``out_dir``; return a summary.
 
     Writes the movies, one mdoc per tilt series and ``gain_ref.mrc`` in ``out_dir`` and the
     ground truth in ``out_dir/truth`` (see ``truth/README.md``). Raises TomopipeError
-    subclasses for bad settings or unreadable structure files.
+    subclasses for bad settings, unreadable structure files, or a folder that already holds a
+    simulation (unless ``overwrite``, which removes that simulation's files first).
     """
     config.validate()
+    _clear_previous(Path(out_dir), overwrite)
     previous_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -138,7 +164,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
     shape = (config.image_height_px, config.image_width_px)
     timings: dict[str, float] = {}
 
-    model = read_atomic_model(config.structure_path)
+    model = read_atomic_model(config.structure_path, implicit_hydrogens=config.implicit_hydrogens)
     radius_A = model.radius_A + 2.0
     truth_box, proj_box = reference_boxes(config, model.radius_A)
     t0 = time.perf_counter()
@@ -188,6 +214,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
                 projector=projector, positions_A=plan.positions_A, rotations=plan.rotations,
                 ice=ice, generator=generator_for(config.seed, "ice", plan.index, tilt.index, device=device),
                 device=device, ice_psd_sqrt=psd_sqrt, workspace=workspace,
+                max_stack_bytes=config.max_layer_stack_GB * 1e9,
             )
             n_layers_max = max(n_layers_max, info.get("n_layers", 0))
             t1 = time.perf_counter()
@@ -230,6 +257,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
         "out_dir": str(out.resolve()),
         "structure": str(config.structure_path),
         "n_atoms": model.n_atoms,
+        "n_implicit_hydrogens": model.n_implicit_hydrogens,
         "particle_radius_A": model.radius_A,
         "truth_map_box_px": truth_box,
         "projector_box_px": proj_box,

@@ -18,7 +18,11 @@ import torch
 
 from tomopipe.errors import InputFileError
 
-__all__ = ["AtomicModel", "read_atomic_model", "scattering_coefficients", "element_symbol"]
+__all__ = ["AtomicModel", "read_atomic_model", "scattering_coefficients", "element_symbol", "HYDROGEN_SMEAR_B_A2"]
+
+#: Extra B-factor of an implicit hydrogen placed on its carrier atom: a hydrogen ~1.05 Å from the
+#: carrier in a random direction has <u²> = d²/3 per axis, B = 8π²·<u²> ≈ 29 Å².
+HYDROGEN_SMEAR_B_A2 = 8.0 * 3.141592653589793**2 * 1.05**2 / 3.0
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,10 @@ class AtomicModel:
     """Atoms of one (assembled) structure, centred on their centroid.
 
     ``positions_A`` [n, 3] (x, y, z) in Å; ``element_index`` [n] into ``element_symbols``;
-    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n]; ``centre_A`` the centroid that
-    was subtracted (file frame); ``n_chains`` chains after assembly.
+    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n] (an implicit-hydrogen entry holds
+    the number of hydrogens on its carrier atom); ``centre_A`` the centroid of the file's atoms
+    that was subtracted (file frame); ``n_chains`` chains after assembly;
+    ``n_implicit_hydrogens`` the hydrogens added (0 when the file has its own).
     """
 
     positions_A: torch.Tensor
@@ -38,6 +44,7 @@ class AtomicModel:
     centre_A: tuple[float, float, float]
     n_chains: int
     source: str
+    n_implicit_hydrogens: float = 0.0
 
     @property
     def n_atoms(self) -> int:
@@ -116,14 +123,21 @@ def read_atomic_model(
     *,
     build_assembly: bool = True,
     remove_waters: bool = True,
+    implicit_hydrogens: bool = True,
 ) -> AtomicModel:
     """Read a PDB or mmCIF file into an :class:`AtomicModel` (first model only).
 
     With ``build_assembly`` a file holding one asymmetric unit plus assembly operators
     (PDB ``REMARK 350``, mmCIF ``pdbx_struct_assembly_gen``) or NCS operators becomes the
     full assembly; a file that already holds all chains (e.g. 6Z6U) is used as is. Waters are
-    removed by default (the ice is simulated separately). Raises InputFileError naming the file
-    when it is missing, unreadable, or holds no atoms.
+    removed by default (the ice is simulated separately).
+
+    ``implicit_hydrogens`` (for models without hydrogens, as most cryo-EM and X-ray models):
+    each residue gets the hydrogens of its chemical component (gemmi's table; two fewer for an
+    amino acid in a chain, lost to the peptide bonds) as united atoms, shared equally among its
+    carbon and nitrogen atoms and smeared by :data:`HYDROGEN_SMEAR_B_A2`. Hydrogens carry ~18 %
+    of a protein's scattering in the independent atom model, i.e. most of its contrast against
+    ice. Raises InputFileError naming the file when it is missing, unreadable, or holds no atoms.
     """
     path = Path(path)
     if not path.exists():
@@ -142,11 +156,14 @@ def read_atomic_model(
     if build_assembly:
         st = _assembled(st, path)
     model = st[0]
+    has_hydrogens = model.has_hydrogen()
     xyz, elements, bfac, occ = [], [], [], []
+    h_xyz, h_b, h_occ = [], [], []
     n_chains = 0
     for chain in model:
         n_chains += 1
         for residue in chain:
+            carriers = []
             for atom in residue:
                 if atom.element.atomic_number == 0:
                     raise InputFileError(
@@ -156,10 +173,25 @@ def read_atomic_model(
                 elements.append(atom.element.name)
                 bfac.append(atom.b_iso)
                 occ.append(atom.occ)
+                if atom.element.name in ("C", "N"):
+                    carriers.append(atom)
+            if implicit_hydrogens and not has_hydrogens and carriers:
+                info = gemmi.find_tabulated_residue(residue.name)
+                n_h = info.hydrogen_count - (2 if info.is_amino_acid() else 0) if info is not None else 0
+                for atom in carriers:
+                    h_xyz.append(atom.pos.tolist())
+                    h_b.append(atom.b_iso + HYDROGEN_SMEAR_B_A2)
+                    h_occ.append(atom.occ * max(n_h, 0) / len(carriers))
     if not xyz:
         raise InputFileError(path, "structure file holds no atoms")
+    n_implicit = float(sum(h_occ))
+    if h_xyz and n_implicit > 0:
+        xyz += h_xyz
+        elements += ["H"] * len(h_xyz)
+        bfac += h_b
+        occ += h_occ
     positions = np.asarray(xyz, dtype=np.float64)
-    centre = positions.mean(axis=0)
+    centre = positions[: len(positions) - len(h_xyz) if n_implicit > 0 else len(positions)].mean(axis=0)
     symbols = tuple(sorted(set(elements)))
     lookup = {s: i for i, s in enumerate(symbols)}
     b = np.asarray(bfac, dtype=np.float64)
@@ -170,8 +202,9 @@ def read_atomic_model(
         element_index=torch.tensor([lookup[e] for e in elements], dtype=torch.int64),
         element_symbols=symbols,
         b_factors_A2=torch.from_numpy(b),
-        occupancies=torch.tensor(occ, dtype=torch.float64).clamp(0.0, 1.0),
+        occupancies=torch.tensor(occ, dtype=torch.float64).clamp(0.0, 8.0),
         centre_A=tuple(float(c) for c in centre),
         n_chains=n_chains,
         source=str(path),
+        n_implicit_hydrogens=n_implicit,
     )

@@ -400,9 +400,11 @@ pixel positions 0-based with pixel centres on integers; defocus in Å, underfocu
   `(Rz(rot)Ry(tilt)Rz(psi))ᵀ` rotates the true map onto the particle).
 * `hot_pixels.csv`: hot pixels (x, y), the same in every movie.
 * `maps/true_map_binN.mrc`: the particle's potential relative to the ice around it (V, solvent
-  excluded; the potential in vacuo when solvent exclusion is off), band-limited at Nyquist,
-  centred on voxel N//2, at N × the raw pixel size. Multiply by the interaction constant
-  (truth.json) and the voxel size to get the phase per voxel.
+  excluded; the potential in vacuo when solvent exclusion is off), independent atom model with
+  5-Gaussian electron form factors and the model's B-factors (plus united-atom hydrogens when
+  the model has none), band-limited at Nyquist, centred on voxel N//2, at N × the raw pixel
+  size, in the orientation of the model file (the reference of `particles.star`). Multiply by
+  the interaction constant (truth.json) and the voxel size to get the phase per voxel.
 * `truth.json`: settings, seed, summary numbers (mean inner potential of ice, interaction
   constant, timings).
 """
