@@ -138,7 +138,9 @@ def test_implicit_hydrogens():
     )
     assert with_h.n_implicit_hydrogens == pytest.approx(expected) and 7.5 < expected / 4176 < 8.5  # ~8 H per residue
     assert with_h.mass_Da() == pytest.approx(heavy.mass_Da() + expected * gemmi.Element("H").weight)
-    assert torch.equal(with_h.positions_A[: heavy.n_atoms], heavy.positions_A)  # same centre and heavy atoms
+    assert torch.equal(with_h.positions_A, heavy.positions_A)  # same atoms and centre; hydrogens ride on C and N
+    carriers = torch.tensor([with_h.element_symbols[i] in ("C", "N") for i in with_h.element_index.tolist()])
+    assert float(with_h.hydrogens[~carriers].abs().sum()) == 0.0 and heavy.hydrogens is None
     # hydrogens add ~18 % to the integrated potential (independent atom model)
     box, pixel = 40, 4.0
     ratio = float(atomic_potential_volume(with_h, box, pixel).sum() / atomic_potential_volume(heavy, box, pixel).sum())

@@ -45,7 +45,7 @@ def simulate_once(data_dir: Path, preset: str, seed: int) -> float:
             print(f"using the simulated data in {data_dir} (preset {preset}, seed {seed})")
             return 0.0
     start = time.perf_counter()
-    simulate(config, data_dir)
+    simulate(config, data_dir, overwrite=True)
     return time.perf_counter() - start
 
 

@@ -2,7 +2,9 @@
 
 ORIENTATION RULE (the one place where it is applied)
 - Arrays are ``[frame, y, x]`` in MRC row order: row 0 is the first row of an MRC file and
-  is drawn at the bottom by 3dmod (+y up). The mdoc tilt-axis angle applies to these arrays.
+  is drawn at the bottom by 3dmod (+y up). SerialEM's mdoc states the tilt axis of the frames
+  as stored; for TIFF movies the axis of these arrays is therefore 180° − the mdoc's angle
+  (the importer applies it: ``tomopipe.steps.import_movies.mdoc_axis_for_movies``).
 - TIFF movies are flipped along Y (row order reversed) on read, as IMOD, RELION ("TIFF images
   are flipped along the slow axis when being read into memory or written to a file", RELION
   docs, Conventions) and MotionCor2 do. ``write_movie`` applies the same flip when it writes

@@ -37,6 +37,9 @@ _HELP = {
 }
 
 
+_CHOICES = {"movie_format": ["tif", "mrc"], "tilt_scheme": ["dose_symmetric", "bidirectional"]}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -72,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind.startswith("float"):
             group.add_argument(_flag(f.name), dest=f.name, type=float, default=None, help=help_text)
         else:
-            group.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
+            choices = _CHOICES.get(f.name)
+            group.add_argument(_flag(f.name), dest=f.name, default=None, choices=choices, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:

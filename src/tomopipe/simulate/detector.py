@@ -24,11 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
-from tomopipe.simulate._numba import numba
-
 from tomopipe.algorithms.filters import exposure_filter
 from tomopipe.simulate.plan import TiltPlan
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 
 __all__ = [
     "DetectorModel",

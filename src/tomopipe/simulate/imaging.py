@@ -23,17 +23,15 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-
-from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
-from tomopipe.simulate._numba import numba
 
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, electron_wavelength_A
 from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.simulate.plan import TiltPlan
 from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.specimen import ice_potential_field
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 
 __all__ = [
     "Optics",

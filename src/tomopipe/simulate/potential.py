@@ -33,7 +33,7 @@ import gemmi
 import torch
 
 from tomopipe.algorithms.ctf import electron_wavelength_A
-from tomopipe.simulate.structure import AtomicModel, scattering_coefficients
+from tomopipe.simulate.structure import HYDROGEN_SMEAR_B_A2, AtomicModel, scattering_coefficients
 
 __all__ = [
     "POTENTIAL_CONSTANT_V_A2",
@@ -74,12 +74,12 @@ def excluded_volumes_A3(model: AtomicModel) -> torch.Tensor:
     """Per-atom solvent-excluded volume (Å³) of the heavy atoms: Bondi vdW sphere volumes scaled so
     that their sum is the protein volume ``1.23 Å³/Da × mass``, the mass including hydrogens (the
     model's, implicit ones, or ``HYDROGEN_MASS_FRACTION`` of the heavy-atom mass when there are
-    none). Hydrogen entries get 0 (their volume is in their carrier's share)."""
+    none). Explicit hydrogen atoms get 0 (their volume is in their carrier's share)."""
     radii = torch.tensor([gemmi.Element(s).vdw_r for s in model.element_symbols], dtype=torch.float64)
     v_el = 4.0 / 3.0 * math.pi * radii**3
     is_h = torch.tensor([s == "H" for s in model.element_symbols])[model.element_index]
     v = torch.where(is_h, torch.zeros_like(model.occupancies), v_el[model.element_index] * model.occupancies)
-    has_h = bool(is_h.any())
+    has_h = bool(is_h.any()) or model.n_implicit_hydrogens > 0
     target = PROTEIN_VOLUME_A3_PER_DA * model.mass_Da() * (1.0 if has_h else 1.0 + HYDROGEN_MASS_FRACTION)
     return v * (target / float(v.sum()))
 
@@ -136,8 +136,15 @@ def atomic_potential_volume(
 
     a_el, b_el = scattering_coefficients(model.element_symbols)
     a = a_el[model.element_index]  # [n, 5]
-    bb = b_el[model.element_index] + (model.b_factors_A2 + extra_b_factor_A2)[:, None]
+    b_atom = model.b_factors_A2 + extra_b_factor_A2
+    bb = b_el[model.element_index] + b_atom[:, None]
     amp = POTENTIAL_CONSTANT_V_A2 * model.occupancies[:, None] * a * (4.0 * math.pi / bb.clamp_min(1e-6)) ** 1.5
+    if model.hydrogens is not None:  # united-atom hydrogens: 5 more Gaussians on their carriers
+        a_h, b_h = scattering_coefficients(["H"])
+        bh = b_h + (b_atom + HYDROGEN_SMEAR_B_A2)[:, None]
+        amp_h = POTENTIAL_CONSTANT_V_A2 * (model.occupancies * model.hydrogens)[:, None] * a_h * (4.0 * math.pi / bh) ** 1.5
+        bb = torch.cat([bb, bh], dim=1)
+        amp = torch.cat([amp, amp_h], dim=1)
     if ice_potential_V:
         # displaced ice: peak −V_ice, width from the excluded volume v (occupancy included), so
         # that the term integrates to −V_ice·v; hydrogen entries (v = 0) displace nothing here

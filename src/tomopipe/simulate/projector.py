@@ -25,7 +25,6 @@ import math
 
 import numpy as np
 import torch
-
 from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.simulate._numba import numba
 

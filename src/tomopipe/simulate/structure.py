@@ -30,10 +30,9 @@ class AtomicModel:
     """Atoms of one (assembled) structure, centred on their centroid.
 
     ``positions_A`` [n, 3] (x, y, z) in Å; ``element_index`` [n] into ``element_symbols``;
-    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n] (an implicit-hydrogen entry holds
-    the number of hydrogens on its carrier atom); ``centre_A`` the centroid of the file's atoms
-    that was subtracted (file frame); ``n_chains`` chains after assembly;
-    ``n_implicit_hydrogens`` the hydrogens added (0 when the file has its own).
+    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n]; ``centre_A`` the centroid that
+    was subtracted (file frame); ``n_chains`` chains after assembly; ``hydrogens`` [n] the
+    implicit hydrogens carried by each atom (None when the file has its own or they are off).
     """
 
     positions_A: torch.Tensor
@@ -44,7 +43,11 @@ class AtomicModel:
     centre_A: tuple[float, float, float]
     n_chains: int
     source: str
-    n_implicit_hydrogens: float = 0.0
+    hydrogens: torch.Tensor | None = None  #: [n] implicit (united-atom) hydrogens on each atom
+
+    @property
+    def n_implicit_hydrogens(self) -> float:
+        return 0.0 if self.hydrogens is None else float(self.hydrogens.sum())
 
     @property
     def n_atoms(self) -> int:
@@ -58,7 +61,8 @@ class AtomicModel:
     def mass_Da(self) -> float:
         """Sum of the atomic masses (Da) weighted by occupancy (hydrogens only if modelled)."""
         masses = torch.tensor([gemmi.Element(s).weight for s in self.element_symbols], dtype=torch.float64)
-        return float((masses[self.element_index] * self.occupancies.double()).sum())
+        total = float((masses[self.element_index] * self.occupancies.double()).sum())
+        return total + self.n_implicit_hydrogens * gemmi.Element("H").weight
 
 
 def element_symbol(name: str) -> str:
@@ -134,8 +138,9 @@ def read_atomic_model(
 
     ``implicit_hydrogens`` (for models without hydrogens, as most cryo-EM and X-ray models):
     each residue gets the hydrogens of its chemical component (gemmi's table; two fewer for an
-    amino acid in a chain, lost to the peptide bonds) as united atoms, shared equally among its
-    carbon and nitrogen atoms and smeared by :data:`HYDROGEN_SMEAR_B_A2`. Hydrogens carry ~18 %
+    amino acid in a chain, lost to the peptide bonds) as united atoms: shared equally among its
+    carbon and nitrogen atoms (``AtomicModel.hydrogens``), drawn at their carrier's position
+    and smeared by :data:`HYDROGEN_SMEAR_B_A2`. Hydrogens carry ~18 %
     of a protein's scattering in the independent atom model, i.e. most of its contrast against
     ice. Raises InputFileError naming the file when it is missing, unreadable, or holds no atoms.
     """
@@ -157,8 +162,7 @@ def read_atomic_model(
         st = _assembled(st, path)
     model = st[0]
     has_hydrogens = model.has_hydrogen()
-    xyz, elements, bfac, occ = [], [], [], []
-    h_xyz, h_b, h_occ = [], [], []
+    xyz, elements, bfac, occ, h_count = [], [], [], [], []
     n_chains = 0
     for chain in model:
         n_chains += 1
@@ -173,25 +177,18 @@ def read_atomic_model(
                 elements.append(atom.element.name)
                 bfac.append(atom.b_iso)
                 occ.append(atom.occ)
+                h_count.append(0.0)
                 if atom.element.name in ("C", "N"):
-                    carriers.append(atom)
+                    carriers.append(len(xyz) - 1)
             if implicit_hydrogens and not has_hydrogens and carriers:
                 info = gemmi.find_tabulated_residue(residue.name)
                 n_h = info.hydrogen_count - (2 if info.is_amino_acid() else 0) if info is not None else 0
-                for atom in carriers:
-                    h_xyz.append(atom.pos.tolist())
-                    h_b.append(atom.b_iso + HYDROGEN_SMEAR_B_A2)
-                    h_occ.append(atom.occ * max(n_h, 0) / len(carriers))
+                for index in carriers:
+                    h_count[index] = max(n_h, 0) / len(carriers)
     if not xyz:
         raise InputFileError(path, "structure file holds no atoms")
-    n_implicit = float(sum(h_occ))
-    if h_xyz and n_implicit > 0:
-        xyz += h_xyz
-        elements += ["H"] * len(h_xyz)
-        bfac += h_b
-        occ += h_occ
     positions = np.asarray(xyz, dtype=np.float64)
-    centre = positions[: len(positions) - len(h_xyz) if n_implicit > 0 else len(positions)].mean(axis=0)
+    centre = positions.mean(axis=0)
     symbols = tuple(sorted(set(elements)))
     lookup = {s: i for i, s in enumerate(symbols)}
     b = np.asarray(bfac, dtype=np.float64)
@@ -202,9 +199,9 @@ def read_atomic_model(
         element_index=torch.tensor([lookup[e] for e in elements], dtype=torch.int64),
         element_symbols=symbols,
         b_factors_A2=torch.from_numpy(b),
-        occupancies=torch.tensor(occ, dtype=torch.float64).clamp(0.0, 8.0),
+        occupancies=torch.tensor(occ, dtype=torch.float64).clamp(0.0, 1.0),
         centre_A=tuple(float(c) for c in centre),
         n_chains=n_chains,
         source=str(path),
-        n_implicit_hydrogens=n_implicit,
+        hydrogens=torch.tensor(h_count, dtype=torch.float64) if any(h_count) else None,
     )

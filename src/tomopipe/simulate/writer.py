@@ -50,9 +50,8 @@ def mdoc_tilt_axis_deg(config: SimulationConfig) -> float:
     says −93.5° where Warp/RELION find −85.6°); MRC movies are read as stored: the mdoc says α.
     """
     alpha = config.tilt_axis_angle_deg
-    if config.movie_format == "tif":
-        return float(wrap_angle_deg(180.0 - alpha))
-    return float(wrap_angle_deg(alpha))
+    stored = 180.0 - alpha if config.movie_format == "tif" else alpha
+    return round(float(wrap_angle_deg(torch.tensor(stored, dtype=torch.float64))), 6)
 
 
 def write_movie_frames(path: Path, frames: torch.Tensor, pixel_size_A: float) -> None:
@@ -355,9 +354,10 @@ pixel positions 0-based with pixel centres on integers; defocus in Å, underfocu
   states the axis for the frames **as stored in the files** ({fmt}). For TIFF the stored row
   order is the reverse of the array as read, and a Y flip turns an axis α into 180° − α, so an
   importer that flips TIFF on read must use `180 − mdoc angle` ({axis}°). This is why
-  EMPIAR-10491's mdoc says −93.5° where Warp/RELION find −85.6° (the seed imports 85°, i.e.
-  the same line with the opposite direction, which changes the tomogram's handedness if used
-  with these tilt angles). For MRC movies the mdoc angle equals the truth.
+  EMPIAR-10491's mdoc says −93.5° where Warp/RELION find −85.6°. The seed imports 85°: about
+  the stored-frame angle + 180° (86.5° there), i.e. the stored frames' axis in the opposite
+  direction; used with the read (flipped) arrays it would mirror the geometry. For MRC movies
+  the mdoc angle equals the truth.
 * `../{gain}` (float32 MRC, mean 1) is the multiplicative gain: `corrected = raw × gain`. It is
   stored **flipped upside down** relative to the movies as read (rows reversed), as in
   EMPIAR-10491. Undo it with a Y flip: `read_gain(path, flip_y=True)` in tomopipe, RELION
