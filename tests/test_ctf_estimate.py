@@ -28,15 +28,6 @@ F64 = torch.float64
 KV, CS, AC = 300.0, 2.7, 0.07
 
 
-@pytest.fixture
-def one_thread():
-    """The heavy tests run single-threaded (2 shared cores; pytest-xdist runs two workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- simulator
 class TiltedCtfSimulator:
     """Images of a tilted thin specimen with a spatially varying defocus.

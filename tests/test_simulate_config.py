@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import pytest
 
+from conftest import STRUCTURE
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.simulate.command import add_arguments, config_from_args
 from tomopipe.simulate.config import (
@@ -20,8 +20,6 @@ from tomopipe.simulate.config import (
     nominal_tilt_angles_deg,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-STRUCTURE = REPO.parent / "shared" / "data" / "structures" / "6z6u.pdb"
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from conftest import STRUCTURE
 from tomopipe.algorithms.ctf import ctf_2d
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.star import read_tilt_series_star
@@ -36,16 +36,9 @@ from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.structure import read_atomic_model
 from tomopipe.simulate.writer import write_tilt_series_truth
 
-REPO = Path(__file__).resolve().parents[1]
-STRUCTURE = REPO.parent / "shared" / "data" / "structures" / "6z6u.pdb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tilt_plan(axis_deg: float, tilt_deg: float, shift_A=(0.0, 0.0), defocus_A: float = 30000.0, frames: int = 1,

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import STRUCTURE
 from tomopipe.algorithms.geometry import projection_rotations
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.mdoc import read_mdoc
@@ -25,20 +26,13 @@ from tomopipe.simulate.command import add_arguments, run_from_args
 from tomopipe.simulate.config import PRESETS, nominal_tilt_angles_deg, config_from_preset
 from tomopipe.steps.import_movies import ImportMovies, read_tilt_series
 
-REPO = Path(__file__).resolve().parents[1]
-STRUCTURE = REPO.parent / "shared" / "data" / "structures" / "6z6u.pdb"
 # a minimal acquisition for the flag tests: one small tilt, two frames, one particle
 MINI = ["--preset", "tiny", "--image-width-px", "96", "--image-height-px", "96", "--tilt-min-deg", "0",
         "--tilt-max-deg", "0", "--frames-per-tilt", "2", "--particles-per-tilt-series", "1",
         "--truth-binnings", "1", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out: Path, *argv: str) -> int:

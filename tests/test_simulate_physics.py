@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from conftest import STRUCTURE
 from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, ctf_zero_frequencies_per_A
 from tomopipe.io.mdoc import read_mdoc
 from tomopipe.io.movies import read_gain, read_movie
@@ -27,17 +27,9 @@ from tomopipe.io.star import read_particles_star, read_tilt_series_star, read_to
 from tomopipe.simulate import config_from_preset, simulate
 from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2, fourier_crop_volume, interaction_constant_rad_per_V_A
 
-REPO = Path(__file__).resolve().parents[1]
-STRUCTURE = REPO.parent / "shared" / "data" / "structures" / "6z6u.pdb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one torch thread is faster and steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes):

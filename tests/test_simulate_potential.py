@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import gemmi
 import numpy as np
 import pytest
 import torch
 
+from conftest import STRUCTURE
 from tomopipe.algorithms.fsc import fsc, shell_frequencies_per_A
 from tomopipe.errors import InputFileError
 from tomopipe.simulate.potential import (
@@ -28,17 +28,9 @@ from tomopipe.simulate.specimen import (
 )
 from tomopipe.simulate.structure import read_atomic_model
 
-REPO = Path(__file__).resolve().parents[1]
-STRUCTURE = REPO.parent / "shared" / "data" / "structures" / "6z6u.pdb"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one torch thread is faster and steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
