@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from test_reconstruct import TRIAD, peak_positions
-from test_step_reconstruct import N, PIXEL_A, _one_thread, run, tomograms, write_set  # noqa: F401
+from test_step_reconstruct import N, PIXEL_A, run, tomograms, write_set
 from tomopipe.io.mrc import read_mrc
 from tomopipe.project.store import Project
 from tomopipe.model.alignment import xf_for_views
 from tomopipe.steps.base import step_class
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORKFLOW = """
 [workflow]

@@ -30,12 +30,7 @@ TILTS = torch.arange(-60.0, 61.0, 3.0)
 TRIAD = [(10.0, 0.0, -4.0), (0.0, 12.0, 0.0), (0.0, 0.0, 8.0)]  # x, y, z (voxels); right-handed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs_volume(centres, shape, amps=None):

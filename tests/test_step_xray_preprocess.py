@@ -32,14 +32,7 @@ ANGLES_IN_ACQUISITION_ORDER = (0.0, 3.0, -3.0, 6.0, -6.0)
 DISABLED = {("TS_01", 1)}  # (ts_id, tilt_index)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These images are small and the test machine's cores are shared: a torch thread pool only
-    waits on the other core here (4x slower measured), so these tests use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TiltSeriesStacks(Step):

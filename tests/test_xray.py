@@ -17,14 +17,7 @@ import torch
 from tomopipe.algorithms.xray import XrayParams, erase_xrays, fill_patches, find_xrays, label_pixels
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These images are small and the test machine's cores are shared: a torch thread pool only
-    waits on the other core here (4x slower measured), so these tests use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def textured_background(ny: int, nx: int, mean_counts: float, seed: int) -> np.ndarray:

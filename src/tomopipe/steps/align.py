@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tomopipe.algorithms.align import bandpass_images, coarse_align, track_patches, zero_tilt_index, _sample
+from tomopipe.algorithms.align import bandpass_images, coarse_align, track_patches, _sample
 from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, fit_projection_model
 from tomopipe.algorithms.geometry import fft_centre, rotation_2d, xf_from_alignment
 from tomopipe.algorithms.normalize import bin_image, binned_geometry
@@ -34,8 +33,8 @@ from tomopipe.errors import TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import Param, Port, Step, register
-from tomopipe.steps.xray_eraser import compute_device, read_views, tilt_series_tasks
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
+from tomopipe.steps.xray_eraser import read_views, tilt_series_tasks
 
 log = logging.getLogger("tomopipe")
 
@@ -147,7 +146,7 @@ class AlignTiltSeries(Step):
         Param("interpolated_stack", "bool", "also write the interpolated aligned stack (tilt axis along Y)",
               default=False),
         Param("interpolated_binning", "float", "binning of the interpolated stack", default=1.0, min=1),
-        Param("device", "str", "where to compute: auto, cpu or cuda", default="auto", choices=("auto", "cpu", "cuda")),
+        DEVICE_PARAM,
     )
     inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. preprocessed, binned)"),)
     outputs = (Port("tilt_series", "tilt_series", "the same images with the alignment columns"),)

@@ -142,6 +142,21 @@ class Step:
         raise NotImplementedError
 
 
+DEVICE_PARAM = Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda",
+                     default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def compute_device(name: str):
+    """The torch device for a step's ``device`` parameter (one code path on CPU and CUDA)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TomopipeError("device = 'cuda' but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
 REGISTRY: dict[str, type[Step]] = {}
 
 

@@ -38,21 +38,13 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.movies import EER_SUFFIXES, movie_info, read_movie
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps.base import Param, Port, Step, register
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
 
 log = logging.getLogger("tomopipe")
 
 MOVIE_COLUMNS = ("movie_path", "frame_count")
 # aligned frames kept for the per-frame CTF spectra, summed over a tilt series (float16 on the CPU)
 MAX_FRAMES_FOR_CTF_BYTES = 24 * 1024**3
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TomopipeError("device = 'cuda' but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def _read_gain(gain_path: str | None) -> torch.Tensor | None:
@@ -108,7 +100,7 @@ def process_tilt_series(task: dict) -> dict:
     params = task["params"]
     acquisition = task["acquisition"]
     folder = Path(task["folder"])
-    device = _device(params["device"])
+    device = compute_device(params["device"])
     pixel_size_A = float(acquisition["pixel_size_A"])
     voltage_kV = float(acquisition["voltage_kV"])
     gain = _read_gain(task["gain_path"])
@@ -293,8 +285,7 @@ class MotionCtf(Step):
         Param("fit_phase", "bool", "CTF: fit a phase shift (phase plate)", default=False),
         Param("use_movie_average", "bool", "CTF: fit the spectrum of the aligned sum instead of the sum of the "
                                            "frames' spectra", default=False),
-        Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda", default="auto",
-              choices=("auto", "cpu", "cuda")),
+        DEVICE_PARAM,
     )
     inputs = (Port("movies", "tilt_series_movies", "tilt-series movies from the import step"),)
     outputs = (

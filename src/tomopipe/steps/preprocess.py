@@ -22,8 +22,8 @@ import torch
 from tomopipe.algorithms.normalize import DENSITY_MODES, bin_image, binned_geometry, scale_densities
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import Param, Port, Step, register
-from tomopipe.steps.xray_eraser import HALF_COLUMNS, compute_device, output_items, read_views, tilt_series_tasks
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
+from tomopipe.steps.xray_eraser import HALF_COLUMNS, output_items, read_views, tilt_series_tasks
 
 log = logging.getLogger("tomopipe")
 
@@ -90,8 +90,7 @@ class Preprocess(Step):
         Param("mean", "float", "mean of every view after scaling (scaled_mean_sd, shifted_mean)", default=0.0),
         Param("sd", "float", "standard deviation of every view after scaling (scaled_mean_sd)", default=1.0,
               min=1e-12),
-        Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda", default="auto",
-              choices=("auto", "cpu", "cuda")),
+        DEVICE_PARAM,
     )
     inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. after the X-ray eraser)"),)
     outputs = (Port("tilt_series", "tilt_series", "binned, density-scaled tilt series: one float32 MRC stack each"),)

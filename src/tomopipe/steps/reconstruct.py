@@ -32,8 +32,8 @@ from tomopipe.algorithms.reconstruct import (
 )
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import Param, Port, Step, register
-from tomopipe.steps.xray_eraser import compute_device, read_views
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
+from tomopipe.steps.xray_eraser import read_views
 
 log = logging.getLogger("tomopipe")
 
@@ -131,8 +131,7 @@ class ReconstructTomogram(Step):
         Param("ctf_strip_width_px", "float", "phase-flip in strips this wide parallel to the tilt axis (0: one "
                                              "defocus per view)", default=0.0, min=0),
         Param("memory_budget_mb", "int", "working memory of one slab", default=256, min=16),
-        Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda", default="auto",
-              choices=("auto", "cpu", "cuda")),
+        DEVICE_PARAM,
     )
     inputs = (Port("tilt_series", "tilt_series", "aligned tilt series (alignment columns)"),
               Port("ctf", "ctf", "CTF estimates, for phase flipping", optional=True))

@@ -26,22 +26,14 @@ import pandas as pd
 import torch
 
 from tomopipe.algorithms.xray import XrayParams, erase_xrays, fill_patches
-from tomopipe.errors import InputFileError, TomopipeError
+from tomopipe.errors import InputFileError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps.base import Param, Port, Step, register
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
 
 log = logging.getLogger("tomopipe")
 
 HALF_COLUMNS = ("image_even_path", "image_odd_path")  # even/odd sums of the motion step, same sections
-
-
-def compute_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TomopipeError("device = 'cuda' but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def tilt_series_tasks(ctx, port: str, extra: dict) -> tuple[pd.DataFrame, list[dict]]:
@@ -221,8 +213,7 @@ class XrayEraser(Step):
         Param("polynomial_order", "int", "order of the polynomial fitted to the ring (0: its mean)",
               default=_DEFAULTS.polynomial_order, min=0, max=3),
         Param("max_passes", "int", "search passes on the cleaned image, at most", default=_DEFAULTS.max_passes, min=1),
-        Param("device", "str", "where to compute: auto (a CUDA GPU when there is one), cpu or cuda", default="auto",
-              choices=("auto", "cpu", "cuda")),
+        DEVICE_PARAM,
     )
     inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. the motion-corrected sums)"),)
     outputs = (Port("tilt_series", "tilt_series", "the same tilt series with X-rays erased: one MRC stack each"),)
