@@ -257,3 +257,40 @@ def test_frame_shifts_by_phase_correlation_match_the_truth(tmp_path):
     errors = np.array(errors)
     assert errors.max() < 0.03, errors  # noise-free movie, 0.01 px search grid
     assert np.sqrt((errors**2).mean()) < 0.02
+
+
+def test_radiation_damage_fades_the_particles_and_keeps_the_ice():
+    """Frame f of a tilt with pre-exposure P: the particles' part of the contrast is multiplied by
+    the exposure filter at P + (f + ½)·D/F, the ice's part is left as it is (shot noise off)."""
+    from datetime import datetime
+
+    from tomopipe.algorithms.filters import exposure_filter
+    from tomopipe.simulate.detector import DetectorModel, exposure_rate_grid, render_frames
+    from tomopipe.simulate.plan import TiltPlan
+
+    h = w = 64
+    pixel_A, dose_per_frame, pre_exposure = 2.0, 1.5, 60.0
+    generator = torch.Generator().manual_seed(3)
+    particles = torch.fft.rfft2(0.05 * torch.randn(h, w, generator=generator))
+    ice = torch.fft.rfft2(0.05 * torch.randn(h, w, generator=generator))
+    tilt = TiltPlan(index=5, nominal_deg=10.0, stage_deg=10.0, tilt_deg=10.0, axis_deg=0.0, shift_A=(0.0, 0.0),
+                    magnification=1.0, defocus_u_A=2e4, defocus_v_A=2e4, astigmatism_angle_deg=0.0,
+                    target_defocus_um=-2.0, scope_defocus_um=-2.0, pre_exposure_e_per_A2=pre_exposure,
+                    dose_e_per_A2=2 * dose_per_frame, time=datetime(2026, 1, 1), frame_shifts_A=torch.zeros(2, 2),
+                    local_profile=torch.zeros(2), local_field=None)
+    detector = DetectorModel(gain=None, hot_pixels=torch.zeros(0, 2, dtype=torch.long), hot_pixel_rate_counts=0.0,
+                             xray_hits_per_megapixel_per_tilt=0.0, shot_noise=False)
+    frames, _ = render_frames(particles + ice, tilt, (h, w), pixel_A, 2, dose_per_frame, 1.0, detector, generator,
+                              exposure_rate=exposure_rate_grid((h, w), pixel_A, 300.0, "cpu"),
+                              damaged_spectrum=particles)
+    counts_per_px = dose_per_frame * pixel_A ** 2
+    ky = torch.fft.fftfreq(h, d=pixel_A)[:, None]
+    kx = torch.fft.rfftfreq(w, d=pixel_A)[None, :]
+    k = torch.sqrt(kx * kx + ky * ky)
+    for f in range(2):
+        dose = pre_exposure + (f + 0.5) * dose_per_frame
+        expected = torch.fft.irfft2(particles * exposure_filter(k, dose, 300.0) + ice, s=(h, w))
+        measured = frames[f].double() / counts_per_px - 1.0
+        assert torch.allclose(measured, expected.double(), atol=2e-4)
+    # the damage is real: the particles alone lose most of their power at 5 Å by then
+    assert float(exposure_filter(torch.tensor(0.2), pre_exposure, 300.0)) < 0.1

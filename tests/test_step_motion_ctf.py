@@ -312,3 +312,36 @@ use_movie_average = true    # at tiny's dose the summed frame spectra have 4x we
     fitted = ((ctf["defocus_u_A"] + ctf["defocus_v_A"]) / 2).to_numpy()
     assert ctf["tilt_angle_deg"].tolist() == items["tilt_angle_deg"].tolist()
     assert np.all(np.abs(fitted - true_defocus) < 1000), (fitted, true_defocus)
+
+
+def test_xray_hits_are_replaced_in_the_frames_before_the_alignment(tmp_path):
+    """Hits injected into single frames of one movie: with ``remove_frame_outliers`` (default) the step
+    replaces exactly their pixels (``frame_outlier_pixels``) and the sum shows no trace of them; turned
+    off, they stay in the sum."""
+    from tomopipe.io.movies import read_movie
+
+    data = tmp_path / "data"
+    write_synthetic_acquisition(data, size=128, n_frames=6)
+    movie = data / "TS_01_002_3.0.tif"
+    frames = read_movie(movie).astype(np.int64)
+    hits = [(1, 40, 50, 120), (1, 40, 51, 60), (4, 90, 30, 200), (2, 70, 100, 80)]  # frame, y, x, counts
+    for frame, y, x, counts in hits:
+        frames[frame, y, x] += counts
+    write_movie(movie, np.minimum(frames, 255).astype(np.uint8))
+    sums = {}
+    for flag in ("true", "false"):
+        (tmp_path / flag).mkdir()
+        report, project_dir = run_steps(tmp_path / flag, data, f"estimate_ctf = false\nremove_frame_outliers = {flag}")
+        assert [o.status for o in report.outcomes] == ["finished", "finished"], report.outcomes[-1].message
+        with Project.open(project_dir) as project:
+            items = project.read_items(project.sets_of_run(project.find_run("motion").id)["tilt_series"].id)
+            stack, _ = read_mrc(project.absolute_path(items["image_path"].iloc[0]))
+        section = int(items.loc[items["tilt_angle_deg"] == 3.0, "image_section"].iloc[0])
+        sums[flag] = stack[section].astype(np.float64)
+        pixels = dict(zip(items["tilt_angle_deg"], items["frame_outlier_pixels"]))
+        assert pixels == ({-3.0: 0, 0.0: 0, 3.0: len(hits)} if flag == "true" else {-3.0: 0, 0.0: 0, 3.0: 0})
+    background_sd = np.sqrt(6 * 1.5)  # 6 frames of 1.5 counts
+    for _, y, x, counts in hits:  # the hits move with their frame's shift (<= 5 px) in the aligned sum
+        window = (slice(y - 6, y + 7), slice(x - 6, x + 7))
+        assert (sums["false"] - sums["true"])[window].max() > 0.3 * counts  # it was there ...
+        assert (sums["true"][window] - sums["true"].mean()).max() < 6 * background_sd  # ... and is gone

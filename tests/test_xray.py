@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tomopipe.algorithms.xray import XrayParams, erase_xrays, fill_patches, find_xrays, label_pixels
+from tomopipe.algorithms.xray import XrayParams, count_scale, erase_xrays, fill_patches, find_xrays, label_pixels
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,3 +238,42 @@ def test_integer_images_and_bad_input():
         XrayParams(peak_criterion_sd=0)
     with pytest.raises(ValueError, match="polynomial_order"):
         XrayParams(polynomial_order=4)
+
+
+def test_shot_noise_test_spares_poisson_noise_at_one_or_two_counts_per_pixel():
+    """At a tilt image's dose (about 1.5 counts per pixel) Poisson noise is skewed: ccderaser's SD
+    criteria take 1e-5 of the pixels for X-rays; the shot-noise test keeps them and still lets
+    every injected hit (10-100 SD, i.e. 12-150 counts) be replaced."""
+    rng = np.random.default_rng(8)
+    expected = textured_background(1024, 1024, 1.5, seed=20)
+    counts = rng.poisson(expected).astype(np.float32)
+    ccderaser = erase_xrays(torch.from_numpy(counts), XrayParams(shot_noise_probability=0.0))
+    assert ccderaser.n_pixels >= 5  # false positives of the Gaussian criteria (14 here)
+    assert erase_xrays(torch.from_numpy(counts)).n_pixels == 0
+    hits = inject_hits(expected, counts, rng, n_hits=300)
+    result = erase_xrays(torch.from_numpy(counts))
+    mask = result.mask.numpy()
+    truth = _truth_mask(mask.shape, hits)
+    assert sum(all(mask[p] for p in hit) for hit in hits) == len(hits)
+    near_hit = torch.nn.functional.max_pool2d(torch.from_numpy(truth)[None, None].float(), 3, 1, 1)[0, 0].numpy() > 0
+    assert not (mask & ~near_hit).any()
+
+
+def test_count_scale_from_the_noise_of_adjacent_pixels():
+    rng = np.random.default_rng(9)
+    expected = textured_background(512, 512, 1.5, seed=21)
+    counts = rng.poisson(expected).astype(np.float32)
+    assert count_scale(torch.from_numpy(counts)) == pytest.approx(1.0, abs=0.03)
+    assert count_scale(torch.from_numpy(counts * 4)) == pytest.approx(4.0, abs=0.12)  # e.g. 2 x 2 binned means / 4
+    hits = inject_hits(expected, counts, rng, n_hits=300, spacing=14)  # ~3 hits in every tile
+    assert count_scale(torch.from_numpy(counts)) == pytest.approx(1.0, abs=0.05)
+    assert len(hits) == 300
+    # strong contrast at 100 counts (x 0.5 .. 1.5 over 125 px, and the texture): the image's variance is
+    # mostly specimen, the differences of adjacent pixels mostly shot noise
+    contrast = textured_background(512, 512, 100.0, seed=22) * (1 + 0.5 * np.sin(np.arange(512) / 20.0))[None]
+    image = rng.poisson(contrast).astype(np.float32)
+    assert image.var() / image.mean() > 10
+    assert count_scale(torch.from_numpy(image)) == pytest.approx(1.0, abs=0.15)
+    assert count_scale(torch.from_numpy(counts - 10)) is None  # not counts: the shot-noise test is skipped
+    with pytest.raises(ValueError, match="shot_noise_probability"):
+        XrayParams(shot_noise_probability=1.0)

@@ -13,7 +13,8 @@ Method, per tilt image:
    periodograms summed for ``[n, frames, h, w]`` input). The specimen is taken as a flat slab
    (z = 0): each window centre has a known depth z_P, so its defocus is ``Δf_centre + hand·z_P``.
 2. Each window's spectrum is reduced to azimuthal sectors (5°) × 1-pixel radial bins, whitened by
-   a smooth background (``P / bg − 1``) and detrended (a quadratic in k is projected out of data
+   a smooth background (``P / bg − 1``; a log-polynomial fitted to the fit range alone, so that
+   the amorphous-ice ring at 3.7 Å or the detector fall-off cannot bend it there) and detrended (a quadratic in k is projected out of data
    and model alike, so that a residual background cannot favour any defocus).
 3. Score = weighted normalised cross-correlation (CTFFIND-style) between these profiles and the
    model CTF² (averaged over each radial bin) within the fit range. The score is linear in the
@@ -24,7 +25,9 @@ Method, per tilt image:
 4. Local refinement of (defocus, astigmatism vector, phase) by Nelder–Mead on the same score
    tabulated on a 5 Å defocus grid (2.5° phase grid) and interpolated linearly.
 5. Second pass: background and envelope are fitted by least squares against the first model
-   (``P ≈ bg(k) + A·exp(−B·k²/4)·CTF²``, piecewise-linear bg, B on a grid); the search and
+   (``P ≈ bg(k) + A·exp(−B·k²/4)·CTF²``, piecewise-linear bg with knots 0.4 Thon-ring periods
+   apart in the fit range, B on a grid; rejected when A is not significant, i.e. when the
+   background took up the rings); the search and
    refinement are repeated with the data whitened by ``bg`` and the oscillation of the model
    (CTF² − ½) weighted by the signal-to-noise envelope ``env / bg`` (a matched filter, which keeps
    noise-dominated high frequencies from creating false maxima). The envelope is used only when
@@ -67,7 +70,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tomopipe.algorithms.ctf import ctf_1d, enforce_ctffind_convention
+from tomopipe.algorithms.ctf import ctf_1d, electron_wavelength_A, enforce_ctffind_convention
 from tomopipe.algorithms.geometry import projection_rotations
 from tomopipe.errors import TomopipeError
 
@@ -88,6 +91,10 @@ _SUBSAMPLES = 4  # model samples per radial bin (the model is averaged over the 
 _DETREND_DEGREE = 2  # polynomial in k projected out of data and model within the fit range
 _ASTIG_HALF_A = (0.0, 150.0, 300.0, 500.0, 800.0, 1200.0, 1700.0, 2300.0)  # (U − V)/2 grid
 _ASTIG_ANGLES_DEG = tuple(range(0, 180, 15))
+_LOCAL_BACKGROUND_DEGREE = 6  # pass-1 background: log-polynomial degree inside the fit range
+_BACKGROUND_KNOT_PERIODS = 0.4  # pass-2 background: knot spacing (Thon-ring periods) up to the fit range's end
+_BACKGROUND_KNOT_PX = 4.0  # and at least this many radial bins
+_BACKGROUND_KNOT_PX_OUTSIDE = 16.0  # and beyond it
 _PHASE_GRID_DEG = tuple(range(0, 180, 15))
 
 
@@ -339,19 +346,35 @@ def _prepare_tilt(image, tilt_deg, axis_deg, setup: _Setup, overlap: float) -> _
                  image_area_px=float(h * w))
 
 
-def _smooth_log_background(profile: torch.Tensor, k: torch.Tensor, degree: int = 4) -> torch.Tensor:
-    """Robust smooth fit of a radial power profile: polynomial in k fitted to log P (2 reweightings)."""
-    t = (k - k.mean()) / (k.max() - k.min()) * 2.0
-    basis = torch.stack([t ** d for d in range(degree + 1)], 1)
-    y = torch.log(profile.clamp(min=1e-30))
-    wts = torch.ones_like(y)
-    for _ in range(3):
-        sw = wts.sqrt()[:, None]
-        coef = torch.linalg.lstsq(basis * sw, (y * sw[:, 0])[:, None]).solution[:, 0]
-        res = y - basis @ coef
-        scale = 1.4826 * res.abs().median().clamp(min=1e-6)
-        wts = 1.0 / (1.0 + (res / (2.0 * scale)) ** 2)
-    return torch.exp(basis @ coef)
+def _smooth_log_background(profile: torch.Tensor, k: torch.Tensor, degree: int = 4,
+                           local_range_per_A: tuple[float, float] | None = None,
+                           local_degree: int = _LOCAL_BACKGROUND_DEGREE) -> torch.Tensor:
+    """Robust smooth fit of a radial power profile: polynomial in k fitted to log P (2 reweightings).
+
+    ``local_range_per_A = (k0, k1)``: inside it the background is a separate fit of degree
+    ``local_degree`` to that range only, so that structure far outside (the amorphous-ice ring at
+    3.7 Å, the detector's fall-off near Nyquist) cannot bend the background where the fit runs."""
+    def fit(sel: torch.Tensor, deg: int) -> torch.Tensor:
+        ks = k[sel]
+        t = (k - ks.mean()) / (ks.max() - ks.min()).clamp(min=1e-12) * 2.0
+        basis = torch.stack([t ** d for d in range(deg + 1)], 1)
+        y = torch.log(profile.clamp(min=1e-30))
+        wts = torch.ones_like(y[sel])
+        for _ in range(3):
+            sw = wts.sqrt()[:, None]
+            coef = torch.linalg.lstsq(basis[sel] * sw, (y[sel] * sw[:, 0])[:, None]).solution[:, 0]
+            res = y[sel] - basis[sel] @ coef
+            scale = 1.4826 * res.abs().median().clamp(min=1e-6)
+            wts = 1.0 / (1.0 + (res / (2.0 * scale)) ** 2)
+        return torch.exp(basis @ coef)
+
+    everywhere = torch.ones_like(k, dtype=torch.bool)
+    bg = fit(everywhere, degree)
+    if local_range_per_A is not None:
+        inside = (k >= local_range_per_A[0]) & (k <= local_range_per_A[1])
+        if int(inside.sum()) > 2 * (local_degree + 1):
+            bg = torch.where(inside, fit(inside, local_degree), bg)
+    return bg
 
 
 # ----------------------------------------------------------------------------- rows (grouped windows)
@@ -649,27 +672,55 @@ def _local_defocus(rows: _Rows, setup: _Setup, mfit: torch.Tensor, hand: int, fi
 
 
 # ----------------------------------------------------------------------------- background / envelope
-def _hat_basis(k: torch.Tensor, n_knots: int) -> torch.Tensor:
-    knots = torch.linspace(float(k.min()), float(k.max()), n_knots, dtype=_F64)
-    return torch.clamp(1.0 - (k[:, None] - knots[None, :]).abs() / (knots[1] - knots[0]), min=0.0)
+def _hat_basis(k: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear (hat) basis ``[n_k, n_knots]`` on increasing knots (constant beyond the ends)."""
+    x = k.clamp(float(knots[0]), float(knots[-1]))
+    i = torch.searchsorted(knots.contiguous(), x.contiguous()).clamp(1, len(knots) - 1)
+    t = (x - knots[i - 1]) / (knots[i] - knots[i - 1])
+    basis = torch.zeros(len(k), len(knots), dtype=_F64)
+    basis.scatter_(1, (i - 1)[:, None], (1.0 - t)[:, None])
+    basis.scatter_add_(1, i[:, None], t[:, None])
+    return basis
+
+
+def _background_knots(setup: "_Setup", defocus_A: float) -> torch.Tensor:
+    """Knots of the pass-2 background, in 1/Å: from the first radial bin to the end of the fit
+    range (+ margin) ``_BACKGROUND_KNOT_PERIODS`` Thon-ring periods apart at ``defocus_A`` (local
+    period of CTF² ``1/(2·λ·Δf·k)``; at least ``_BACKGROUND_KNOT_PX`` bins), then
+    ``_BACKGROUND_KNOT_PX_OUTSIDE`` bins apart to the last bin: the background follows the
+    spectrum's shape where the fit runs but cannot follow the rings themselves."""
+    to_px = setup.window_px * setup.pixel_size_A
+    lam = float(electron_wavelength_A(setup.voltage_kV))
+    j0, j1 = float(setup.j[0]), float(setup.j[-1])
+    inner_end = min(j1, setup.k_high * to_px + 2 * _BACKGROUND_KNOT_PX)
+    knots = [j0]
+    while knots[-1] < inner_end:
+        k = knots[-1] / to_px
+        period_px = to_px / (2.0 * lam * max(defocus_A, 1.0) * k)
+        knots.append(knots[-1] + max(_BACKGROUND_KNOT_PX, _BACKGROUND_KNOT_PERIODS * period_px))
+    while knots[-1] + _BACKGROUND_KNOT_PX_OUTSIDE < j1:
+        knots.append(knots[-1] + _BACKGROUND_KNOT_PX_OUTSIDE)
+    if knots[-1] < j1:
+        knots.append(j1)
+    return torch.tensor(knots, dtype=_F64) / to_px
 
 
 _ENVELOPE_B_GRID_A2 = (0.0, 25.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0)
 
 
-def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n_knots: int = 10,
-                             min_t: float = 3.0):
+def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, min_t: float = 3.0):
     """Least squares ``P ≈ bg(k) + A·exp(−B·k²/4)·CTF²`` over all windows and sectors, with a
     piecewise-linear bg, for every B of a grid (weights 1/bg₀², the periodogram variance); the B with
     the smallest residual wins. Returns ``(bg, snr)`` with ``snr = A·exp(−B·k²/4)/bg`` normalised to
-    a maximum of 1 in the fit range — or ``snr = 1`` when the envelope amplitude A is not at least
-    ``min_t`` standard errors above 0 (too little signal to weight by); None if bg is not positive.
+    a maximum of 1 in the fit range. None (keep the pass-1 background, unweighted) when bg is not
+    positive or the envelope amplitude A is not at least ``min_t`` standard errors above 0: then the
+    flexible background has taken up the rings themselves (or there is too little signal).
     The two-parameter envelope cannot follow the noise, unlike a free envelope."""
     groups = tilt.groups
     cols = torch.ones(len(setup.k), dtype=torch.bool)
     with torch.no_grad():
         c = _row_model(setup, groups.depth_A, hand, fit.defocus_A, fit.astig_x_A, fit.astig_y_A, fit.phase_deg, cols)
-    basis = _hat_basis(setup.k, n_knots)  # [n_k, nb]
+    basis = _hat_basis(setup.k, _background_knots(setup, fit.defocus_A))  # [n_k, nb]
     nb = basis.shape[1]
     wt = (groups.weight[:, None, None] / tilt.bg[None, None, :] ** 2).expand_as(c)  # [rows, sec, n_k]
     s0, s1, s2 = wt.sum((0, 1)), (wt * c).sum((0, 1)), (wt * c * c).sum((0, 1))
@@ -697,8 +748,8 @@ def _fit_background_envelope(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit, n
     sigma2 = max(best[0] / dof, 1e-30)
     se = math.sqrt(sigma2 * float(torch.linalg.inv(ata)[nb, nb]))
     amplitude = float(sol[nb])
-    if not amplitude > min_t * se:
-        return bg, torch.ones_like(bg)
+    if not amplitude > min_t * se:  # the background took up the rings: keep the pass-1 one
+        return None
     snr = amplitude * torch.exp(-0.25 * b_factor * setup.k ** 2) / bg
     return bg, snr / snr[setup.fit].max()
 
@@ -1086,7 +1137,8 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
             raise CtfEstimationError(f"image {i} (tilt {tilt_list[i]:g}°) contains NaN or infinite values")
         t = _prepare_tilt(images[i], tilt_list[i], float(axes[i]), setup, overlap)
         t.groups = _group(t, setup)
-        t.bg = _smooth_log_background(t.profiles.mean((0, 1)), setup.k)
+        t.bg = _smooth_log_background(t.profiles.mean((0, 1)), setup.k,
+                                      local_range_per_A=(0.8 * setup.k_low, 1.25 * setup.k_high))
         t.snr = torch.ones_like(setup.k)
         tilts.append(t)
     lo, hi = setup.search_lo, setup.search_hi

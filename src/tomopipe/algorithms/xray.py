@@ -36,6 +36,17 @@ with whole-image tensor operations instead of a per-pixel scan:
    around it, pixels of other patches excluded; lower orders are used when the ring has too few
    pixels (order 0 = the ring's mean). No other pixel is touched: they stay bit-identical.
 
+6. Shot noise (a tomopipe addition, ``shot_noise_probability``; 0 turns it off). The SD criteria assume
+   nearly Gaussian noise; a tomogram's tilt image holds one or two counts per pixel, where Poisson
+   noise is skewed and a 6-SD pixel is a 1e-5 event, not 1e-9: ccderaser's defaults then erase about
+   1e-5 of all pixels. So, on images of counts (:func:`count_scale` measures the image units per
+   count from the noise of adjacent pixels), a patch is replaced only if one of its pixels, in
+   counts, is less probable than ``shot_noise_probability`` as Poisson noise around the local level
+   (Poisson tail bound on the side of the pixel's polarity; the level is the less extreme of the
+   replacement value and the mean of the 9 x 9 box around the pixel without the patches). Where
+   counts are many, Poisson noise is nearly Gaussian and the SD criteria pass only far rarer
+   pixels: nothing changes there.
+
 ccderaser erases patches one after the other, so a later test sees the earlier replacements. Here a
 pass tests the whole image at once; passes are repeated on the cleaned image (at most
 ``max_passes``), around the pixels the previous pass found, until no new pixel is found, and every
@@ -63,9 +74,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["XrayParams", "XrayResult", "find_xrays", "fill_patches", "erase_xrays", "label_pixels"]
+__all__ = ["XrayParams", "XrayResult", "count_scale", "find_xrays", "fill_patches", "erase_xrays", "label_pixels"]
 
 _CANDIDATE_CHUNK = 4096  # candidates (or patches) handled per batch: bounds the window memory
+_TRIM_SD = 6.0  # count scale: adjacent-pixel differences beyond this many SDs are left out
+_LEVEL_BOX_HALF = 4  # shot-noise test: the local level is the mean of a 9 x 9 box
 _FRACTION_BIG_DIFF = 0.25  # ccderaser: big differences averaged over the most extreme quarter of the patch
 
 
@@ -88,6 +101,7 @@ class XrayParams:
     border_size_px: int = 2
     polynomial_order: int = 2
     max_passes: int = 3
+    shot_noise_probability: float = 1e-6  # tomopipe: 0 = off (ccderaser)
 
     def __post_init__(self):
         for name in ("peak_criterion_sd", "diff_criterion_sd", "grow_criterion_sd", "scan_criterion_sd",
@@ -105,6 +119,8 @@ class XrayParams:
             raise ValueError(f"XrayParams.border_size_px must be 1..5, got {self.border_size_px}")
         if not 0 <= self.polynomial_order <= 3:
             raise ValueError(f"XrayParams.polynomial_order must be 0..3, got {self.polynomial_order}")
+        if not 0 <= self.shot_noise_probability < 1:
+            raise ValueError(f"XrayParams.shot_noise_probability must be in [0, 1), got {self.shot_noise_probability}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -405,8 +421,8 @@ def _diff_patches(x, ys, xs, z, d_mean, d_sd, params):
         return empty
     labels, n = label_pixels(ys, xs, (ny, nx))
     strength = z.abs()
-    has_seed = torch.zeros(n, dtype=torch.bool, device=device).scatter_reduce_(
-        0, labels, strength > params.diff_criterion_sd, reduce="amax")
+    has_seed = torch.zeros(n, dtype=torch.uint8, device=device).scatter_reduce_(  # CUDA has no bool scatter
+        0, labels, (strength > params.diff_criterion_sd).to(torch.uint8), reduce="amax").bool()
     best = torch.full((n,), -math.inf, dtype=strength.dtype, device=device).scatter_reduce_(
         0, labels, strength, reduce="amax")
     index = torch.arange(ys.numel(), device=device)
@@ -682,6 +698,91 @@ def _find_near(image: torch.Tensor, changed: torch.Tensor, params: XrayParams) -
     return found
 
 
+def count_scale(image: torch.Tensor, tile_px: int = 100) -> float | None:
+    """Image units per detector count, from the shot noise: the median over ``tile_px`` tiles of
+    ``var(x[y, x+1] − x[y, x]) / 2 / mean(x)`` (differences of adjacent pixels cancel the smooth
+    specimen contrast; white noise of variance ``scale · mean``, as a sum of counting-mode frames
+    has, aligned and dose-weighted or not). Differences and values beyond 6 SDs of what the scale
+    predicts (hits, hot pixels) are left out, iterating from all of them. None when the image does
+    not look like counts (most tiles with a mean <= 0, or no noise)."""
+    _check_image(image)
+    x = _work(image).to(torch.float64)
+    ny, nx = x.shape
+    t = max(2, min(int(tile_px), ny, nx - 1))
+    h, w = ny // t * t, (nx - 1) // t * t
+
+    def tiles(a: torch.Tensor) -> torch.Tensor:  # [tiles, t * t]
+        return a.reshape(ny // t, t, w // t, t).permute(0, 2, 1, 3).reshape((ny // t) * (w // t), -1)
+
+    values, steps = tiles(x[:h, :w]), tiles(x[:h, 1:w + 1] - x[:h, :w])
+    mean = values.mean(1)
+    positive = mean > 0
+    if float(positive.double().mean()) < 0.5:
+        return None
+    values, steps, mean = values[positive], steps[positive], mean[positive]
+    keep_steps = torch.ones_like(steps, dtype=torch.bool)
+    scale = 0.0
+    for _ in range(6):
+        count = keep_steps.sum(1).clamp_min(1)
+        noise = (steps.square() * keep_steps).sum(1) / count - ((steps * keep_steps).sum(1) / count).square()
+        previous, scale = scale, float((noise / 2 / mean).median())
+        if not scale > 0 or not math.isfinite(scale):
+            return None
+        if abs(scale - previous) <= 1e-3 * scale:
+            break
+        limit = _TRIM_SD * torch.sqrt(scale * mean.clamp_min(scale))[:, None]
+        keep_values = (values - mean[:, None]).abs() <= limit
+        mean = (values * keep_values).sum(1) / keep_values.sum(1).clamp_min(1)
+        keep_steps = steps.abs() <= limit * math.sqrt(2)
+    return scale
+
+
+def _poisson_log_tail(value: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """log of an upper bound of the Poisson tail beyond ``value`` on the side away from ``mean``
+    (``P(K >= k)`` above the mean, ``P(K <= k)`` below): ``pmf(k) / (1 − r)``, r the ratio of the
+    next term to this one, ``mean / (k + 1)`` above and ``k / mean`` below; real ``k`` through the
+    gamma function; 0 where the bound says nothing, −inf below 0 counts. float64."""
+    k, mu = value.to(torch.float64), mean.to(torch.float64).clamp_min(1e-12)
+    log_pmf = k.clamp_min(0) * torch.log(mu) - mu - torch.lgamma(k.clamp_min(0) + 1)
+    upper = k > mu
+    ratio = torch.where(upper, mu / (k + 1), k.clamp_min(0) / mu)
+    bound = torch.where(ratio < 1, log_pmf - torch.log1p(-ratio.clamp(max=1 - 1e-12)), torch.zeros_like(k))
+    bound = bound.clamp(max=0.0)
+    return torch.where(k < 0, torch.full_like(k, -math.inf), bound)
+
+
+def _significant_patches(image: torch.Tensor, filled: torch.Tensor, mask: torch.Tensor, probability: float,
+                         tile_px: int) -> torch.Tensor:
+    """``mask`` less the patches that shot noise explains: every pixel's value, in counts, is at
+    least ``probability`` likely as a Poisson draw around the local level (module docstring, step
+    6). Unchanged when the image does not look like counts (:func:`count_scale`)."""
+    scale = count_scale(image, tile_px)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if scale is None or ys.numel() == 0:
+        return mask
+    labels, n = label_pixels(ys, xs, tuple(mask.shape))
+    x = _work(image)
+    value, fill = x[ys, xs].to(torch.float64), _work(filled)[ys, xs].to(torch.float64)
+    # the local level: the mean of the 9 x 9 box around the pixel, patches left out (a fit to a
+    # thin ring of one or two counts per pixel is too noisy alone); the less extreme of the two
+    ny, nx = mask.shape
+    offsets = torch.arange(-_LEVEL_BOX_HALF, _LEVEL_BOX_HALF + 1, device=mask.device)
+    by = (ys[:, None, None] + offsets[None, :, None]).expand(-1, offsets.numel(), offsets.numel())
+    bx = (xs[:, None, None] + offsets[None, None, :]).expand(-1, offsets.numel(), offsets.numel())
+    inside = (by >= 0) & (by < ny) & (bx >= 0) & (bx < nx)
+    by, bx = by.clamp(0, ny - 1), bx.clamp(0, nx - 1)
+    use = inside & ~mask[by, bx]
+    level = (x[by, bx].to(torch.float64) * use).sum((1, 2)) / use.sum((1, 2)).clamp_min(1)
+    level = torch.where(use.any(2).any(1), level, fill)
+    expected = torch.where(value > fill, torch.maximum(fill, level), torch.minimum(fill, level))
+    log_tail = _poisson_log_tail(value / scale, expected / scale)
+    strongest = torch.zeros(n, dtype=torch.float64, device=mask.device).scatter_reduce_(0, labels, log_tail, "amin")
+    kept = mask.clone()
+    dropped = strongest[labels] > math.log(probability)
+    kept[ys[dropped], xs[dropped]] = False
+    return kept
+
+
 def erase_xrays(image: torch.Tensor, params: XrayParams = XrayParams()) -> XrayResult:
     """Find and replace X-rays and hot pixels in ``image`` ``[y, x]`` (ccderaser -find).
 
@@ -689,7 +790,8 @@ def erase_xrays(image: torch.Tensor, params: XrayParams = XrayParams()) -> XrayR
     ``params.max_passes`` in all) test again, on the image cleaned so far, the neighbourhood of the
     pixels found by the previous pass, until a pass adds no pixel. The union of the patches is
     then replaced in the original image by :func:`fill_patches`. Pixels outside the returned mask
-    are bit-identical to the input.
+    are bit-identical to the input. With ``params.shot_noise_probability`` > 0, patches that shot
+    noise explains are then kept as they are (module docstring, step 6).
     """
     _check_image(image)
     if image.is_floating_point() and not bool(torch.isfinite(image).all()):
@@ -705,6 +807,11 @@ def erase_xrays(image: torch.Tensor, params: XrayParams = XrayParams()) -> XrayR
             break
         passes += 1
         new = _find_near(cleaned, new, params) & ~total
+    if params.shot_noise_probability > 0 and bool(total.any()):
+        kept = _significant_patches(image, cleaned, total, params.shot_noise_probability, params.xy_scan_size_px)
+        if not torch.equal(kept, total):
+            total = kept
+            cleaned = fill_patches(image, total, params.border_size_px, params.polynomial_order)
     if cleaned is image:
         cleaned = image.clone()
     ys, xs = torch.nonzero(total, as_tuple=True)

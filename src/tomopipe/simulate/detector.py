@@ -2,9 +2,12 @@
 
 Frame f of a tilt (``F`` frames, dose ``D/F`` each):
 
-1. Radiation damage: the signal is multiplied by the exposure filter at the frame's mid
-   accumulated dose, ``pre_exposure + (f + ½)·D/F`` (Grant & Grigorieff 2015,
-   :func:`tomopipe.algorithms.filters.exposure_filter`).
+1. Radiation damage: the particles' signal is multiplied by the exposure filter at the frame's
+   mid accumulated dose, ``pre_exposure + (f + ½)·D/F`` (Grant & Grigorieff 2015,
+   :func:`tomopipe.algorithms.filters.exposure_filter`). The amorphous ice is not faded: the
+   beam rearranges its molecules, but what it leaves is amorphous ice with the same structure
+   factor, so its power spectrum — the Thon rings of late, high-dose tilts — stays (as in real
+   tilt series, whose last tilts still show Thon rings).
 2. Motion: the global content displacement ``d_f`` is a Fourier phase ramp (exact, periodic at
    the borders); the smooth local deformation ``u_f(x) = g_f·D(x)`` is applied by warping the
    contrast at a few temporal knots (bilinear) and interpolating their spectra in time.
@@ -197,6 +200,7 @@ def render_frames(
     generator: torch.Generator,
     *,
     exposure_rate: torch.Tensor | None = None,
+    damaged_spectrum: torch.Tensor | None = None,
     local_motion_knots: int = 3,
     xray_generator: torch.Generator | None = None,
     device="cpu",
@@ -205,24 +209,29 @@ def render_frames(
     and the X-ray hits ``[{frame, x, y, counts}]`` (x, y pixel indices of the frames as read).
 
     ``generator`` (on ``device``) draws the shot noise; ``xray_generator`` (CPU) the X-ray hits.
-    ``exposure_rate`` from :func:`exposure_rate_grid` switches radiation damage on.
+    ``exposure_rate`` from :func:`exposure_rate_grid` switches radiation damage on; it fades
+    ``damaged_spectrum``, the particles' part of ``contrast_spectrum``
+    (``render_tilt_contrast(..., particle_share=True)``), and leaves the rest (the ice) as it is.
     """
+    if exposure_rate is not None and damaged_spectrum is None:
+        raise ValueError("render_frames: radiation damage (exposure_rate) needs damaged_spectrum")
     device = torch.device(device)
     h, w = image_shape
     counts_per_px = dose_per_frame_e_per_A2 * pixel_size_A**2 * intensity_transmission
 
     # spectra at the local-motion knots (g = profile value), interpolated linearly in g
     knots_g: list[float] = [0.0]
-    knot_spectra = [contrast_spectrum]
+    parts = [contrast_spectrum] + ([damaged_spectrum] if exposure_rate is not None else [])
+    knot_spectra = [parts]
     if tilt.local_field is not None and float(tilt.local_profile.max()) > 0:
-        base = torch.fft.irfft2(contrast_spectrum, s=(h, w))
+        bases = [torch.fft.irfft2(part, s=(h, w)) for part in parts]
         field = _local_field_image(tilt, h, w, device)
         n_knots = max(2, int(local_motion_knots))
         g_max = float(tilt.local_profile.max())
         for gk in torch.linspace(0, g_max, n_knots)[1:].tolist():
             knots_g.append(gk)
-            knot_spectra.append(torch.fft.rfft2(_warp(base, field * gk)))
-        del base, field
+            knot_spectra.append([torch.fft.rfft2(_warp(base, field * gk)) for base in bases])
+        del bases, field
 
     scale = torch.full((h, w), counts_per_px, dtype=torch.float32, device=device)
     if detector.gain is not None:
@@ -240,12 +249,14 @@ def render_frames(
         if len(knots_g) > 1:
             b = max(0, min(len(knots_g) - 2, sum(1 for gk in knots_g if gk <= g_f) - 1))
             t = (g_f - knots_g[b]) / (knots_g[b + 1] - knots_g[b])
-            spec = torch.lerp(knot_spectra[b], knot_spectra[b + 1], t)
+            at_g = [torch.lerp(x, y, t) for x, y in zip(knot_spectra[b], knot_spectra[b + 1])]
         else:
-            spec = knot_spectra[0].clone()
-        if exposure_rate is not None:
-            spec *= damage
+            at_g = [x.clone() for x in knot_spectra[0]]
+        spec = at_g[0]
+        if exposure_rate is not None:  # total − (1 − damage)·particles
+            spec -= (1.0 - damage) * at_g[1]
             damage = damage * damage_step
+        del at_g
         dx, dy = (float(v) / pixel_size_A for v in tilt.frame_shifts_A[f])
         if dx or dy:
             py = torch.polar(torch.ones_like(ky), -2 * math.pi * ky * dy).to(torch.complex64)

@@ -261,12 +261,15 @@ def render_tilt_contrast(
     ice_psd_sqrt: torch.Tensor | None = None,
     workspace: dict | None = None,
     max_stack_bytes: float = 2e9,
+    particle_share: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Noise-free contrast spectrum ``rfft2(c)`` of one tilt image (before damage and motion).
 
     Returns ``(spectrum [H, W//2+1] complex64, info)`` with ``info`` holding the particles'
     pixel positions (``xy_px``), depths ``z_P_A``, defocus ``defocus_A`` and the number of
-    depth layers. ``workspace``: a dict kept by the caller between tilts, so that the layer stack
+    depth layers; with ``particle_share``, also ``particle_spectrum``: the particles' part of
+    ``spectrum`` alone (the part that radiation damage fades, see
+    :func:`tomopipe.simulate.detector.render_frames`). ``workspace``: a dict kept by the caller between tilts, so that the layer stack
     (layers × H × W float32) is allocated once; at most ``max_stack_bytes`` of layers are held at
     a time (blocks of layers are processed in turn).
     """
@@ -310,7 +313,10 @@ def render_tilt_contrast(
     all_deltas = torch.cat([delta_particles, ice_deltas_t])
     if all_deltas.numel() == 0:
         info["n_layers"] = 0
-        return torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device), info
+        empty = torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device)
+        if particle_share:
+            info["particle_spectrum"] = empty.clone()
+        return empty, info
     d_min = float(all_deltas.min())
     n_layers = int(math.floor((float(all_deltas.max()) - d_min) / dz)) + 2
     info["n_layers"] = n_layers
@@ -350,6 +356,8 @@ def render_tilt_contrast(
     a = (math.pi * lam * (kx * kx + ky * ky)).float()  # rad per Å of defocus
     acc_plus = torch.zeros((h, w // 2 + 1), dtype=torch.complex64, device=device)
     acc_minus = torch.zeros_like(acc_plus)
+    if particle_share:
+        particles_plus, particles_minus = torch.zeros_like(acc_plus), torch.zeros_like(acc_plus)
     step = torch.polar(torch.ones_like(a), a * dz)
     phasor = torch.polar(torch.ones_like(a), a * d_min)
     block = max(2, min(n_layers, int(max_stack_bytes // (4 * h * w))))
@@ -364,6 +372,12 @@ def render_tilt_contrast(
                     if first <= layer < first + count:
                         _add_box(stack[layer - first], boxes[b], x0, y0)
                         filled[layer - first] = True
+        if particle_share:  # the particle layers alone, before the ice is added to them
+            for k in sorted({layer - first for layer, _, _ in placements if first <= layer < first + count}):
+                layer_phasor = torch.polar(torch.ones_like(a), a * (d_min + (first + k) * dz))
+                spec = torch.fft.rfft2(stack[k])
+                particles_plus.addcmul_(layer_phasor, spec)
+                particles_minus.addcmul_(layer_phasor.conj(), spec)
         for field, u0, ux, uy in ice_planes:
             lo, hi = _spread(field, stack, u0, ux, uy, n_layers, first)
             for l in range(max(lo, first), min(hi, first + count - 1) + 1):
@@ -378,10 +392,15 @@ def render_tilt_contrast(
             phasor = _accumulate(torch.fft.rfft2(stack[k]), phasor, step, acc_plus, acc_minus)
         del stack
     centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
-    total = (centre * acc_plus - centre.conj() * acc_minus) / 2j
     envelope = torch.ones_like(a)
     if optics.envelopes:
         envelope = envelope * coherence_envelope(image_shape, p_eff, tilt.defocus_centre_A, optics, device)
     if optics.detector_mtf:
         envelope = envelope * pixel_mtf(image_shape, device)
-    return (-2.0 * total * envelope).to(torch.complex64), info
+
+    def contrast(plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+        return (-2.0 * (centre * plus - centre.conj() * minus) / 2j * envelope).to(torch.complex64)
+
+    if particle_share:
+        info["particle_spectrum"] = contrast(particles_plus, particles_minus)
+    return contrast(acc_plus, acc_minus), info

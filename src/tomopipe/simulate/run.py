@@ -214,7 +214,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
                 projector=projector, positions_A=plan.positions_A, rotations=plan.rotations,
                 ice=ice, generator=generator_for(config.seed, "ice", plan.index, tilt.index, device=device),
                 device=device, ice_psd_sqrt=psd_sqrt, workspace=workspace,
-                max_stack_bytes=config.max_layer_stack_GB * 1e9,
+                max_stack_bytes=config.max_layer_stack_GB * 1e9, particle_share=config.radiation_damage,
             )
             n_layers_max = max(n_layers_max, info.get("n_layers", 0))
             t1 = time.perf_counter()
@@ -224,7 +224,8 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
             frames, xrays = render_frames(
                 spectrum, tilt, shape, p, config.frames_per_tilt, config.dose_per_frame_e_per_A2, trans, detector,
                 generator_for(config.seed, "shot_noise", plan.index, tilt.index, device=device),
-                exposure_rate=exposure, local_motion_knots=config.local_motion_knots,
+                exposure_rate=exposure, damaged_spectrum=info.pop("particle_spectrum", None),
+                local_motion_knots=config.local_motion_knots,
                 xray_generator=generator_for(config.seed, "xray", plan.index, tilt.index), device=device,
             )
             t2 = time.perf_counter()

@@ -2,10 +2,12 @@
 sum them with dose weighting, and estimate each tilt's CTF (tilt-aware).
 
 Per tilt series (one task of the executor): the movies are read (EER: grouped by ``eer_fraction``
-or ``eer_group_exposure_e_per_A2``), multiplied by the import step's oriented gain, their motion
-is estimated (:func:`tomopipe.algorithms.motion.estimate_motion`, the seed's grid X x Y x
-temporal), and the aligned, dose-weighted sums are written as one MRC stack sorted by
-``tilt_index`` (even/odd half sums as two more stacks). Frame doses: the tilt's pre-exposure plus
+or ``eer_group_exposure_e_per_A2``), multiplied by the import step's oriented gain, cleared of
+single-frame outliers (X-ray hits: ``remove_frame_outliers``,
+:func:`tomopipe.algorithms.frame_outliers.find_frame_outliers`), their motion is estimated
+(:func:`tomopipe.algorithms.motion.estimate_motion`, the seed's grid X x Y x temporal), and the
+aligned, dose-weighted sums are written as one MRC stack sorted by ``tilt_index`` (even/odd half
+sums as two more stacks). Frame doses: the tilt's pre-exposure plus
 the part of its dose received by the end of each frame.
 
 Trajectories per tilt series: ``TS_motion.csv`` (per frame: global shift (x, y) in Å, content
@@ -13,7 +15,8 @@ displacement relative to the mean position, the unsmoothed measurement, the accu
 ``TS_motion.json`` (the complete models, local fields included; ``MotionModel.from_dict``).
 Item columns added to the tilt-series set: ``image_path``, ``image_section``, ``motion_path``,
 ``motion_total_A`` (path length), ``motion_iterations``, ``motion_significant`` (False: no
-significant motion signal, frames summed unshifted) and, with ``even_odd``,
+significant motion signal, frames summed unshifted), ``frame_outlier_pixels`` (frame-pixels
+replaced as single-frame outliers) and, with ``even_odd``,
 ``image_even_path`` / ``image_odd_path``.
 
 CTF: ``use_movie_average = false`` (the seed's choice, Warp's default) fits the sum of the
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tomopipe.algorithms.frame_outliers import find_frame_outliers, replace_frame_outliers
 from tomopipe.algorithms.motion import align_and_sum, apply_gain, estimate_motion
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
@@ -121,6 +125,14 @@ def process_tilt_series(task: dict) -> dict:
             raise InputFileError(task["gain_path"], f"gain is {gain.shape[1]} x {gain.shape[0]} px but the frames of "
                                                     f"{movie_path.name} are {frames.shape[2]} x {frames.shape[1]} px")
         movie = apply_gain(torch.from_numpy(np.ascontiguousarray(frames)).to(device), gain)
+        outlier_pixels = 0
+        if params.get("remove_frame_outliers", True):  # X-ray hits, while each is still one frame's outlier
+            try:
+                outliers = find_frame_outliers(movie, None if gain is None else gain.to(device))
+            except ValueError as error:
+                raise InputFileError(movie_path, f"single-frame outliers: {error}") from None
+            replace_frame_outliers(movie, outliers, in_place=True)
+            outlier_pixels = outliers.n_pixels
         try:
             model = estimate_motion(
                 movie, pixel_size_A, fit_resolution_min_A=params["fit_resolution_min_A"],
@@ -152,6 +164,7 @@ def process_tilt_series(task: dict) -> dict:
             "motion_total_A": _trajectory_length_A(model.shifts_A.cpu()),
             "motion_iterations": int(model.iterations),
             "motion_significant": bool(model.significant),
+            "frame_outlier_pixels": outlier_pixels,
         })
         log.info("%s tilt %d (%.1f deg): %d frames, trajectory %.2f A, %d iterations", ts_id, tilt["tilt_index"],
                  tilt["tilt_angle_deg"], movie.shape[0], results[-1]["motion_total_A"], model.iterations)
@@ -269,6 +282,10 @@ class MotionCtf(Step):
         Param("motion_grid_y", "int", "motion model grid Y", default=1, min=1),
         Param("motion_grid_temporal", "int", "motion model grid temporal (trajectory control points)", default=3,
               min=1),
+        Param("remove_frame_outliers", "bool", "replace single-frame outliers (X-ray hits) before the alignment: a "
+                                               "pixel whose count in one frame is improbable (Poisson) given its "
+                                               "other frames gets its mean over them; hot pixels (bright in every "
+                                               "frame) are left to the X-ray eraser", default=True),
         Param("even_odd", "bool", "also write the sums of even and of odd frames", default=False),
         Param("dose_weighting", "bool", "weight frames by their accumulated dose (exposure filter)", default=True),
         Param("estimate_ctf", "bool", "estimate the CTF of every tilt", default=True),

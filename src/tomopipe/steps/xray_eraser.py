@@ -1,6 +1,10 @@
 """Seed step "imod - Xray eraser": find and replace X-ray hits and hot pixels in every view, in the
 manner of IMOD ccderaser -find (:mod:`tomopipe.algorithms.xray`), with the parameters Scipion's
-imod plugin passes by default.
+imod plugin passes by default, and one test of tomopipe's own (``shot_noise_probability``): on
+images of counts, a patch that Poisson shot noise explains is kept (at a tilt image's one or two
+counts per pixel, ccderaser's SD criteria take about 1e-5 of the pixels for X-rays). X-ray hits
+are best removed earlier, in the frames (``motion_ctf``'s ``remove_frame_outliers``): after
+sub-pixel alignment and dose weighting a hit is smeared beyond the patches erased here.
 
 Every view of every tilt series is processed, excluded views included (they stay in the new stack
 and keep their ``enabled`` flag). Per tilt series one new MRC stack ``TS.mrc`` (the input's data
@@ -180,7 +184,8 @@ class XrayEraser(Step):
     type_name = "xray_eraser"
     title = "imod - Xray eraser"
     description = ("Find X-ray hits and hot pixels (peaks above the local mean, pixel-to-pixel differences) and "
-                   "replace them by a polynomial fitted to the pixels around them, as IMOD ccderaser -find does. "
+                   "replace them by a polynomial fitted to the pixels around them, as IMOD ccderaser -find does; "
+                   "on images of counts, patches that Poisson shot noise explains are kept. "
                    "All views are processed; other pixels keep their exact values.")
     params = (
         Param("peak_criterion_sd", "float", "peak criterion: SDs above the local (annulus) mean to erase a peak",
@@ -213,6 +218,10 @@ class XrayEraser(Step):
         Param("polynomial_order", "int", "order of the polynomial fitted to the ring (0: its mean)",
               default=_DEFAULTS.polynomial_order, min=0, max=3),
         Param("max_passes", "int", "search passes on the cleaned image, at most", default=_DEFAULTS.max_passes, min=1),
+        Param("shot_noise_probability", "float", "tomopipe: on images of counts, replace a patch only if it is less "
+                                                 "probable than this as Poisson shot noise (at one or two counts per "
+                                                 "pixel the SD criteria mistake noise for X-rays); 0: off, as "
+                                                 "ccderaser", default=_DEFAULTS.shot_noise_probability, min=0, max=0.5),
         DEVICE_PARAM,
     )
     inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. the motion-corrected sums)"),)
