@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--until", metavar="STEP", help="stop after this step of the tutorial workflow")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STEP.PARAM=VALUE",
                       help="override a parameter of the tutorial workflow (repeatable)")
+    demo.add_argument("--simulate-device", default="cpu", metavar="DEVICE",
+                      help="device of the simulation: cpu (default) or cuda[:N] (the steps pick theirs: device = auto)")
     return parser
 
 
@@ -239,6 +241,7 @@ def cmd_demo(args) -> int:
     from tomopipe.demo import run_demo
 
     return run_demo(args.out, preset=args.preset, seed=args.seed, jobs=args.jobs, until=args.until,
+                    simulate_device=args.simulate_device,
                     overrides=args.overrides)
 
 

@@ -33,15 +33,23 @@ def tutorial_workflow_path() -> Path:
     return Path(str(resources.files("tomopipe") / "workflows" / "apoferritin_tutorial.toml"))
 
 
-def simulate_once(data_dir: Path, preset: str, seed: int) -> float:
-    """Simulate unless ``data_dir`` already holds this preset and seed; returns seconds spent."""
+_NOT_DATA = ("device", "threads")  # settings that change how fast a data set is made, not the data
+
+
+def simulate_once(data_dir: Path, preset: str, seed: int, device: str = "cpu") -> float:
+    """Simulate (on ``device``) unless ``data_dir`` already holds this preset and seed; returns
+    seconds spent."""
     from tomopipe.simulate import config_from_preset, simulate
 
-    config = config_from_preset(preset, seed=seed)
+    config = config_from_preset(preset, seed=seed, device=device)
+    config.validate()
     marker = data_dir / "truth" / "truth.json"
     if marker.is_file():
-        stored = json.loads(marker.read_text()).get("config")
-        if stored == json.loads(json.dumps(config.to_dict(), default=str)):
+        def data_settings(settings: dict) -> dict:
+            return {key: value for key, value in settings.items() if key not in _NOT_DATA}
+
+        stored = json.loads(marker.read_text()).get("config") or {}
+        if data_settings(stored) == data_settings(json.loads(json.dumps(config.to_dict(), default=str))):
             print(f"using the simulated data in {data_dir} (preset {preset}, seed {seed})")
             return 0.0
     start = time.perf_counter()
@@ -50,10 +58,10 @@ def simulate_once(data_dir: Path, preset: str, seed: int) -> float:
 
 
 def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, until: str | None = None,
-             overrides: list[str] = ()) -> int:
+             overrides: list[str] = (), simulate_device: str = "cpu") -> int:
     out = Path(out)
     data_dir = out / "data"
-    simulation_s = simulate_once(data_dir, preset, seed)
+    simulation_s = simulate_once(data_dir, preset, seed, simulate_device)
     if simulation_s:
         print(f"[simulate] {preset} preset, seed {seed}: {simulation_s:.1f} s -> {data_dir}")
     overrides = [f"import.files_directory={json.dumps(str(data_dir.resolve()))}",
