@@ -76,7 +76,7 @@ def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, unt
             print("\nstep            time (s)  scores against the truth")
             types = {step.name: step.step.type_name for step in workflow.steps}
             for outcome in report.outcomes:
-                scores = {}
+                scores = {key: round(value, 3) for key, value in outcome.summary.items() if key.endswith("_s_per_tilt")}
                 if outcome.run is not None and outcome.status in ("finished", "skipped"):
                     for record in project.sets_of_run(outcome.run.id).values():
                         scores.update(scores_of_set(project, record, types[outcome.name], truth))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ def process_tilt_series(task: dict) -> dict:
     dose_e_per_A2, pre_exposure_e_per_A2), ``acquisition``, ``gain_path`` (absolute or None),
     ``params`` (the step's), ``folder`` (absolute). Returns per-tilt results and file paths.
     """
+    start_s = time.perf_counter()
     ts_id = task["ts_id"]
     params = task["params"]
     acquisition = task["acquisition"]
@@ -185,15 +187,17 @@ def process_tilt_series(task: dict) -> dict:
     files["motion_table_path"] = folder / f"{ts_id}_motion.csv"
     _write_motion(files, ts_id, tilts, models, frame_doses, params["dose_weighting"])
 
+    seconds = {"motion": time.perf_counter() - start_s, "ctf": 0.0}
     ctf = None
     if params["estimate_ctf"]:
         images = torch.stack(frames_for_ctf) if keep_frames else torch.stack(sums)
         ctf = _estimate_ctf(images.to(device=device, dtype=torch.float32), out_pixel_A, tilts, acquisition, params)
         files["ctf_spectra_path"] = folder / f"{ts_id}_ctf_spectra.mrc"
         write_mrc(files["ctf_spectra_path"], ctf.pop("power_spectra"), out_pixel_A, stack=True)
+        seconds["ctf"] = time.perf_counter() - start_s - seconds["motion"]
     ny, nx = sums[0].shape
     return {"ts_id": ts_id, "tilts": results, "files": {k: str(v) for k, v in files.items()},
-            "pixel_size_A": out_pixel_A, "image_size_px": [int(nx), int(ny)], "ctf": ctf}
+            "pixel_size_A": out_pixel_A, "image_size_px": [int(nx), int(ny)], "ctf": ctf, "seconds": seconds}
 
 
 def _write_motion(files: dict, ts_id: str, tilts: list[dict], models: list, frame_doses: list,
@@ -381,8 +385,11 @@ class MotionCtf(Step):
         summary = {"tilt_series": len(results), "tilts": len(ts_items),
                    "motion_total_A_median": float(np.median(ts_items["motion_total_A"])),
                    "tilts_without_significant_motion": int((~ts_items["motion_significant"]).sum()),
-                   "pixel_size_A": sorted({r["pixel_size_A"] for r in results})}
+                   "pixel_size_A": sorted({r["pixel_size_A"] for r in results}),
+                   # compute seconds per tilt movie, summed over the workers
+                   "motion_s_per_tilt": sum(r["seconds"]["motion"] for r in results) / len(ts_items)}
         if ctf_tables:
+            summary["ctf_s_per_tilt"] = sum(r["seconds"]["ctf"] for r in results) / len(ts_items)
             ctf_items = pd.concat(ctf_tables, ignore_index=True)
             ctx.add_output("ctf", ctf_items, {"tilt_series": acquisitions, "handedness": handedness})
             summary["defocus_um_median"] = float(np.median((ctf_items["defocus_u_A"] + ctf_items["defocus_v_A"]) / 2e4))
