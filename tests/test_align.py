@@ -1,24 +1,26 @@
 """Fiducial-less alignment algorithms on synthetic tilt series with a known alignment (RELION 5
-projection model): coarse alignment, patch tracking and the robust projection-model fit."""
+projection model): coarse alignment, patch tracking, the robust projection-model fit, depth-focused
+point tracking, the whole two-stage alignment on a thick specimen, the tilt-angle offset from the
+transmission, and clear failures."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from tomopipe.algorithms.align import bandpass_images, coarse_align, stretch_matrices, track_patches
-from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, fit_projection_model, projected_shift_error_px
+from tomopipe.algorithms.align import (AlignOptions, align_images, aligned_views, bandpass_images, coarse_align,
+                                       find_specimen_points, stretch_matrices, track_patches, track_points)
+from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, fit_projection_model, projected_shift_error_px,
+                                           transmission_tilt_offset)
 from tomopipe.algorithms.align_synthetic import blob_tilt_series
+from tomopipe.algorithms.geometry import project_points, projection_rotations
 
 AXIS_DEG = -85.6
+TILTS_40 = torch.arange(-40.0, 40.1, 2.0, dtype=torch.float64)
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stretch_foreshortens_only_perpendicular_to_the_axis():
@@ -44,19 +46,29 @@ def test_patch_tracking_and_fit_recover_the_alignment():
     error = projected_shift_error_px(fit.rot_z_deg, fit.tilt_deg, fit.shifts_px, fit.magnification, ts.shifts_px)
     assert error["rms_px"] <= 0.5, error
     assert abs(fit.axis_deg - AXIS_DEG) <= 0.3
-    assert abs(fit.tilt_offset_deg - 1.2) <= 0.3
+    assert abs(fit.tilt_offset_deg - 1.2) <= 0.3  # a thin flat slab: levelling the points finds the offset
     assert float((fit.tilt_deg - ts.true_tilt_deg).abs().max()) <= 1.0
     assert float((fit.magnification - ts.magnification).abs().max()) <= 0.01
     assert fit.rms_residual_px < 0.6 and fit.residual_view_px.shape == (41,)
     assert float(fit.shifts_px[20].norm()) < 1e-6  # origin under the image centre of the zero tilt
 
 
+def test_small_patches_are_tracked():
+    """The peak significance is measured against the whole correlation map: patches of 40 px
+    (search radius 10 px) are tracked through the series, not stopped at the first view."""
+    ts = blob_tilt_series(size_px=128, tilt_angles_deg=TILTS_40, tilt_axis_deg=AXIS_DEG, shift_sd_px=2.0,
+                          slab_thickness_px=10.0, blobs=1500, noise_sd=0.5, seed=8)
+    images = bandpass_images(ts.images)
+    coarse = coarse_align(images, ts.nominal_tilt_deg, AXIS_DEG)
+    tracks = track_patches(images, ts.nominal_tilt_deg, AXIS_DEG, coarse.shifts_px, 40, 0.5)
+    lengths = (~torch.isnan(tracks.positions_px[..., 0])).sum(1)
+    assert int((lengths == 41).sum()) >= 8, lengths.tolist()  # the central ones never leave the field
+
+
 def test_outlier_contours_are_rejected():
     ts = blob_tilt_series(size_px=96, tilt_axis_deg=AXIS_DEG, seed=5)
-    rot_points = ts.points_px[:60]
-    from tomopipe.algorithms.geometry import project_points, projection_rotations
     rot = projection_rotations(AXIS_DEG, ts.true_tilt_deg).to(torch.float64)
-    xy = project_points(rot_points, rot)[..., :2].transpose(0, 1) + ts.shifts_px[None]
+    xy = project_points(ts.points_px[:60], rot)[..., :2].transpose(0, 1) + ts.shifts_px[None]
     g = torch.Generator().manual_seed(0)
     xy = xy + 0.1 * torch.randn(xy.shape, generator=g, dtype=torch.float64)
     xy[:5, 25:] += 6.0 * torch.randn(5, 16, 2, generator=g, dtype=torch.float64)  # 5 contours jump to wrong features
@@ -65,6 +77,20 @@ def test_outlier_contours_are_rejected():
     assert fit.rms_residual_px < 0.2 and float(fit.residual_contour_px[:5].min()) > 1.0
     error = projected_shift_error_px(fit.rot_z_deg, fit.tilt_deg, fit.shifts_px, fit.magnification, ts.shifts_px)
     assert error["rms_px"] < 0.1
+
+
+def test_an_imposed_tilt_offset_is_a_gauge():
+    """Fitting with the tilt-angle offset fixed at any value gives the same projections (and shifts)."""
+    ts = blob_tilt_series(size_px=96, tilt_axis_deg=AXIS_DEG, tilt_offset_deg=0.7, seed=6)
+    rot = projection_rotations(AXIS_DEG, ts.true_tilt_deg).to(torch.float64)
+    xy = project_points(ts.points_px[:80], rot)[..., :2].transpose(0, 1) + ts.shifts_px[None]
+    fits = [fit_projection_model(xy, ts.nominal_tilt_deg, AXIS_DEG, ts.shifts_px, FitOptions(refine_magnification=False),
+                                 tilt_offset_deg=offset) for offset in (0.7, -3.0)]
+    assert fits[0].tilt_offset_deg == pytest.approx(0.7) and fits[1].tilt_offset_deg == pytest.approx(-3.0)
+    for fit in fits:
+        assert fit.rms_residual_px < 1e-3
+        assert projected_shift_error_px(fit.rot_z_deg, fit.tilt_deg, fit.shifts_px, fit.magnification,
+                                        ts.shifts_px)["rms_px"] < 1e-3
 
 
 def test_pure_noise_fails_clearly():
@@ -76,3 +102,110 @@ def test_pure_noise_fails_clearly():
     tracks = track_patches(filtered, tilts, AXIS_DEG, coarse.shifts_px, 48, 0.8)
     with pytest.raises(AlignmentError, match="too few contours|fewer than"):
         fit_projection_model(tracks.positions_px, tilts, AXIS_DEG, coarse.shifts_px, FitOptions())
+    with pytest.raises(AlignmentError, match="too few contours|fewer than"):
+        align_images(images, tilts, AXIS_DEG, AlignOptions(patch_size_px=48))
+
+
+def test_contours_of_no_rigid_specimen_fail_the_fit():
+    """Contours that wander (independent random walks) cannot be one rigid specimen: the fit
+    reports its RMS residual instead of returning an alignment."""
+    g = torch.Generator().manual_seed(2)
+    tilts = torch.arange(-60.0, 60.1, 3.0, dtype=torch.float64)
+    start = (torch.rand(40, 1, 2, generator=g, dtype=torch.float64) - 0.5) * 100
+    walk = torch.cumsum(1.5 * torch.randn(40, tilts.numel(), 2, generator=g, dtype=torch.float64), dim=1)
+    with pytest.raises(AlignmentError, match="RMS residual"):
+        fit_projection_model(start + walk, tilts, AXIS_DEG, torch.zeros(tilts.numel(), 2, dtype=torch.float64),
+                             FitOptions(outlier_mad_factor=10.0))
+
+
+def _true_aligned_views(ts):
+    n = ts.images.shape[0]
+    size = ts.images.shape[-1]
+    return aligned_views(bandpass_images(ts.images, sigma1=0.03, radius2=0.3),
+                         torch.full((n,), ts.tilt_axis_deg, dtype=torch.float64), ts.shifts_px, ts.magnification,
+                         (size, size))
+
+
+def test_point_tracking_measures_the_projections_of_specimen_points():
+    """With the true alignment, every point's measured positions follow the projection of one 3-D
+    point at the true (x, y): residual and x, y error well below a pixel (depth may be pulled a
+    little towards features at other depths sharing the window)."""
+    ts = blob_tilt_series(size_px=128, tilt_angles_deg=torch.arange(-40.0, 40.1, 4.0), tilt_axis_deg=AXIS_DEG,
+                          shift_sd_px=3.0, slab_thickness_px=40.0, blobs=80, blob_sigma_px=2.0, noise_sd=0.3, seed=4)
+    views, coverage = _true_aligned_views(ts)
+    points = ts.points_px[(ts.points_px[:, :2].abs() < 40).all(-1)]
+    tracks = track_points(views, coverage, ts.true_tilt_deg, points, 24)
+    seen = ~torch.isnan(tracks.positions_px[..., 0])
+    assert int(seen.sum()) >= 0.8 * seen.numel()
+    t = torch.deg2rad(ts.true_tilt_deg)
+    zero = torch.zeros_like(t)
+    a = torch.stack([torch.stack([torch.cos(t), zero, torch.sin(t)], -1),
+                     torch.stack([zero, torch.ones_like(t), zero], -1)], 1)  # aligned frame: [Ry p]_xy
+    w = seen.to(torch.float64)
+    h = torch.einsum("mn,nki,nkj->mij", w, a, a)
+    fitted = torch.linalg.solve(h, torch.einsum("mn,nki,mnk->mi", w, a, torch.nan_to_num(tracks.positions_px)))
+    residual = (torch.einsum("nki,mi->mnk", a, fitted) - tracks.positions_px).norm(dim=-1)[seen]
+    assert float(residual.median()) < 0.5
+    assert float((fitted[:, :2] - points[:, :2]).norm(dim=-1).median()) < 0.5
+    assert float((fitted[:, 2] - points[:, 2]).abs().median()) < 1.0
+
+
+def test_specimen_points_are_found_at_features():
+    ts = blob_tilt_series(size_px=128, tilt_angles_deg=torch.arange(-40.0, 40.1, 4.0), tilt_axis_deg=AXIS_DEG,
+                          shift_sd_px=3.0, slab_thickness_px=40.0, blobs=80, blob_sigma_px=2.0, noise_sd=0.3, seed=4)
+    views, coverage = _true_aligned_views(ts)
+    found = find_specimen_points(views, coverage, ts.true_tilt_deg, 40.0, count=10, min_distance_px=6, border_px=14)
+    assert found.shape == (10, 3)
+    distance = torch.cdist(found, ts.points_px).min(1).values
+    assert int((distance < 2.5).sum()) >= 8, distance.tolist()  # binned search: within a voxel or so
+
+
+def test_two_stage_alignment_of_a_thick_specimen():
+    """A slab as thick as a third of the field: contours of 48-px patches are blends of features at
+    different depths and bias the tilt axis; the point stage recovers it and the shifts."""
+    ts = blob_tilt_series(size_px=160, tilt_angles_deg=TILTS_40, tilt_axis_deg=AXIS_DEG, shift_sd_px=3.0,
+                          slab_thickness_px=60.0, blobs=500, blob_sigma_px=2.0, noise_sd=0.5, seed=1)
+    result = align_images(ts.images, ts.nominal_tilt_deg, AXIS_DEG + 1.0,
+                          AlignOptions(patch_size_px=48, point_window_px=24))
+    assert result.stage == "points" and result.note == "" and 1 <= len(result.rounds) <= 3
+    fit, patch = result.fit, result.patch_fit
+    errors = {name: (abs(f.axis_deg - AXIS_DEG), projected_shift_error_px(
+        f.rot_z_deg, f.tilt_deg, f.shifts_px, f.magnification, ts.shifts_px)["rms_px"]) for name, f in
+        (("points", fit), ("patches", patch))}
+    assert errors["points"][0] <= 0.3, errors
+    assert errors["points"][1] <= 0.15, errors
+    assert result.points_xyz_px.shape[0] >= 50 and int(fit.contour_used.sum()) >= 30
+    assert float(fit.shifts_px[20].norm()) < 1e-6
+
+
+def test_images_too_small_for_point_windows_keep_the_patch_fit():
+    ts = blob_tilt_series(size_px=96, tilt_angles_deg=TILTS_40, tilt_axis_deg=AXIS_DEG, shift_sd_px=1.0,
+                          slab_thickness_px=8.0, blobs=800, noise_sd=0.3, seed=9)
+    result = align_images(ts.images, ts.nominal_tilt_deg, AXIS_DEG, AlignOptions(patch_size_px=48, point_window_px=90))
+    assert result.stage == "patches" and "too small" in result.note and result.fit is result.patch_fit
+
+
+def test_transmission_tilt_offset_recovers_the_slab_tilt():
+    theta = torch.arange(-60.0, 60.1, 3.0, dtype=torch.float64)
+    exact = 1.6 * torch.exp(-0.3 / torch.cos(torch.deg2rad(theta + 0.5)))
+    fit = transmission_tilt_offset(theta, exact)
+    assert fit.tilt_offset_deg == pytest.approx(0.5, abs=1e-3) and fit.thickness_mfp == pytest.approx(0.3, rel=1e-3)
+    assert fit.log_intensity_0 == pytest.approx(math.log(1.6), abs=1e-3) and fit.rms_log_residual < 1e-6
+    g = torch.Generator().manual_seed(0)
+    noisy = exact * (1 + 5e-4 * torch.randn(theta.shape, generator=g, dtype=torch.float64))  # shot noise of ~4 Me-
+    fit = transmission_tilt_offset(theta, noisy)
+    assert abs(fit.tilt_offset_deg - 0.5) < max(4 * fit.offset_se_deg, 0.02) and fit.offset_se_deg < 0.2
+    assert abs(fit.tilt_offset_deg - 0.5) < 0.3
+
+
+def test_transmission_refuses_what_is_not_a_transmission():
+    theta = torch.arange(-40.0, 40.1, 4.0, dtype=torch.float64)
+    with pytest.raises(AlignmentError, match="positive"):
+        transmission_tilt_offset(theta, torch.zeros_like(theta))  # density-scaled views: mean 0
+    with pytest.raises(AlignmentError, match="does not fall|no minimum"):
+        transmission_tilt_offset(theta, torch.exp(0.2 / torch.cos(torch.deg2rad(theta))))  # brighter when tilted
+    with pytest.raises(AlignmentError, match="at least 5"):
+        transmission_tilt_offset(theta[:3], torch.ones(3, dtype=torch.float64))
+    ragged = torch.exp(-0.3 / torch.cos(torch.deg2rad(theta))) * (1 + 0.3 * (torch.arange(theta.numel()) % 2))
+    with pytest.raises(AlignmentError, match="do not follow"):
+        transmission_tilt_offset(theta, ragged)

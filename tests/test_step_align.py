@@ -1,5 +1,7 @@
 """The ``align_tilt_series`` step through the engine: a synthetic tilt series with a known alignment
-(one view excluded) and a pure-noise one that must fail with a clear message."""
+(one view excluded) and an intensity reference whose mean intensities follow the slab transmission
+(the tilt-angle offset comes from it), a pure-noise series that must fail with a clear message, and
+a transmission offset asked for without its input."""
 
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ PIXEL_A = 8.0
 AXIS_DEG = -85.6
 TILTS = np.arange(-60.0, 60.1, 4.0)
 DISABLED_TILT_INDEX = 3
+OFFSET_DEG = -0.8  # true tilt = nominal + offset
+TAU = 0.25  # slab thickness in mean free paths
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _series_rows(ts_id: str, image_path: str, disabled_index: int | None = None) -> list[dict]:
+    return [{"ts_id": ts_id, "tilt_index": i, "tilt_angle_deg": float(angle), "image_path": image_path,
+             "image_section": i, "enabled": i != disabled_index} for i, angle in enumerate(TILTS)]
 
 
 class AlignTestStacks(Step):
@@ -43,23 +46,44 @@ class AlignTestStacks(Step):
     params = (Param("folder", "path", "folder of the stacks", required=True),)
     outputs = (Port("tilt_series", "tilt_series"),)
 
+    def series(self, ctx, path: Path, data) -> tuple[list[dict], dict]:
+        """The rows and the acquisition of one tilt series made from the stack ``path``."""
+        return _series_rows(path.stem, ctx.stored_path(path), DISABLED_TILT_INDEX), {
+            "pixel_size_A": PIXEL_A, "tilt_axis_angle_deg": AXIS_DEG + 0.7,
+            "image_size_px": [int(data.shape[2]), int(data.shape[1])], "n_tilts": int(data.shape[0])}
+
     def run(self, ctx):
         rows, acquisitions = [], {}
         for path in sorted(Path(ctx.params["folder"]).glob("TS_*.mrc")):
             data, _ = read_mrc(path, mmap=True)
-            for i, angle in enumerate(TILTS):
-                rows.append({"ts_id": path.stem, "tilt_index": i, "tilt_angle_deg": float(angle),
-                             "image_path": ctx.stored_path(path), "image_section": i,
-                             "enabled": i != DISABLED_TILT_INDEX})
-            acquisitions[path.stem] = {"pixel_size_A": PIXEL_A, "tilt_axis_angle_deg": AXIS_DEG + 0.7,
-                                       "image_size_px": [int(data.shape[2]), int(data.shape[1])],
-                                       "n_tilts": int(data.shape[0])}
+            series_rows, acquisitions[path.stem] = self.series(ctx, path, data)
+            rows += series_rows
         ctx.add_output("tilt_series", pd.DataFrame(rows), {"tilt_series": acquisitions})
         return {}
 
 
-if AlignTestStacks.type_name not in REGISTRY:
-    register(AlignTestStacks)
+class AlignTestIntensities(AlignTestStacks):
+    """Test-only tilt series of the same acquisitions as ``test_align_stacks`` (same field of view at
+    4x the pixel size) whose views are flat with the mean intensity of a slab of TAU mean free paths
+    whose normal is at nominal tilt -OFFSET_DEG."""
+
+    type_name = "test_align_intensities"
+    title = "test - transmission images"
+
+    def series(self, ctx, path: Path, data) -> tuple[list[dict], dict]:
+        size = (int(data.shape[2]) // 4, int(data.shape[1]) // 4)
+        means = 900.0 * np.exp(-TAU / np.cos(np.radians(TILTS + OFFSET_DEG)))
+        stack = np.random.default_rng(1).poisson(means[:, None, None], (len(TILTS), size[1], size[0]))
+        out = ctx.folder / f"{path.stem}_counts.mrc"
+        write_mrc(out, stack.astype(np.float32), 4 * PIXEL_A, stack=True)
+        return _series_rows(path.stem, ctx.stored_path(out)), {
+            "pixel_size_A": 4 * PIXEL_A, "tilt_axis_angle_deg": AXIS_DEG + 0.7, "image_size_px": list(size),
+            "n_tilts": len(TILTS)}
+
+
+for _step in (AlignTestStacks, AlignTestIntensities):
+    if _step.type_name not in REGISTRY:
+        register(_step)
 
 WORKFLOW = """
 [workflow]
@@ -69,28 +93,33 @@ name = "align_test"
 type = "test_align_stacks"
 folder = "{data}"
 
+[steps.counts]
+type = "test_align_intensities"
+folder = "{data}"
+
 [steps.align]
 type = "align_tilt_series"
 tilt_series = "source.tilt_series"
 interpolated_stack = true
 interpolated_binning = 2
+{extra}
 """
 
 
-def _run(tmp_path: Path):
+def _run(tmp_path: Path, extra: str = 'intensity_reference = "counts.tilt_series"'):
     workflow = tmp_path / "wf.toml"
-    workflow.write_text(WORKFLOW.format(data=tmp_path / "data"))
+    workflow.write_text(WORKFLOW.format(data=tmp_path / "data", extra=extra))
     with Project.open_or_init(tmp_path / "project") as project:
         return run_workflow(project, load_workflow(workflow, []), LocalExecutor(1), echo=lambda *_: None)
 
 
 def test_align_step_writes_the_alignment_and_leaves_excluded_views_out(tmp_path):
-    ts = blob_tilt_series(size_px=192, tilt_angles_deg=TILTS, tilt_axis_deg=AXIS_DEG, tilt_offset_deg=-0.8,
+    ts = blob_tilt_series(size_px=192, tilt_angles_deg=TILTS, tilt_axis_deg=AXIS_DEG, tilt_offset_deg=OFFSET_DEG,
                           shift_sd_px=2.0, slab_thickness_px=12.0, blobs=2200, noise_sd=0.5, seed=11)
     (tmp_path / "data").mkdir()
     write_mrc(tmp_path / "data" / "TS_01.mrc", ts.images.numpy(), PIXEL_A, stack=True)
     report = _run(tmp_path)
-    assert [o.status for o in report.outcomes] == ["finished", "finished"], [o.message for o in report.outcomes]
+    assert [o.status for o in report.outcomes] == ["finished"] * 3, [o.message for o in report.outcomes]
     with Project.open(tmp_path / "project") as project:
         run = project.find_run("align")
         record = project.sets_of_run(run.id)["tilt_series"]
@@ -106,7 +135,9 @@ def test_align_step_writes_the_alignment_and_leaves_excluded_views_out(tmp_path)
                                      used["magnification"].to_numpy(), ts.shifts_px[torch.from_numpy(enabled.copy())])
     assert error["rms_px"] <= 0.5, error
     assert abs(float(used["rot_z_deg"].mean()) - AXIS_DEG) <= 0.3
-    assert abs(float((used["rot_y_deg"] - TILTS[enabled]).mean()) - (-0.8)) <= 0.3
+    offset = float((used["rot_y_deg"] - TILTS[enabled]).mean())
+    assert abs(offset - OFFSET_DEG) <= 0.1, offset  # from the transmission of the reference views
+    assert summary["tilt_offset_method"]["TS_01"] == "transmission" and summary["stage"]["TS_01"] == "points"
     assert (used["rot_x_deg"] == 0).all() and (used["align_residual_px"] < 1.0).all()
     # IMOD files: one line per enabled view in tilt order, consistent with the columns
     a, d = read_xf(folder / "TS_01.xf")
@@ -117,7 +148,9 @@ def test_align_step_writes_the_alignment_and_leaves_excluded_views_out(tmp_path)
     assert np.allclose(read_tlt(folder / "TS_01.tlt"), used["rot_y_deg"].to_numpy(), atol=0.006)
     assert np.allclose(read_tlt(folder / "TS_01.xtilt"), 0.0)
     contours = pd.read_csv(folder / "TS_01_contours.csv")
-    assert contours["used"].sum() >= 10 and {"residual_px", "x_A", "z_A"} <= set(contours.columns)
+    assert {"stage", "residual_px", "x_A", "z_A"} <= set(contours.columns)
+    assert set(contours["stage"]) == {"patch", "point"}
+    assert (contours.groupby("stage")["used"].sum() >= 10).all()
     # interpolated stack: binned by 2, enabled views only; the zero tilt matches the raw view binned and shifted
     aligned, pixel_A = read_mrc(folder / "TS_01_ali.mrc")
     assert aligned.shape == (len(TILTS) - 1, 96, 96) and pixel_A == pytest.approx(2 * PIXEL_A)
@@ -134,6 +167,16 @@ def test_align_step_fails_clearly_on_noise(tmp_path):
     noise = np.random.default_rng(0).normal(size=(len(TILTS), 128, 128)).astype(np.float32)
     write_mrc(tmp_path / "data" / "TS_02.mrc", noise, PIXEL_A, stack=True)
     report = _run(tmp_path)
-    assert [o.status for o in report.outcomes] == ["finished", "failed"]
-    assert "TS_02: alignment failed:" in report.outcomes[1].message
-    assert "too few contours" in report.outcomes[1].message or "fewer than" in report.outcomes[1].message
+    assert [o.status for o in report.outcomes] == ["finished", "finished", "failed"]
+    assert "TS_02: alignment failed:" in report.outcomes[2].message
+    assert "too few contours" in report.outcomes[2].message or "fewer than" in report.outcomes[2].message
+    with Project.open(tmp_path / "project") as project:
+        run = project.find_run("align")
+        assert run.status == "failed" and not project.sets_of_run(run.id)  # no alignment written
+
+
+def test_transmission_offset_needs_its_input(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_mrc(tmp_path / "data" / "TS_03.mrc", np.zeros((len(TILTS), 32, 32), np.float32), PIXEL_A, stack=True)
+    report = _run(tmp_path, extra='tilt_offset_method = "transmission"')
+    assert report.outcomes[2].status == "failed" and "intensity_reference" in report.outcomes[2].message

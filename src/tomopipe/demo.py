@@ -13,6 +13,7 @@ from tomopipe.engine.runner import run_workflow
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.project.store import Project
 from tomopipe.project.store import SetRecord
+from tomopipe.report.score_alignment import score_alignment
 from tomopipe.report.scores import score_ctf, score_import, score_motion
 from tomopipe.report.truth import Truth
 
@@ -26,6 +27,9 @@ def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Tr
         return score_motion(items, project, truth)
     if step_type == "motion_ctf" and record.kind == "ctf":
         return score_ctf(items, truth)
+    if step_type in ("align_tilt_series", "assign_alignment") and record.kind == "tilt_series":
+        return {key: value for key, value in score_alignment(items, record.attrs, truth).items()
+                if key.startswith("max_")}
     return {}
 
 

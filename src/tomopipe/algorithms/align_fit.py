@@ -1,17 +1,26 @@
-"""Fiducial-less tilt-series alignment, part 2: robust fit of the projection model to patch contours
-(the role of IMOD tiltalign).
+"""Fiducial-less tilt-series alignment, part 2: robust fit of the projection model to contours
+(the role of IMOD tiltalign), the tilt-angle offset, and a gauge-free shift error.
 
 Model (RELION 5, ``geometry.py``), in pixels from the image centre ``N//2``:
 ``x_ij = m_i · [Rz(axis_i)·Ry(tilt_i)·p_j]_xy + s_i`` with ``axis_i = axis + δaxis_i``,
 ``tilt_i = nominal_i + offset + δtilt_i``. Unknowns: the 3-D contour points ``p_j``, the shifts ``s_i``,
-the axis angle (global; per-view deviations optional), the tilt-angle offset, per-view tilt
-deviations and per-view magnifications (optional). Gauges: the tilt-angle offset is not seen by
-the projections (it equals a rotation of the specimen about the tilt axis): it is set so that the
-specimen plane fitted to the points is level along x (:func:`_level_specimen`, IMOD's choice); the
-magnification of the zero-tilt view is 1; the per-view deviations have a weak Gaussian prior (``*_prior_sd``) so that the common part
-goes to the global parameters; after the fit the tomogram origin is put at the mean height of the
-points and under the image centre of the zero-tilt view (``s = 0`` there) — a translation of the
-origin changes no projection.
+the axis angle (global; per-view deviations optional), per-view tilt deviations and per-view
+magnifications (optional). The magnification of the zero-tilt view is 1; the per-view deviations
+have a Gaussian prior (``*_prior_sd``) so that the common part goes to the global parameters.
+
+Gauges (changes that leave every projection the same, so the images cannot tell them):
+
+* A 3-D translation of the points (``p − t``, ``s + m·R·t``). After the fit the tomogram origin is
+  put at the mean height of the points and under the image centre of the zero-tilt view (``s = 0``
+  there).
+* The tilt-angle offset: ``Ry(θ + Δ)·Ry(−Δ)·p = Ry(θ)·p``, a rotation of the specimen about the
+  tilt axis. It is *defined* by the specimen: the offset is the one at which the specimen slab is
+  level at tilt 0. Two estimates: :func:`transmission_tilt_offset` (preferred when the views'
+  mean intensities are known: the zero-loss transmission ``exp(−t/(λ·cos(θ + Δ)))`` of a slab of
+  thickness t is highest when the beam is normal to the slab), and, as IMOD tiltalign does, the
+  offset that makes the plane fitted to the contour points level along x
+  (:func:`level_specimen`). The second is only as good as the points sample the slab: ~150
+  particles in a slab as thick as half its width leave it uncertain by 1–2 degrees.
 
 Robustness: iteratively reweighted — after each fit, observations with a residual above
 ``median + k·1.4826·MAD`` (at least ``min_outlier_px``) get weight 0, and contours whose mean
@@ -30,7 +39,8 @@ import torch
 from tomopipe.algorithms.geometry import projection_rotations
 from tomopipe.errors import TomopipeError
 
-__all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "projected_shift_error_px"]
+__all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "projected_shift_error_px",
+           "level_specimen", "transmission_tilt_offset", "TransmissionFit"]
 
 
 class AlignmentError(TomopipeError):
@@ -42,11 +52,11 @@ class FitOptions:
     refine_axis: bool = True  #: global tilt-axis angle
     refine_axis_per_view: bool = False  #: per-view axis deviations
     refine_tilt_offset: bool = True  #: one offset added to every tilt angle
-    refine_tilt_per_view: bool = True  #: per-view tilt deviations
+    refine_tilt_per_view: bool = False  #: per-view tilt deviations (noisier than stage errors usually are)
     refine_magnification: bool = True  #: per-view magnification (zero tilt fixed at 1)
     axis_prior_sd_deg: float = 0.5
     tilt_prior_sd_deg: float = 1.0
-    magnification_prior_sd: float = 0.02
+    magnification_prior_sd: float = 0.005
     outlier_mad_factor: float = 4.0  #: k in median + k·1.4826·MAD
     min_outlier_px: float = 1.0  #: residuals below this are never outliers
     min_views_per_contour: int = 4
@@ -124,9 +134,13 @@ def _robust_bound(values: torch.Tensor, k: float, floor: float) -> float:
 
 
 def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, shifts_px: torch.Tensor,
-                         options: FitOptions = FitOptions(), zero_index: int | None = None) -> FitResult:
+                         options: FitOptions = FitOptions(), zero_index: int | None = None,
+                         tilt_offset_deg: float | None = None) -> FitResult:
     """Fit the projection model to contours ``positions_px [m, n, 2]`` (NaN where not tracked),
-    starting from the nominal tilts, ``tilt_axis_deg`` and the coarse ``shifts_px [n, 2]``."""
+    starting from the nominal tilts and ``tilt_axis_deg`` (``shifts_px [n, 2]``, the coarse
+    shifts, are not needed by the solver: points and shifts are solved exactly for each geometry).
+    The tilt-angle offset (a gauge) is ``tilt_offset_deg`` when given, else the levelling offset
+    of the fitted points when ``options.refine_tilt_offset``, else 0."""
     obs = positions_px.to(torch.float64)
     m, n, _ = obs.shape
     tilts0 = torch.as_tensor(tilt_angles_deg, dtype=torch.float64).reshape(-1)
@@ -140,7 +154,7 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
     params = {
         "axis": torch.tensor(float(tilt_axis_deg), dtype=torch.float64),
         "daxis": torch.zeros(n, dtype=torch.float64),
-        "offset": torch.tensor(0.0, dtype=torch.float64),
+        "offset": torch.tensor(float(tilt_offset_deg or 0.0), dtype=torch.float64),
         "dtilt": torch.zeros(n, dtype=torch.float64),
         "logmag": torch.zeros(n, dtype=torch.float64),
     }
@@ -175,9 +189,11 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
         points, shifts = _lbfgs(params, obs, weight, tilts0, options, i0)
     x_tilt_deg = 0.0
     with torch.no_grad():
-        if options.refine_tilt_offset:
-            offset_deg, x_tilt_deg = _level_specimen(points, used_contour)
+        if tilt_offset_deg is None and options.refine_tilt_offset:
+            offset_deg, x_tilt_deg = level_specimen(points, used_contour)
             params["offset"] = params["offset"] + offset_deg
+        else:
+            x_tilt_deg = level_specimen(points, used_contour)[1]
         axis, tilt, rot, mag = _model(params, tilts0, options, i0)
         points, shifts = _solve_linear(rot, mag, obs, weight)
         points, shifts = _fix_origin(rot, mag, points, shifts, weight, i0)
@@ -190,7 +206,7 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
     rms = float(torch.sqrt(sq.sum() / used.sum()))
     if not math.isfinite(rms) or rms > options.max_residual_px:
         raise AlignmentError(f"the projection-model fit failed: RMS residual {rms:.2f} px > {options.max_residual_px}"
-                             f" px with {int(used_contour.sum())} contours (the patches do not follow one rigid "
+                             f" px with {int(used_contour.sum())} contours (the contours do not follow one rigid "
                              f"specimen; check the tilt angles, the tilt-axis angle and the images)")
     points = torch.where(used_contour[:, None], points, torch.full_like(points, math.nan))
     return FitResult(rot_z_deg=axis, tilt_deg=tilt, shifts_px=shifts, magnification=mag, points_px=points,
@@ -242,7 +258,7 @@ def _lbfgs(params, obs, weight, tilts0, options: FitOptions, i0: int):
 
     if names:
         optimiser = torch.optim.LBFGS(list(variables.values()), lr=1.0, max_iter=options.max_iterations,
-                                      tolerance_grad=1e-12, tolerance_change=1e-15, history_size=30,
+                                      tolerance_grad=1e-8, tolerance_change=1e-12, history_size=30,
                                       line_search_fn="strong_wolfe")
 
         def closure():
@@ -259,12 +275,13 @@ def _lbfgs(params, obs, weight, tilts0, options: FitOptions, i0: int):
     return points, shifts
 
 
-def _level_specimen(points: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
-    """Tilt-angle offset that makes the specimen level. A common offset of all tilts is the same as
-    rotating the specimen about the tilt axis (``Ry(θ+Δ)·p = Ry(θ)·Ry(Δ)·p``), so the projections
-    cannot give it; as IMOD tiltalign does, it is chosen so that the plane fitted to the contour
-    points, ``z = αx + βy + c``, has no slope along x: ``Δ = -atan(α)``. Also returns the slope
-    along y as an angle (the x-axis tilt that would level it, reported, not applied)."""
+def level_specimen(points: torch.Tensor, used: torch.Tensor) -> tuple[float, float]:
+    """Tilt-angle offset to add that makes the contour points level. A common offset of all tilts
+    is the same as rotating the specimen about the tilt axis (``Ry(θ+Δ)·p = Ry(θ)·Ry(Δ)·p``), so
+    the projections cannot give it; as IMOD tiltalign does, it is chosen so that the least-squares
+    plane of the points ``used``, ``z = αx + βy + c``, has no slope along x: ``Δ = -atan(α)``.
+    Also returns the slope along y as an angle (the x-axis tilt that would level it, reported,
+    not applied). The points' mid-plane is the specimen's only when they sample the slab well."""
     p = points[used]
     design = torch.stack([p[:, 0], p[:, 1], torch.ones_like(p[:, 0])], -1)
     alpha, beta, _ = torch.linalg.lstsq(design, p[:, 2:3]).solution[:, 0].tolist()
@@ -307,3 +324,69 @@ def projected_shift_error_px(rot_z_deg, tilt_deg, shifts_px, magnification, true
     remaining = diff - a @ t
     norms = remaining.norm(dim=-1)
     return {"rms_px": float(norms.square().mean().sqrt()), "max_px": float(norms.max()), "origin_px": t.tolist()}
+
+
+@dataclass
+class TransmissionFit:
+    tilt_offset_deg: float  #: Δ: the slab is normal to the beam at nominal tilt −Δ (tilt = nominal + Δ)
+    offset_se_deg: float  #: standard error of Δ from the curvature of the misfit
+    thickness_mfp: float  #: τ = t / λ, the slab thickness in mean free paths
+    log_intensity_0: float  #: log of the intensity the slab would transmit at zero thickness
+    rms_log_residual: float  #: RMS misfit of log(intensity)
+
+
+def transmission_tilt_offset(tilt_angles_deg, mean_intensity, max_offset_deg: float = 20.0,
+                             max_rms_log_residual: float = 0.05) -> TransmissionFit:
+    """Tilt-angle offset from the mean intensity of the views (Beer–Lambert, zero-loss or
+    elastic transmission of a slab of uniform thickness t):
+    ``log I_i = log I_0 − τ / cos(θ_i + Δ)``, ``τ = t/λ``; the beam crosses the least ice when it is
+    normal to the slab, so ``Δ`` is the offset to add to the nominal tilts ``θ_i`` for the slab to be
+    level at tilt 0. Assumes the same exposure for every view (a drift of the beam current over a
+    dose-symmetric series changes ``τ`` more than ``Δ``). For each Δ on a grid (0.05°) ``(log I_0, τ)``
+    are a linear least-squares fit; the best Δ is refined by a parabola through its neighbours.
+
+    Raises :class:`AlignmentError` for non-positive intensities (density-scaled images), fewer than
+    5 views, no attenuation with tilt (τ <= 0), a best Δ at the search limit, or a misfit above
+    ``max_rms_log_residual``."""
+    theta = _as_f64(tilt_angles_deg).reshape(-1)
+    intensity = _as_f64(mean_intensity).reshape(-1)
+    if theta.numel() != intensity.numel():
+        raise ValueError(f"transmission_tilt_offset: {theta.numel()} tilt angles but {intensity.numel()} intensities")
+    if theta.numel() < 5:
+        raise AlignmentError(f"the transmission fit needs at least 5 views ({theta.numel()} given)")
+    if not bool(torch.isfinite(intensity).all()) or float(intensity.min()) <= 0:
+        raise AlignmentError("the transmission fit needs positive mean intensities (images of counts or electrons, "
+                             f"not density-scaled ones); the smallest is {float(intensity.min()):.4g}")
+    log_i = torch.log(intensity)
+
+    def misfit(delta_deg: torch.Tensor):
+        u = 1.0 / torch.cos(torch.deg2rad(theta[None, :] + delta_deg[:, None]))  # [k, n]
+        design = torch.stack([torch.ones_like(u), -u], -1)  # [k, n, 2]
+        solution = torch.linalg.lstsq(design, log_i[None, :, None].expand(delta_deg.numel(), -1, 1)).solution
+        residual = (design @ solution)[..., 0] - log_i[None]
+        return residual.square().sum(1), solution[..., 0]
+
+    step = 0.05
+    grid = torch.arange(-max_offset_deg, max_offset_deg + step / 2, step, dtype=torch.float64)
+    valid = (theta.abs().max() + grid.abs()) < 89.0
+    grid = grid[valid]
+    sse, solution = misfit(grid)
+    k = int(torch.argmin(sse))
+    if k == 0 or k == grid.numel() - 1:
+        raise AlignmentError(f"the transmission fit has no minimum within ±{max_offset_deg} deg of the nominal tilts "
+                             f"(best at {float(grid[k]):+.2f} deg)")
+    a, b, c = float(sse[k - 1]), float(sse[k]), float(sse[k + 1])
+    curvature = (a - 2 * b + c) / step**2
+    delta = float(grid[k]) + (0.5 * step * (a - c) / (a - 2 * b + c) if a - 2 * b + c > 0 else 0.0)
+    best_sse, best = misfit(torch.tensor([delta], dtype=torch.float64))
+    log_i0, tau = float(best[0, 0]), float(best[0, 1])
+    dof = max(theta.numel() - 3, 1)
+    variance = float(best_sse[0]) / dof
+    rms = math.sqrt(float(best_sse[0]) / theta.numel())
+    if tau <= 0:
+        raise AlignmentError(f"the mean intensity does not fall with tilt (tau = {tau:.3g}): no transmission signal")
+    if rms > max_rms_log_residual:
+        raise AlignmentError(f"the mean intensities do not follow the slab transmission law (RMS misfit of "
+                             f"log intensity {rms:.3g} > {max_rms_log_residual})")
+    se = math.sqrt(2.0 * variance / curvature) if curvature > 0 else math.inf
+    return TransmissionFit(delta, se, tau, log_i0, rms)

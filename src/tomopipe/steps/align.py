@@ -1,18 +1,30 @@
 """Seed step "imod - teamtomo/batchruntomo" (fiducial-less alignment): coarse cross-correlation,
-patch tracking and a robust fit of the projection model (:mod:`tomopipe.algorithms.align`,
-:mod:`tomopipe.algorithms.align_fit`).
+patch tracking and a robust fit of the projection model, then rounds of depth-focused point
+tracking and fitting (:func:`tomopipe.algorithms.align.align_images`).
 
 Only enabled views are used; excluded views keep NaN alignment columns. The output set points to
 the same images with the alignment as metadata (the seed's "+ali", not applied), RELION 5
 semantics: ``rot_z_deg`` (tilt axis), ``rot_y_deg`` (refined tilt), ``rot_x_deg`` (0),
 ``shift_x_A, shift_y_A`` (specimen shifts: image position of the tomogram origin from the image
 centre ``N//2``), ``magnification`` (image scale relative to the zero-tilt view) and
-``align_residual_px`` (RMS residual of the view's contour points). Per tilt series, in the run
-folder: ``TS.xf`` / ``TS.tlt`` / ``TS.xtilt`` for the stack of the enabled views in tilt order
-(``.xf`` via :func:`geometry.xf_from_alignment` with magnification ``1/m`` so that it maps raw to
-aligned), ``TS_contours.csv`` (per contour: views, residual, used, 3-D point in Å), and when asked
-``TS_ali.mrc``: the enabled views interpolated (bicubic) at ``interpolated_binning`` with the
-tilt axis along Y (``aligned_image_path`` / ``aligned_image_section`` columns).
+``align_residual_px`` (RMS residual of the view's contour points).
+
+Tilt-angle offset (a gauge of the projection model, set by the specimen; see
+:mod:`tomopipe.algorithms.align_fit`): with ``tilt_offset_method`` "transmission" (or "auto" when
+the optional ``intensity_reference`` input is connected) it is fitted to the mean intensities of
+the views of that set — the same acquisition before density scaling, e.g. the X-ray-erased tilt
+series — with :func:`~tomopipe.algorithms.align_fit.transmission_tilt_offset` (the slab transmits
+most when it is normal to the beam); otherwise ("specimen") it levels the points of the patch
+contours, which is only as good as they sample the slab (1–2 degrees on a thick specimen).
+
+Per tilt series, in the run folder: ``TS.xf`` / ``TS.tlt`` / ``TS.xtilt`` for the stack of the
+enabled views in tilt order (``.xf`` via :func:`geometry.xf_from_alignment` with magnification
+``1/m`` so that it maps raw to aligned), ``TS_contours.csv`` (per contour of both stages: stage,
+views, residual, used, 3-D point in Å) and when asked ``TS_ali.mrc``: the enabled views
+interpolated (bicubic) at ``interpolated_binning`` with the tilt axis along Y, x and y of the
+frame swapped when the axis is nearer the raw x axis (``aligned_image_path`` /
+``aligned_image_section`` columns). A tilt series that cannot be aligned (too few contours, a fit
+that diverges or leaves large residuals) fails the step with the reason; nothing is written for it.
 """
 
 from __future__ import annotations
@@ -25,14 +37,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tomopipe.algorithms.align import bandpass_images, coarse_align, track_patches, _sample
-from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, fit_projection_model
-from tomopipe.algorithms.geometry import fft_centre, rotation_2d, xf_from_alignment
+from tomopipe.algorithms.align import AlignOptions, aligned_frame_size, aligned_views, align_images
+from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, transmission_tilt_offset
+from tomopipe.algorithms.geometry import xf_from_alignment
 from tomopipe.algorithms.normalize import bin_image, binned_geometry
-from tomopipe.errors import TomopipeError
+from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
-from tomopipe.io.mrc import write_mrc
+from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.steps.assign_alignment import check_same_acquisition
 from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
 from tomopipe.steps.xray_eraser import read_views, tilt_series_tasks
 
@@ -40,6 +53,7 @@ log = logging.getLogger("tomopipe")
 
 ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification",
                      "align_residual_px")
+OFFSET_METHODS = ("auto", "transmission", "specimen")
 
 
 def fit_options(params: dict) -> FitOptions:
@@ -51,19 +65,67 @@ def fit_options(params: dict) -> FitOptions:
                       max_residual_px=params["max_residual_px"])
 
 
+def align_options(params: dict, pixel_size_A: float) -> AlignOptions:
+    return AlignOptions(patch_size_px=int(round(params["patch_size_A"] / pixel_size_A)),
+                        patch_overlap=params["patch_overlap_percent"] / 100.0, fit=fit_options(params),
+                        points=params["point_tracking"],
+                        point_window_px=int(round(params["point_window_A"] / pixel_size_A)),
+                        point_count=params["point_count"], point_rounds=params["point_rounds"])
+
+
 def interpolate_aligned(images: torch.Tensor, rot_z_deg, shifts_px, magnification, binning: float) -> torch.Tensor:
-    """Aligned views ``[n, ny', nx']`` at ``binning``: ``aligned(X) = raw(m·R2(rot_z)·X + s)`` about the
-    centres ``N//2`` (tilt axis along +Y), after antialiased binning of the raw views."""
+    """Aligned views at ``binning``: ``aligned(X) = raw(m·R2(rot_z)·X + s)`` about the centres
+    ``N//2`` (tilt axis along +Y), after antialiased binning of the raw views; the frame is the
+    binned raw frame, x and y swapped when the axis is nearer the raw x axis."""
     binned = torch.stack([bin_image(im.to(torch.float64), binning) for im in images]).to(torch.float32)
-    n, ny, nx = binned.shape
-    factor = images.shape[-1] / nx  # raw px per binned px along x (the actual binning)
-    c = torch.tensor([fft_centre(nx), fft_centre(ny)], dtype=torch.float64)
-    yy, xx = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
-    rel = torch.stack([xx, yy], -1) - c
-    a = torch.as_tensor(magnification, dtype=torch.float64)[:, None, None] * rotation_2d(
-        torch.as_tensor(rot_z_deg, dtype=torch.float64))
-    coords = c + torch.einsum("nij,yxj->nyxi", a, rel) + torch.as_tensor(shifts_px, dtype=torch.float64)[:, None, None] / factor
-    return _sample(binned, coords.to(binned.device))
+    factor = images.shape[-1] / binned.shape[-1]  # raw px per binned px along x (the actual binning)
+    rot = torch.as_tensor(rot_z_deg, dtype=torch.float64)
+    size = aligned_frame_size((binned.shape[-1], binned.shape[-2]), float(rot.mean()))
+    views, _ = aligned_views(binned, rot, torch.as_tensor(shifts_px, dtype=torch.float64) / factor, magnification,
+                             size)
+    return views
+
+
+def mean_intensities(views: list[dict]) -> np.ndarray:
+    """Mean value (float64) of each view's section ``image_path``/``image_section``, read section by section."""
+    opened: dict[str, np.ndarray] = {}
+    means = []
+    for view in views:
+        path = view["image_path"]
+        if path not in opened:
+            opened[path] = read_mrc(path, mmap=True)[0]
+        data = opened[path]
+        section = int(view["image_section"])
+        if data.ndim != 3 or section >= data.shape[0]:
+            raise InputFileError(path, f"has no section {section} (tilt_index {view['tilt_index']})")
+        means.append(float(np.asarray(data[section], dtype=np.float64).mean()))
+    return np.asarray(means)
+
+
+def _tilt_offset(ts_id: str, params: dict, tilts: torch.Tensor, intensity_views: list[dict] | None) -> dict:
+    """The imposed tilt-angle offset (None: level the specimen points) and how it was found."""
+    if not params["refine_tilt_offset"]:
+        return {"offset_deg": None, "method": "none (nominal tilts)"}
+    method = params["tilt_offset_method"]
+    if method == "specimen" or (method == "auto" and intensity_views is None):
+        return {"offset_deg": None, "method": "specimen"}
+    try:
+        fit = transmission_tilt_offset(tilts, mean_intensities(intensity_views))
+    except AlignmentError as error:
+        if method == "transmission":
+            raise TomopipeError(f"{ts_id}: tilt-angle offset from transmission failed: {error}") from None
+        log.warning("%s: tilt-angle offset from transmission failed (%s); levelling the specimen instead", ts_id, error)
+        return {"offset_deg": None, "method": "specimen", "transmission_error": str(error)}
+    return {"offset_deg": fit.tilt_offset_deg, "method": "transmission", "offset_se_deg": fit.offset_se_deg,
+            "thickness_mfp": fit.thickness_mfp, "rms_log_residual": fit.rms_log_residual}
+
+
+def _contour_table(stage: str, positions: torch.Tensor, fit, pixel_size_A: float) -> pd.DataFrame:
+    seen = ~torch.isnan(positions[..., 0])
+    points_A = fit.points_px * pixel_size_A
+    return pd.DataFrame({"stage": stage, "contour": np.arange(seen.shape[0]), "views": seen.sum(1).numpy(),
+                         "residual_px": fit.residual_contour_px.numpy(), "used": fit.contour_used.numpy(),
+                         "x_A": points_A[:, 0].numpy(), "y_A": points_A[:, 1].numpy(), "z_A": points_A[:, 2].numpy()})
 
 
 def align_tilt_series(task: dict) -> dict:
@@ -79,16 +141,18 @@ def align_tilt_series(task: dict) -> dict:
     pixel_size_A = float(acquisition["pixel_size_A"])
     axis_deg = float(acquisition.get("tilt_axis_angle_deg") or 0.0)
     tilts = torch.tensor([v["tilt_angle_deg"] for v in views], dtype=torch.float64)
+    intensity_views = None
+    if task.get("intensity_views") is not None:
+        by_index = {v["tilt_index"]: v for v in task["intensity_views"]}
+        intensity_views = [by_index[v["tilt_index"]] for v in views]
+    offset = _tilt_offset(ts_id, params, tilts, intensity_views)
     raw = torch.from_numpy(read_views(views, "image_path", acquisition["image_size_px"]).astype(np.float32)).to(device)
-    patch_px = int(round(params["patch_size_A"] / pixel_size_A))
     try:
-        filtered = bandpass_images(raw)
-        coarse = coarse_align(filtered, tilts, axis_deg)
-        tracks = track_patches(filtered, tilts, axis_deg, coarse.shifts_px, patch_px,
-                               params["patch_overlap_percent"] / 100.0)
-        fit = fit_projection_model(tracks.positions_px, tilts, axis_deg, coarse.shifts_px, fit_options(params))
+        result = align_images(raw, tilts, axis_deg, align_options(params, pixel_size_A),
+                              tilt_offset_deg=offset["offset_deg"])
     except (AlignmentError, ValueError) as error:
         raise TomopipeError(f"{ts_id}: alignment failed: {error}") from None
+    fit = result.fit
     shifts_A = fit.shifts_px * pixel_size_A
     per_view = [{"tilt_index": v["tilt_index"], "rot_z_deg": float(fit.rot_z_deg[i]), "rot_y_deg": float(fit.tilt_deg[i]),
                  "rot_x_deg": 0.0, "shift_x_A": float(shifts_A[i, 0]), "shift_y_A": float(shifts_A[i, 1]),
@@ -100,12 +164,10 @@ def align_tilt_series(task: dict) -> dict:
     write_xf(files["xf"], a, d)
     write_tlt(files["tlt"], fit.tilt_deg)
     write_tlt(files["xtilt"], torch.zeros_like(fit.tilt_deg))
-    seen = ~torch.isnan(tracks.positions_px[..., 0])
-    points_A = fit.points_px * pixel_size_A
-    table = pd.DataFrame({"contour": np.arange(seen.shape[0]), "views": seen.sum(1).numpy(),
-                          "residual_px": fit.residual_contour_px.numpy(), "used": fit.contour_used.numpy(),
-                          "x_A": points_A[:, 0].numpy(), "y_A": points_A[:, 1].numpy(), "z_A": points_A[:, 2].numpy()})
-    write_text_atomic(files["contours"], table.to_csv(index=False, float_format="%.4f"))
+    tables = [_contour_table("patch", result.patches.positions_px, result.patch_fit, pixel_size_A)]
+    if result.stage == "points":
+        tables.append(_contour_table("point", result.points.positions_px, fit, pixel_size_A))
+    write_text_atomic(files["contours"], pd.concat(tables, ignore_index=True).to_csv(index=False, float_format="%.4f"))
     if params["interpolated_stack"]:
         binning = params["interpolated_binning"]
         aligned = interpolate_aligned(raw, fit.rot_z_deg, fit.shifts_px, fit.magnification, binning)
@@ -114,12 +176,17 @@ def align_tilt_series(task: dict) -> dict:
         write_mrc(files["aligned"], aligned.cpu().numpy(), pixel_size_A * geometry["pixel_factor"][1], stack=True)
         for i, view in enumerate(per_view):
             view["aligned_image_section"] = i
-    log.info("%s: %d views, %d/%d contours, RMS residual %.3f px, axis %.2f deg, tilt offset %.2f deg", ts_id,
-             len(views), int(fit.contour_used.sum()), seen.shape[0], fit.rms_residual_px, fit.axis_deg,
-             fit.tilt_offset_deg)
+    contours = int(result.patches.positions_px.shape[0]) + (int(result.points.positions_px.shape[0])
+                                                            if result.stage == "points" else 0)
+    used = int(result.patch_fit.contour_used.sum()) + (int(fit.contour_used.sum()) if result.stage == "points" else 0)
+    log.info("%s: %d views, %s stage%s, %d/%d contours, RMS residual %.3f px, axis %.2f deg, tilt offset %.2f deg "
+             "(%s)", ts_id, len(views), result.stage, f" ({result.note})" if result.note else "", used, contours,
+             fit.rms_residual_px, fit.axis_deg, fit.tilt_offset_deg, offset["method"])
     return {"ts_id": ts_id, "views": per_view, "files": {k: str(v) for k, v in files.items()},
             "rms_residual_px": fit.rms_residual_px, "axis_deg": fit.axis_deg, "tilt_offset_deg": fit.tilt_offset_deg,
-            "contours": int(seen.shape[0]), "contours_used": int(fit.contour_used.sum()),
+            "tilt_offset": {k: v for k, v in offset.items() if k != "offset_deg"},
+            "stage": result.stage, "note": result.note, "point_rounds": len(result.rounds),
+            "patch_axis_deg": result.patch_fit.axis_deg, "contours": contours, "contours_used": used,
             "specimen_x_tilt_deg": fit.specimen_x_tilt_deg}
 
 
@@ -127,37 +194,56 @@ def align_tilt_series(task: dict) -> dict:
 class AlignTiltSeries(Step):
     type_name = "align_tilt_series"
     title = "imod - teamtomo/batchruntomo"
+    version = 2
     description = ("Fiducial-less alignment as IMOD does it: coarse cross-correlation with cosine stretching from "
                    "the zero tilt, patch tracking, and a robust fit of the projection model (shifts, tilt axis, tilt "
-                   "offset and per-view tilts, magnifications) with outlier contours rejected.")
+                   "offset and per-view tilts, magnifications) with outlier contours rejected; then rounds of "
+                   "specimen points tracked against depth-focused references and fitted the same way.")
     params = (
         Param("patch_size_A", "float", "side of the tracked patches (Å)", default=500.0, min=1),
         Param("patch_overlap_percent", "float", "overlap of neighbouring patches (%)", default=80.0, min=0, max=95),
         Param("refine_tilt_axis", "bool", "refine the tilt-axis angle (one for all views)", default=True),
         Param("refine_tilt_axis_per_view", "bool", "refine per-view deviations of the tilt axis", default=False),
-        Param("refine_tilt_offset", "bool", "refine a tilt-angle offset (specimen levelled along x)", default=True),
-        Param("refine_tilt_angles", "bool", "refine per-view tilt angles", default=True),
+        Param("refine_tilt_offset", "bool", "refine a tilt-angle offset (see tilt_offset_method)", default=True),
+        Param("tilt_offset_method", "str", "how the tilt-angle offset is found: transmission (mean intensities of the "
+                                           "intensity_reference input), specimen (level the contour points) or auto "
+                                           "(transmission when intensity_reference is connected)",
+              default="auto", choices=OFFSET_METHODS),
+        Param("refine_tilt_angles", "bool", "refine per-view tilt angles", default=False),
         Param("refine_magnification", "bool", "refine per-view magnifications", default=True),
         Param("outlier_mad_factor", "float", "contours / points with residual > median + k·1.4826·MAD are rejected",
               default=4.0, min=1),
         Param("min_contours", "int", "fewest usable contours for a valid alignment", default=10, min=3),
         Param("max_residual_px", "float", "RMS residual (px) above which the alignment is declared failed",
               default=2.0, min=0.01),
+        Param("point_tracking", "bool", "second stage: track specimen points against depth-focused references",
+              default=True),
+        Param("point_window_A", "float", "side of the point-tracking windows (Å)", default=250.0, min=1),
+        Param("point_count", "int", "most specimen points tracked", default=150, min=10),
+        Param("point_rounds", "int", "most rounds of point tracking and fitting", default=3, min=1),
         Param("interpolated_stack", "bool", "also write the interpolated aligned stack (tilt axis along Y)",
               default=False),
         Param("interpolated_binning", "float", "binning of the interpolated stack", default=1.0, min=1),
         DEVICE_PARAM,
     )
-    inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. preprocessed, binned)"),)
+    inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. preprocessed, binned)"),
+              Port("intensity_reference", "tilt_series", "the same acquisition before density scaling (e.g. X-ray "
+                                                         "erased): mean intensities for the tilt-angle offset",
+                   optional=True))
     outputs = (Port("tilt_series", "tilt_series", "the same images with the alignment columns"),)
 
     def run(self, ctx):
+        if ctx.params["tilt_offset_method"] == "transmission" and ctx.params["refine_tilt_offset"] \
+                and "intensity_reference" not in ctx.inputs:
+            ctx.fail("tilt_offset_method = 'transmission' needs the 'intensity_reference' input")
         items, tasks = tilt_series_tasks(ctx, "tilt_series", {"params": ctx.params})
+        reference = self._intensity_reference(ctx, items) if "intensity_reference" in ctx.inputs else {}
         for task in tasks:
             group = items[items["ts_id"] == task["ts_id"]].set_index("tilt_index")
             for view in task["views"]:
                 view["enabled"] = bool(group.loc[view["tilt_index"], "enabled"])
                 view["tilt_angle_deg"] = float(group.loc[view["tilt_index"], "tilt_angle_deg"])
+            task["intensity_views"] = reference.get(task["ts_id"])
         results = ctx.map(align_tilt_series, tasks, desc="align")
         tables = []
         for result in results:
@@ -176,12 +262,39 @@ class AlignTiltSeries(Step):
                                            "xtilt_path": ctx.stored_path(r["files"]["xtilt"]),
                                            "contours_path": ctx.stored_path(r["files"]["contours"]),
                                            "rms_residual_px": r["rms_residual_px"], "tilt_axis_deg": r["axis_deg"],
-                                           "tilt_offset_deg": r["tilt_offset_deg"]} for r in results}
+                                           "tilt_offset_deg": r["tilt_offset_deg"], "tilt_offset": r["tilt_offset"],
+                                           "stage": r["stage"], "note": r["note"]} for r in results}
         ctx.add_output("tilt_series", out, attrs)
         return {"tilt_series": len(results),
                 "rms_residual_px": {r["ts_id"]: r["rms_residual_px"] for r in results},
                 "tilt_axis_deg": {r["ts_id"]: r["axis_deg"] for r in results},
                 "tilt_offset_deg": {r["ts_id"]: r["tilt_offset_deg"] for r in results},
+                "tilt_offset_method": {r["ts_id"]: r["tilt_offset"]["method"] for r in results},
+                "stage": {r["ts_id"]: r["stage"] + (f" ({r['note']})" if r["note"] else "") for r in results},
                 "contours_used": {r["ts_id"]: f"{r['contours_used']}/{r['contours']}" for r in results},
                 "residual_per_view_px": {r["ts_id"]: [round(v["align_residual_px"], 3) for v in r["views"]]
                                          for r in results}}
+
+    @staticmethod
+    def _intensity_reference(ctx, items: pd.DataFrame) -> dict:
+        """Per tilt series, the views of the ``intensity_reference`` set (absolute paths), checked to be
+        the same acquisition as the input."""
+        reference = ctx.input_items("intensity_reference", enabled_only=False)
+        for column in ("ts_id", "tilt_index", "image_path", "image_section"):
+            if column not in reference.columns:
+                ctx.fail(f"the 'intensity_reference' set has no {column!r} column: not a tilt-series set")
+        ref_acqs = ctx.input_attrs("intensity_reference").get("tilt_series", {})
+        acqs = ctx.input_attrs("tilt_series").get("tilt_series", {})
+        out = {}
+        for ts_id, group in items.groupby("ts_id", sort=True):
+            ref = reference[reference["ts_id"] == ts_id].sort_values("tilt_index")
+            if ref.empty or ts_id not in ref_acqs:
+                ctx.fail(f"tilt series {ts_id!r} is not in the 'intensity_reference' set")
+            problems = check_same_acquisition(ts_id, ref, group.sort_values("tilt_index"), ref_acqs[ts_id],
+                                              acqs.get(ts_id, {}), 0.05)
+            if problems:
+                ctx.fail(f"tilt series {ts_id!r}: the 'intensity_reference' set is not the same acquisition: "
+                         + "; ".join(problems))
+            out[ts_id] = [{"tilt_index": int(r.tilt_index), "image_path": str(ctx.resolve(r.image_path)),
+                           "image_section": int(r.image_section)} for r in ref.itertuples(index=False)]
+        return out
