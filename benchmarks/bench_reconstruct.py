@@ -1,13 +1,21 @@
-"""Tomogram reconstruction (WBP) on a phantom at a realistic size: time and FSC against the true volume.
+"""Tomogram reconstruction (WBP): time and FSC on a phantom, and the speed of the back projector.
 
-The phantom is a set of Gaussian blobs (random positions in a slab, sigma 2 voxels) whose views
-are their exact line integrals, projected with the RELION 5 model (an 85° tilt axis, random
-shifts, ±60° in 3° steps). The tomogram is reconstructed with the seed parameters (super-sampling
-2) and without super-sampling, and with a SIRT-like filter (10 iterations); FSC is computed on the
-central cube (edge = thickness) against the phantom at the same voxel size, and the resolution
-limit reported is where the FSC drops below 0.5. ASTRA is not compared here (not installed).
+``--mode phantom`` (default): a set of Gaussian blobs (random positions in a slab, sigma 2 voxels)
+whose views are their exact line integrals, projected with the RELION 5 model (an 85° tilt axis,
+random shifts, ±60° in 3° steps). The tomogram is reconstructed with the seed parameters
+(super-sampling 2) and without super-sampling, and with a SIRT-like filter (10 iterations); FSC
+is computed on the central cube (edge = thickness) against the phantom at the same voxel size,
+and the resolution limit reported is where the FSC drops below 0.5. ASTRA is compared in
+``bench_astra.py`` (its own venv).
 
-    python benchmarks/bench_reconstruct.py [--size 512] [--thickness 128] [--blobs 400] [--device cpu] [--threads 2]
+``--mode speed``: filter + back projection at the small preset's sizes (41 views, tilt axis
+-85.9°, shifts and magnifications as after alignment): bin 10 (192 x 144 px, thickness 128) in
+full, bin 4 (480 x 360, 320) and bin 2 (960 x 720, 640) on the first slabs of rows, extrapolated
+to the whole volume (marked); both back projectors, the compiled (numba, CPU default) and torch
+``grid_sample`` (the previous implementation, GPU path), with the largest difference between them.
+
+    python benchmarks/bench_reconstruct.py [--mode phantom|speed] [--size 512] [--thickness 128] [--blobs 400]
+        [--device cpu] [--threads 2] [--bins 10,4,2]
 """
 
 from __future__ import annotations
@@ -25,7 +33,17 @@ from _report import report  # noqa: E402
 
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A  # noqa: E402
 from tomopipe.algorithms.geometry import project_points, projection_rotations  # noqa: E402
-from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_volume  # noqa: E402
+from tomopipe.algorithms.reconstruct import (  # noqa: E402
+    ReconstructionParams,
+    filter_tilt_images,
+    iter_slabs,
+    projection_matrices,
+    reconstruct_volume,
+    volume_shape_for,
+)
+
+#: the small preset's tilt series at bins 10, 4, 2: image (x, y) px, thickness, slab rows timed (0: all)
+PRESET_SIZES = {10: (192, 144, 128, 0), 4: (480, 360, 320, 24), 2: (960, 720, 640, 6)}
 
 SIGMA = 2.0
 
@@ -69,17 +87,75 @@ def views_of(centres, amps, rot_z, rot_y, shifts_px, size, device):
     return images
 
 
+def speed(args, device):
+    """Filter + back projection at the small preset's sizes, both back projectors (see the docstring)."""
+    n = 41
+    tilts = torch.linspace(-40.0, 40.0, n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(args.seed)
+    rot_z = -85.9 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    shifts_px = torch.randn((n, 2), generator=g, dtype=torch.float64) * 10
+    mag = 1 + torch.randn(n, generator=g, dtype=torch.float64) * 0.005
+    backends = [("compiled (numba)", True), ("grid_sample (torch)", False)] if device.type == "cpu" else \
+        [("grid_sample (torch)", False)]
+    rows = []
+    for binning in (int(b) for b in args.bins.split(",")):
+        w, h, thickness, slab_rows = PRESET_SIZES[binning]
+        images = torch.randn((n, h, w), generator=g).to(device)
+        for ss in (1, 2):
+            params = ReconstructionParams(thickness_px=thickness, super_sampling=ss, slab_rows=slab_rows or 0)
+            m, t = projection_matrices(rot_z, tilts, 0.0, shifts_px, 1.0, mag, params)
+            shape = volume_shape_for((w, h), float(rot_z.mean()), params)
+            start = time.perf_counter()
+            filtered = filter_tilt_images(images, rot_z, tilts, 1.0, thickness)
+            filter_s = time.perf_counter() - start
+            results = {}
+            for label, compiled in backends:
+                if compiled:  # compile (cached on disk after the first run) outside the timing
+                    next(iter_slabs(filtered[:, :8], m, t, (4, 4, 4), ReconstructionParams(thickness_px=4),
+                                    use_compiled=True))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                done, pieces = 0, []
+                for y0, y1, slab in iter_slabs(filtered, m, t, shape, params, use_compiled=compiled):
+                    pieces.append(slab)
+                    done = y1
+                    if slab_rows and done >= slab_rows:
+                        break
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) * shape[1] / done
+                results[label] = torch.cat(pieces, dim=1).cpu()
+                rows.append({"bin": binning, "volume_xyz": f"{shape[2]}x{shape[1]}x{shape[0]}", "views": n,
+                             "super_sampling": ss, "backprojector": label, "device": str(device),
+                             "threads": torch.get_num_threads(), "filter_s": filter_s, "backproject_s": seconds,
+                             "extrapolated_from_rows": done if done < shape[1] else "",
+                             "M_samples_per_s": shape[0] * shape[1] * shape[2] * n * ss * ss / seconds / 1e6})
+            if len(results) == 2:
+                a, b = results.values()
+                rows[-1]["max_diff_rel"] = rows[-2]["max_diff_rel"] = float((a - b).abs().max() / b.abs().max())
+    report(f"reconstruct_speed_{device.type}", rows,
+           notes="41 random views, axis -85.9 deg, shifts, magnifications; backproject_s for the whole volume "
+                 "(extrapolated from the first slabs where marked); max_diff_rel: largest difference between the "
+                 "two back projectors over the largest value")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("phantom", "speed"), default="phantom")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--thickness", type=int, default=128)
     ap.add_argument("--blobs", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bins", default="10,4,2", help="speed mode: binnings of the small preset to time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.mode == "speed":
+        speed(args, device)
+        return
     tilts = torch.arange(-60.0, 61.0, 3.0, dtype=torch.float64)
     n = len(tilts)
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -15,6 +15,7 @@ import torch
 
 from tomopipe.algorithms.geometry import projection_rotations, project_points
 from tomopipe.algorithms.reconstruct import (
+    HAVE_NUMBA,
     ReconstructionParams,
     filter_tilt_images,
     iter_slabs,
@@ -291,11 +292,12 @@ def test_ctf_phase_flip_per_view_and_in_strips():
     flipped view correlates with the |CTF|-filtered truth; at 0° strips equal one defocus, at 50°
     strips follow the defocus gradient (right side more underfocused, rlnTomoHand = -1)."""
     from tomopipe.algorithms.ctf import ctf_2d
-    from tomopipe.algorithms.reconstruct import CtfParams, _padded_size
+    from tomopipe.algorithms.filters import fast_fft_size
+    from tomopipe.algorithms.reconstruct import CtfParams
 
     images = project_blobs(TRIAD + random_centres(10, seed=8), 0.0, torch.tensor([0.0, 50.0]))
     pixel_A, defocus = 2.0, 20000.0
-    py, px = _padded_size(64), _padded_size(64)
+    py = px = fast_fft_size(96)
     ctf_kw = dict(voltage_kV=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1)
     c = ctf_2d((py, px), pixel_A, defocus, defocus, 0.0, 300.0, 2.7, 0.1)
     padded = torch.zeros((2, py, px))
@@ -311,3 +313,47 @@ def test_ctf_phase_flip_per_view_and_in_strips():
     by_strips = filter_tilt_images(observed, 0.0, torch.tensor([0.0, 50.0]), pixel_A, 32, 0.5, 0.0, ctf=strips)
     torch.testing.assert_close(by_strips[0], flipped[0])
     assert not torch.allclose(by_strips[1], flipped[1], atol=1e-3)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("super_sampling, axis_deg", [(1, 80.0), (2, 80.0), (2, 10.0), (2, None)])
+def test_compiled_back_projector_equals_grid_sample(super_sampling, axis_deg):
+    """The numba kernels sample exactly where ``grid_sample`` does (bilinear, zeros outside the
+    view): random views with content up to the edges, a tilted and varying axis, x-tilt, large
+    shifts (parts of the volume project outside some views), magnification, SHIFT x/z and a
+    width and thickness that do not match the views; equal to float32 rounding. Axis 80°: views
+    read transposed (the volume's x runs along the image's y); 10°: read as stored; None: an
+    aligned stack (axis 0, no x-tilt), the kernel that blends image rows once per volume row."""
+    g = torch.Generator().manual_seed(11)
+    n = 9
+    tilts = torch.linspace(-57.0, 48.0, n, dtype=torch.float64)
+    if axis_deg is None:
+        rot_z, rot_x = torch.zeros(n, dtype=torch.float64), 0.0
+    else:
+        rot_z, rot_x = axis_deg + torch.randn(n, generator=g, dtype=torch.float64) * 3, 3.0
+    shifts_A = torch.randn((n, 2), generator=g, dtype=torch.float64) * 12.0
+    mag = 1.0 + torch.randn(n, generator=g, dtype=torch.float64) * 0.02
+    images = torch.randn((n, 37, 50), generator=g)
+    params = ReconstructionParams(thickness_px=15, width_px=41, super_sampling=super_sampling, shift_x_px=2.5,
+                                  shift_z_px=-1.75, slab_rows=7)
+    args = (images, rot_z, tilts, rot_x, shifts_A, 1.5, params, mag)
+    compiled = reconstruct_volume(*args, use_compiled=True)
+    reference = reconstruct_volume(*args, use_compiled=False)
+    assert compiled.shape == reference.shape == ((15, 50, 41) if axis_deg and axis_deg > 45 else (15, 37, 41))
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=5e-5 * scale)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+def test_compiled_sample_range_with_tiny_and_normal_steps():
+    """The run of samples that fall inside the image: exact for ordinary steps, and a step of
+    1e-30 px (an axis at exactly 90°: cos = 6e-17 times small factors) must neither overflow nor
+    drop the row."""
+    from tomopipe.algorithms.reconstruct import _inside_range
+
+    assert _inside_range(-3.2, 0.5, 0.5, 10.0, 100) == (8, 27)  # -3.2 + 0.5 i in (0.5, 10): i = 8 .. 26
+    assert _inside_range(12.0, -1.0, 0.5, 10.0, 100) == (3, 12)
+    assert _inside_range(5.0, 1e-30, 0.5, 10.0, 50) == (0, 50)
+    assert _inside_range(-5000.0, 1e-30, 0.5, 10.0, 50)[1] <= _inside_range(-5000.0, 1e-30, 0.5, 10.0, 50)[0]
+    assert _inside_range(5000.0, -1e-30, 0.5, 10.0, 50)[1] <= _inside_range(5000.0, -1e-30, 0.5, 10.0, 50)[0]
+    assert _inside_range(5.0, 0.0, 0.5, 10.0, 7) == (0, 7)

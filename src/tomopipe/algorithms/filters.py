@@ -12,6 +12,7 @@ import math
 import torch
 
 __all__ = [
+    "fast_fft_size",
     "frequency_grid",
     "radial_frequency_grid",
     "critical_exposure_e_per_A2",
@@ -44,6 +45,20 @@ def _device(*values) -> torch.device:
 
 def _f64(value, device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float64, device=device)
+
+
+def fast_fft_size(n: int, even: bool = False) -> int:
+    """Smallest m >= n (even when ``even``) whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    step = 2 if even else 1
+    m = max(step, int(n) + (int(n) % 2 if even else 0))
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += step
 
 
 def frequency_grid(shape, pixel_size_A, rfft: bool = True, device=None) -> list[torch.Tensor]:

@@ -32,21 +32,40 @@ Geometry (``shared/notes/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorit
 
 Scale: ``volume = (π / n_views) · Σ back-projected filtered images`` (the discrete inverse Radon
 transform; a specimen of density ρ per voxel projected as line sums gives ρ back with full
-angular coverage). Images are mean-subtracted per view. Pure torch, CPU or GPU; memory is
-bounded by working in slabs of rows along y (:func:`iter_slabs`).
+angular coverage). Images are mean-subtracted per view. Memory is bounded by working in slabs of
+rows along y (:func:`iter_slabs`).
+
+Back projection kernels (same sampling, same result to float32 rounding): on the CPU a compiled
+numba kernel (one pass over the voxels, bilinear samples in a zero-padded image, no coordinate
+grids; 10-15x faster than ``grid_sample`` on the small preset's sizes; for an aligned stack,
+whose image row depends on y only, the row blend is shared by all voxels of a row), elsewhere
+(GPU, or numba missing) torch ``grid_sample`` on coordinate grids built per chunk of views.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from dataclasses import dataclass, fields
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+try:  # numba's workqueue layer: OpenMP's spinning workers would take the shared cores from the FFTs
+    import numba
+
+    HAVE_NUMBA = True
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+except ImportError:  # pragma: no cover - numba is a dependency; kept for stripped environments
+    numba = None
+    HAVE_NUMBA = False
+
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, phase_flip
-from tomopipe.algorithms.filters import exposure_filter, fourier_crop_bin
+from tomopipe.algorithms.filters import exposure_filter, fast_fft_size, fourier_crop_bin
 from tomopipe.algorithms.geometry import projection_rotations
 
 __all__ = [
@@ -145,20 +164,6 @@ def sirt_like_factor(frequency_cpp: torch.Tensor, iterations: int, ray_length_px
     return 1.0 - (1.0 - lam) ** iterations
 
 
-def _padded_size(n: int) -> int:
-    """At least 1.5·n, rounded up to a product of 2, 3 and 5 (fast FFT sizes)."""
-    target = int(math.ceil(1.5 * n))
-    m = target
-    while True:
-        r = m
-        for p in (2, 3, 5):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 1
-
-
 def filter_tilt_images(
     images: torch.Tensor,
     tilt_axis_angle_deg: torch.Tensor,
@@ -182,7 +187,7 @@ def filter_tilt_images(
     """
     n, ny, nx = images.shape
     device = images.device
-    py, px = _padded_size(ny), _padded_size(nx)
+    py, px = fast_fft_size(math.ceil(1.5 * ny)), fast_fft_size(math.ceil(1.5 * nx))
     ky = torch.fft.fftfreq(py, device=device, dtype=torch.float64)[:, None]
     kx = torch.fft.rfftfreq(px, device=device, dtype=torch.float64)[None, :]
     axis = torch.as_tensor(tilt_axis_angle_deg, dtype=torch.float64, device=device).reshape(-1).expand(n)
@@ -275,9 +280,142 @@ def projection_matrices(rot_z_deg, rot_y_deg, rot_x_deg, shifts_A, pixel_size_A:
     return r[:, :2, :] * mag[:, None, None], shifts / float(pixel_size_A)
 
 
-def _auto_slab_rows(n_views: int, nz_fine: int, nx_fine: int, budget: int) -> int:
-    per_row = max(1, n_views) * nz_fine * nx_fine * 4 * 4  # samples + (x, y) grid, float32, and slack
+def _auto_slab_rows(n_views: int, nz_fine: int, nx_fine: int, budget: int, compiled: bool = False) -> int:
+    if compiled:  # the slab itself and the spectra of its Fourier crop
+        per_row = nz_fine * nx_fine * 4 * 6
+    else:
+        per_row = max(1, n_views) * nz_fine * nx_fine * 4 * 4  # samples + (x, y) grid, float32, and slack
     return max(1, budget // per_row)
+
+
+#: the padding (pixels of zeros) around each view for the compiled kernel; samples whose
+#: bilinear footprint can touch the image lie in (-1, N); the kernel visits (-1.5, N + 0.5)
+_PAD = 2
+_NUMBA_LOCK = threading.Lock()  # the workqueue layer must not be entered by two threads at once
+
+if HAVE_NUMBA:
+
+    @numba.njit(inline="always")
+    def _inside_range(c0, step, lo, hi, count):  # pragma: no cover - compiled
+        """``[a, b)``: the indices i < count with ``lo < c0 + step·i < hi`` (float64)."""
+        if step == 0.0:
+            if lo < c0 < hi:
+                return 0, count
+            return 0, 0
+        ia = (lo - c0) / step
+        ib = (hi - c0) / step
+        if ia > ib:
+            ia, ib = ib, ia
+        # clip before converting to int: a tiny step (an axis at 90°) puts ia, ib beyond int64
+        ia = min(max(ia, -1.0), count + 1.0)
+        ib = min(max(ib, -1.0), count + 1.0)
+        a = max(0, int(math.floor(ia)))
+        b = min(count, int(math.ceil(ib)) + 1)
+        while a < b and not (lo < c0 + step * a < hi):
+            a += 1
+        while b > a and not (lo < c0 + step * (b - 1) < hi):
+            b -= 1
+        return a, b
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _backproject_numba(padded, padded_t, transposed, m, t, x0, dx, ys, zs, out):  # pragma: no cover - compiled
+        """``out[z, y, x] += Σ_k bilinear(view k, M_k·(x0 + dx·ix, ys[y], zs[z]) + t_k)``.
+
+        ``padded`` [n, H + 2·PAD, W + 2·PAD] float32 with zero borders and ``padded_t`` the same
+        transposed ([n, W', H']); ``t`` already holds the image centre and PAD. Views with
+        ``transposed[k]`` are read from ``padded_t`` (when a step along the output x moves mostly
+        along the image's y, the transposed copy keeps the reads in consecutive memory). For
+        every output row and view only the run of x whose sample lies in (0.5, size - 1.5) of the
+        padded image is visited (the rest sample zeros), so every read is in bounds; the inner
+        loop is float32 with unsigned indices.
+        """
+        n, h2, w2 = padded.shape
+        nz, ny, nx = out.shape
+        flat = padded.reshape(n, h2 * w2)
+        flat_t = padded_t.reshape(padded_t.shape[0], h2 * w2)
+        one = np.uint64(1)
+        for iz in numba.prange(nz):
+            z = zs[iz]
+            for iy in range(ny):
+                y = ys[iy]
+                row = out[iz, iy]
+                for k in range(n):
+                    du = m[k, 0, 0] * dx
+                    dv = m[k, 1, 0] * dx
+                    u0 = m[k, 0, 0] * x0 + m[k, 0, 1] * y + m[k, 0, 2] * z + t[k, 0]
+                    v0 = m[k, 1, 0] * x0 + m[k, 1, 1] * y + m[k, 1, 2] * z + t[k, 1]
+                    if transposed[k]:  # fast axis = image y
+                        image = flat_t[transposed[k] - 1]
+                        f0, df, s0, ds, nf, ns = v0, dv, u0, du, h2, w2
+                    else:
+                        image = flat[k]
+                        f0, df, s0, ds, nf, ns = u0, du, v0, dv, w2, h2
+                    fa, fb = _inside_range(f0, df, 0.5, nf - 1.5, nx)
+                    sa, sb = _inside_range(s0, ds, 0.5, ns - 1.5, nx)
+                    lo = max(fa, sa)
+                    hi = min(fb, sb)
+                    stride = np.uint64(nf)
+                    f0f, dff, s0f, dsf = np.float32(f0), np.float32(df), np.float32(s0), np.float32(ds)
+                    for ix in range(lo, hi):
+                        f = f0f + dff * np.float32(ix)
+                        sl = s0f + dsf * np.float32(ix)
+                        # unsigned indices (f, sl > 0 here): no negative-index wrap-around code
+                        i_f = np.uint64(f)
+                        i_s = np.uint64(sl)
+                        wf = f - np.float32(i_f)
+                        ws = sl - np.float32(i_s)
+                        base = i_s * stride + i_f
+                        p00 = image[base]
+                        p01 = image[base + one]
+                        p10 = image[base + stride]
+                        p11 = image[base + stride + one]
+                        near = p00 + wf * (p01 - p00)
+                        far = p10 + wf * (p11 - p10)
+                        row[ix] += near + ws * (far - near)
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _backproject_rows_numba(padded, m, t, x0, dx, ys, zs, out):  # pragma: no cover - compiled
+        """:func:`_backproject_numba` for views whose image row depends on the volume's y only
+        (``M[k, 1, 0] = M[k, 1, 2] = 0``: an aligned stack, tilt axis along the image's y, no
+        x-tilt): the two image rows around each (y, view) are blended once into a line, and every
+        sample is then a linear interpolation along that line (the same bilinear value)."""
+        n, h2, w2 = padded.shape
+        nz, ny, nx = out.shape
+        lines = np.zeros((ny, n, w2), dtype=np.float32)
+        for iy in numba.prange(ny):
+            for k in range(n):
+                v = m[k, 1, 1] * ys[iy] + t[k, 1]
+                if 0.5 < v < h2 - 1.5:
+                    iv = int(v)
+                    wv = np.float32(v - iv)
+                    for j in range(w2):
+                        lines[iy, k, j] = padded[k, iv, j] + wv * (padded[k, iv + 1, j] - padded[k, iv, j])
+        one = np.uint64(1)
+        for iz in numba.prange(nz):
+            z = zs[iz]
+            for iy in range(ny):
+                y = ys[iy]
+                row = out[iz, iy]
+                for k in range(n):
+                    line = lines[iy, k]
+                    du = m[k, 0, 0] * dx
+                    u0 = m[k, 0, 0] * x0 + m[k, 0, 1] * y + m[k, 0, 2] * z + t[k, 0]
+                    lo, hi = _inside_range(u0, du, 0.5, w2 - 1.5, nx)
+                    u0f, duf = np.float32(u0), np.float32(du)
+                    for ix in range(lo, hi):
+                        u = u0f + duf * np.float32(ix)
+                        iu = np.uint64(u)
+                        wu = u - np.float32(iu)
+                        a = line[iu]
+                        row[ix] += a + wu * (line[iu + one] - a)
+
+
+def _use_compiled(device: torch.device, use_compiled: bool | None) -> bool:
+    if use_compiled is None:
+        return HAVE_NUMBA and device.type == "cpu"
+    if use_compiled and not (HAVE_NUMBA and device.type == "cpu"):
+        raise ValueError("the compiled back projector needs numba and CPU tensors")
+    return bool(use_compiled)
 
 
 def iter_slabs(
@@ -286,50 +424,85 @@ def iter_slabs(
     translations_px: torch.Tensor,
     volume_shape: tuple[int, int, int],
     params: ReconstructionParams = ReconstructionParams(),
+    use_compiled: bool | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Back-project ``filtered`` views slab by slab along y: yields ``(y0, y1, slab [nz, y1-y0, nx])``.
 
     ``matrices`` / ``translations_px`` from :func:`projection_matrices`; the images' centre is
-    ``N//2``. Views are summed in chunks that fit ``params.memory_budget_bytes``; the slab result
-    does not depend on the slab size.
+    ``N//2``. The slab result does not depend on the slab size. ``use_compiled``: None = the
+    numba kernel for CPU tensors, torch ``grid_sample`` otherwise; False = torch always (views
+    summed in chunks that fit ``params.memory_budget_bytes``).
     """
     n, ny_img, nx_img = filtered.shape
     device = filtered.device
+    compiled = _use_compiled(device, use_compiled)
     nz, ny, nx = (int(v) for v in volume_shape)
     s = int(params.super_sampling)
     nz_f, nx_f = nz * s, nx * s
     m = matrices.to(device=device, dtype=torch.float64)
     t = translations_px.to(device=device, dtype=torch.float64)
-    rows = int(params.slab_rows) or _auto_slab_rows(n, nz_f, nx_f, params.memory_budget_bytes)
+    rows = int(params.slab_rows) or _auto_slab_rows(n, nz_f, nx_f, params.memory_budget_bytes, compiled)
     rows = max(1, min(rows, ny))
     chunk = max(1, min(n, params.memory_budget_bytes // max(1, nz_f * nx_f * rows * 16)))
     # fine-grid coordinates (voxels of the output grid) of the slice plane; the fine centre
     # (s·N)//2 maps onto N//2 in fourier_crop_bin
+    x0 = -(nx_f // 2) / s - params.shift_x_px
     xs = (torch.arange(nx_f, device=device, dtype=torch.float64) - (nx_f // 2)) / s - params.shift_x_px
     zs = (torch.arange(nz_f, device=device, dtype=torch.float64) - (nz_f // 2)) / s - params.shift_z_px
-    images = filtered[:, None]  # [n, 1, ny, nx]
     cx, cy = nx_img // 2, ny_img // 2
     scale = math.pi / n
+    if compiled:
+        padded = np.zeros((n, ny_img + 2 * _PAD, nx_img + 2 * _PAD), dtype=np.float32)
+        padded[:, _PAD:_PAD + ny_img, _PAD:_PAD + nx_img] = filtered.detach().to(torch.float32).numpy()
+        # views where a step along the volume's x moves more along the image's y than its x are
+        # read from a transposed copy (transposed[k] = 1 + index in that copy; 0: not transposed)
+        along_y = (m[:, 1, 0].abs() > m[:, 0, 0].abs()).numpy()
+        transposed = np.zeros(n, dtype=np.int64)
+        transposed[along_y] = np.arange(1, int(along_y.sum()) + 1)
+        padded_t = np.ascontiguousarray(padded[along_y].transpose(0, 2, 1)) if along_y.any() else \
+            np.zeros((1, padded.shape[2], padded.shape[1]), dtype=np.float32)
+        m_np = m.numpy()
+        rows_only = bool((m[:, 1, 0] == 0).all() and (m[:, 1, 2] == 0).all())  # an aligned stack
+        t_np = (t + torch.tensor([cx + _PAD, cy + _PAD], dtype=torch.float64)).numpy()
+        zs_np = zs.numpy()
+    else:
+        images = filtered[:, None]  # [n, 1, ny, nx]
     for y0 in range(0, ny, rows):
         y1 = min(ny, y0 + rows)
         ys = torch.arange(y0, y1, device=device, dtype=torch.float64) - ny // 2
         acc = torch.zeros((nz_f, y1 - y0, nx_f), dtype=torch.float32, device=device)
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            mc, tc = m[c0:c1], t[c0:c1]
-            # image position (pixels) of every fine voxel, per view: [k, nz_f, rows, nx_f]
-            def coord(row: int, centre: int, size: int) -> torch.Tensor:
-                v = (mc[:, row, 0, None, None, None] * xs[None, None, None, :]
-                     + mc[:, row, 1, None, None, None] * ys[None, None, :, None]
-                     + mc[:, row, 2, None, None, None] * zs[None, :, None, None]
-                     + (tc[:, row] + centre)[:, None, None, None])
-                return (2.0 * v / max(size - 1, 1) - 1.0).to(torch.float32)
-            grid = torch.stack([coord(0, cx, nx_img), coord(1, cy, ny_img)], dim=-1)
-            k = c1 - c0
-            grid = grid.reshape(k, nz_f, (y1 - y0) * nx_f, 2)
-            sampled = F.grid_sample(images[c0:c1], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            acc += sampled.sum(dim=0)[0].reshape(nz_f, y1 - y0, nx_f)
-            del grid, sampled
+        if compiled:
+            with _NUMBA_LOCK:
+                previous = numba.get_num_threads()
+                numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+                try:
+                    if rows_only:
+                        _backproject_rows_numba(padded, m_np, t_np, x0, 1.0 / s, ys.numpy(), zs_np, acc.numpy())
+                    else:
+                        _backproject_numba(padded, padded_t, transposed, m_np, t_np, x0, 1.0 / s, ys.numpy(),
+                                           zs_np, acc.numpy())
+                finally:
+                    numba.set_num_threads(previous)
+        else:
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                mc, tc = m[c0:c1], t[c0:c1]
+
+                # image position (pixels) of every fine voxel, per view: [k, nz_f, rows, nx_f]
+                def coord(row: int, centre: int, size: int) -> torch.Tensor:
+                    v = (mc[:, row, 0, None, None, None] * xs[None, None, None, :]
+                         + mc[:, row, 1, None, None, None] * ys[None, None, :, None]
+                         + mc[:, row, 2, None, None, None] * zs[None, :, None, None]
+                         + (tc[:, row] + centre)[:, None, None, None])
+                    return (2.0 * v / max(size - 1, 1) - 1.0).to(torch.float32)
+
+                grid = torch.stack([coord(0, cx, nx_img), coord(1, cy, ny_img)], dim=-1)
+                k = c1 - c0
+                grid = grid.reshape(k, nz_f, (y1 - y0) * nx_f, 2)
+                sampled = F.grid_sample(images[c0:c1], grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=True)
+                acc += sampled.sum(dim=0)[0].reshape(nz_f, y1 - y0, nx_f)
+                del grid, sampled
         acc *= scale
         if s > 1:  # [z, y, x] -> [y, z, x], crop (z, x), back
             acc = fourier_crop_bin(acc.permute(1, 0, 2), s, ndim=2).permute(1, 0, 2).contiguous()
@@ -348,12 +521,14 @@ def reconstruct_volume(
     pre_exposure_e_per_A2=None,
     voltage_kV: float = 300.0,
     ctf: CtfParams | None = None,
+    use_compiled: bool | None = None,
 ) -> torch.Tensor:
     """Whole tomogram ``[nz, ny, nx]`` (float32, on the images' device) from views ``[n, ny, nx]``.
 
     One value per view for the angles (degrees), ``shifts_A [n, 2]`` (RELION 5 specimen shifts),
     ``magnification`` and ``pre_exposure_e_per_A2`` (dose weighting when given). For volumes
-    that do not fit in memory use :func:`filter_tilt_images` and :func:`iter_slabs`.
+    that do not fit in memory use :func:`filter_tilt_images` and :func:`iter_slabs`
+    (``use_compiled``: see there).
     """
     if images.ndim != 3 or images.shape[0] < 1:
         raise ValueError(f"reconstruct_volume: images must be [n, ny, nx] with n >= 1, got {tuple(images.shape)}")
@@ -368,6 +543,6 @@ def reconstruct_volume(
                                   pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
                                   params.sirt_like_iterations, pre, voltage_kV, ctf, t)
     volume = torch.empty(shape, dtype=torch.float32, device=images.device)
-    for y0, y1, slab in iter_slabs(filtered, m, t, shape, params):
+    for y0, y1, slab in iter_slabs(filtered, m, t, shape, params, use_compiled):
         volume[:, y0:y1] = slab
     return volume
