@@ -14,8 +14,12 @@ from tomopipe.engine.workflow import load_workflow
 from tomopipe.project.store import Project
 from tomopipe.project.store import SetRecord
 from tomopipe.report.score_alignment import score_alignment
+from tomopipe.report.score_tomogram import score_tomogram_set
 from tomopipe.report.scores import score_ctf, score_import, score_motion
 from tomopipe.report.truth import Truth
+
+
+TOMOGRAM_SCORE_RESOLUTION_A = 30.0  #: low-pass (Å) of the tomogram–truth correlation
 
 
 def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> dict:
@@ -30,6 +34,11 @@ def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Tr
     if step_type in ("align_tilt_series", "assign_alignment") and record.kind == "tilt_series":
         return {key: value for key, value in score_alignment(items, record.attrs, truth).items()
                 if key.startswith("max_")}
+    if step_type == "reconstruct_tomogram" and record.kind == "tomograms":
+        scores = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
+        return {f"{ts_id}_{key}": (round(value, 3) if isinstance(value, float) else value)
+                for ts_id, score in scores.items()
+                for key, value in score.items() if key in ("correlation", "fsc_0_143_A", "mirrored_correlation")}
     return {}
 
 
@@ -79,14 +88,20 @@ def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, unt
             report = run_workflow(project, workflow, executor, until=until)
             print("\nstep            time (s)  scores against the truth")
             types = {step.name: step.step.type_name for step in workflow.steps}
+            tomogram_paths = []
             for outcome in report.outcomes:
                 scores = {key: round(value, 3) for key, value in outcome.summary.items() if key.endswith("_s_per_tilt")}
                 if outcome.run is not None and outcome.status in ("finished", "skipped"):
                     for record in project.sets_of_run(outcome.run.id).values():
                         scores.update(scores_of_set(project, record, types[outcome.name], truth))
+                        if record.kind == "tomograms":
+                            tomogram_paths = [project.absolute_path(path) for path in
+                                              project.read_items(record.id, enabled_only=True)["tomogram_path"]]
                 seconds = outcome.run.elapsed_s if outcome.run and outcome.run.elapsed_s else 0.0
                 print(f"{outcome.name:15s} {seconds:8.1f}  {outcome.status}  {json.dumps(scores)}")
             print(f"\nproject: {project.folder} (tomopipe status --project {project.folder})")
+            for path in tomogram_paths:
+                print(f"tomogram: {path}")
     finally:
         executor.close()
     return 0 if report.ok else 1

@@ -54,7 +54,9 @@ def check_same_acquisition(ts_id: str, source: pd.DataFrame, target: pd.DataFram
     except (KeyError, TypeError, ValueError):
         problems.append("image_size_px or pixel_size_A missing from an acquisition")
     else:
-        if np.any(np.abs(s_fov - t_fov) > 0.01 * np.maximum(s_fov, t_fov)):
+        # binning by a factor that does not divide the image drops less than one coarse pixel
+        coarse_pixel_A = max(float(source_acq["pixel_size_A"]), float(target_acq["pixel_size_A"]))
+        if np.any(np.abs(s_fov - t_fov) > coarse_pixel_A + 0.01 * np.maximum(s_fov, t_fov)):
             problems.append(f"different fields of view ({s_fov[0]:.0f} x {s_fov[1]:.0f} A vs "
                             f"{t_fov[0]:.0f} x {t_fov[1]:.0f} A)")
     return problems
