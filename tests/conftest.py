@@ -65,3 +65,44 @@ def write_acquisition(folder: Path, ts_names=("TS_01", "TS_02"), tilt_angles=(0.
                     f"[T =     Tilt axis angle = {tilt_axis_deg}, binning = 1  spot = 8  camera = 0]"],
                    sections)
     return folder
+
+
+def gemmi_potential_V(box: int, pixel_A: float, centre_A=None, rotation=None, mirror: bool = False,
+                      oversampling: int = 4, cutoff: float = 1e-6):
+    """Independent reference map of the apoferritin model (``STRUCTURE``): gemmi
+    DensityCalculatorE (ITC 4.3.2.2 electron form factors) on a grid ``oversampling`` times finer,
+    Fourier-cropped to ``box`` (band-limited like ours); ``[z, y, x]`` float64 tensor in V.
+
+    Each atom goes to ``rotation·(x − centre) + box·pixel/2`` (``centre`` default: the atoms'
+    mean; ``mirror`` negates x before the rotation)."""
+    import gemmi
+    import torch
+
+    from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2, fourier_crop_volume
+
+    st = gemmi.read_structure(str(STRUCTURE))
+    st.remove_waters()
+    atoms = [a for ch in st[0] for r in ch for a in r]
+    xyz = np.array([a.pos.tolist() for a in atoms])
+    centre = xyz.mean(0) if centre_A is None else np.asarray(centre_A, dtype=float)
+    v = xyz - centre
+    if mirror:
+        v[:, 0] = -v[:, 0]
+    if rotation is not None:
+        v = v @ np.asarray(rotation, dtype=float).T
+    length = box * pixel_A
+    v = v + length / 2
+    for atom, p in zip(atoms, v):
+        atom.pos = gemmi.Position(*p)
+    st.cell = gemmi.UnitCell(length, length, length, 90, 90, 90)
+    st.spacegroup_hm = "P 1"
+    calc = gemmi.DensityCalculatorE()
+    calc.grid.set_unit_cell(st.cell)
+    fine = oversampling * box
+    calc.grid.set_size(fine, fine, fine)
+    calc.blur = 0
+    calc.cutoff = cutoff
+    calc.put_model_density_on_grid(st[0])
+    density = torch.from_numpy(np.array(calc.grid, copy=True).transpose(2, 1, 0)).double()  # x,y,z -> z,y,x
+    cropped = fourier_crop_volume(torch.fft.rfftn(density), (fine,) * 3, (box,) * 3)
+    return torch.fft.irfftn(cropped, s=(box,) * 3) * POTENTIAL_CONSTANT_V_A2

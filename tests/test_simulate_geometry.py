@@ -13,25 +13,19 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
-import gemmi
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from conftest import STRUCTURE
+from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.ctf import ctf_2d
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.star import read_tilt_series_star
 from tomopipe.simulate.config import config_from_preset
 from tomopipe.simulate.imaging import Optics, project_particles, render_tilt_contrast
 from tomopipe.simulate.plan import TiltPlan, TiltSeriesPlan
-from tomopipe.simulate.potential import (
-    POTENTIAL_CONSTANT_V_A2,
-    atomic_potential_volume,
-    fourier_crop_volume,
-    interaction_constant_rad_per_V_A,
-)
+from tomopipe.simulate.potential import atomic_potential_volume, interaction_constant_rad_per_V_A
 from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.structure import read_atomic_model
 from tomopipe.simulate.writer import write_tilt_series_truth
@@ -190,27 +184,8 @@ def test_chiral_triad_keeps_its_handedness():
 
 def gemmi_projection(rotation: np.ndarray, centre_A, box: int, pixel_A: float, mirror: bool = False) -> np.ndarray:
     """Projected phase (rad) of the rotated (optionally mirrored) atoms, gemmi potential at 4× then cropped."""
-    st = gemmi.read_structure(str(STRUCTURE))
-    st.remove_waters()
-    length = box * pixel_A
-    st.cell = gemmi.UnitCell(length, length, length, 90, 90, 90)
-    st.spacegroup_hm = "P 1"
-    for ch in st[0]:
-        for r in ch:
-            for a in r:
-                v = np.array(a.pos.tolist()) - np.asarray(centre_A)
-                if mirror:
-                    v[0] = -v[0]
-                a.pos = gemmi.Position(*(rotation @ v + length / 2))
-    calc = gemmi.DensityCalculatorE()
-    calc.grid.set_unit_cell(st.cell)
-    calc.grid.set_size(4 * box, 4 * box, 4 * box)
-    calc.blur = 0
-    calc.cutoff = 1e-6
-    calc.put_model_density_on_grid(st[0])
-    dens = torch.from_numpy(np.array(calc.grid, copy=True).transpose(2, 1, 0)).double()
-    vol = torch.fft.irfftn(fourier_crop_volume(torch.fft.rfftn(dens), (4 * box,) * 3, (box,) * 3), s=(box,) * 3)
-    return (vol.sum(0) * pixel_A * POTENTIAL_CONSTANT_V_A2 * interaction_constant_rad_per_V_A(300.0)).numpy()
+    potential_V = gemmi_potential_V(box, pixel_A, centre_A, rotation, mirror=mirror)
+    return (potential_V.sum(0) * pixel_A * interaction_constant_rad_per_V_A(300.0)).numpy()
 
 
 def test_particle_orientation_is_not_a_mirror_image():

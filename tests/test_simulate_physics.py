@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import math
 
-import gemmi
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from conftest import STRUCTURE
+from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, ctf_zero_frequencies_per_A
 from tomopipe.io.mdoc import read_mdoc
 from tomopipe.io.movies import read_gain, read_movie
 from tomopipe.io.star import read_particles_star, read_tilt_series_star, read_tomograms_star
 from tomopipe.simulate import config_from_preset, simulate
-from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2, fourier_crop_volume, interaction_constant_rad_per_V_A
+from tomopipe.simulate.potential import interaction_constant_rad_per_V_A
 
 
 
@@ -55,28 +54,7 @@ def ry(a_deg: float) -> np.ndarray:
 def projected_phase_box(rotation: np.ndarray, box: int, pixel_A: float, voltage_kV: float) -> np.ndarray:
     """Phase image (rad) of the model rotated by ``rotation`` (reference -> image frame), projected
     along z: gemmi electron-scattering potential on a 4× finer grid, Fourier-cropped, summed."""
-    st = gemmi.read_structure(str(STRUCTURE))
-    st.remove_waters()
-    xyz = np.array([a.pos.tolist() for ch in st[0] for r in ch for a in r])
-    centre = xyz.mean(0)
-    length = box * pixel_A
-    st.cell = gemmi.UnitCell(length, length, length, 90, 90, 90)
-    st.spacegroup_hm = "P 1"
-    for ch in st[0]:
-        for r in ch:
-            for a in r:
-                p = rotation @ (np.array(a.pos.tolist()) - centre) + length / 2
-                a.pos = gemmi.Position(*p)
-    calc = gemmi.DensityCalculatorE()
-    calc.grid.set_unit_cell(st.cell)
-    fine = 4 * box
-    calc.grid.set_size(fine, fine, fine)
-    calc.blur = 0
-    calc.cutoff = 1e-6
-    calc.put_model_density_on_grid(st[0])
-    dens = torch.from_numpy(np.array(calc.grid, copy=True).transpose(2, 1, 0)).double()
-    vol = torch.fft.irfftn(fourier_crop_volume(torch.fft.rfftn(dens), (fine,) * 3, (box,) * 3), s=(box,) * 3)
-    potential_V = vol * POTENTIAL_CONSTANT_V_A2
+    potential_V = gemmi_potential_V(box, pixel_A, rotation=rotation)
     return (potential_V.sum(0) * pixel_A * interaction_constant_rad_per_V_A(voltage_kV)).numpy()
 
 

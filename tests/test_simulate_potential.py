@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import gemmi
-import numpy as np
 import pytest
 import torch
 
-from conftest import STRUCTURE
+from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.fsc import fsc, shell_frequencies_per_A
 from tomopipe.errors import InputFileError
 from tomopipe.simulate.potential import (
     POTENTIAL_CONSTANT_V_A2,
     atomic_potential_volume,
     excluded_volumes_A3,
-    fourier_crop_volume,
     interaction_constant_rad_per_V_A,
 )
 from tomopipe.simulate.specimen import (
@@ -41,33 +38,6 @@ def model():
     return read_atomic_model(STRUCTURE, implicit_hydrogens=False)
 
 
-def gemmi_potential_V(path: Path, centre_A, box: int, pixel_size_A: float, oversampling: int) -> torch.Tensor:
-    """Independent map: gemmi DensityCalculatorE (ITC 4.3.2.2 electron form factors) on a grid
-    ``oversampling`` times finer, Fourier-cropped to ``box`` (band-limited like ours), in V."""
-    st = gemmi.read_structure(str(path))
-    st.remove_waters()
-    length = box * pixel_size_A
-    st.cell = gemmi.UnitCell(length, length, length, 90, 90, 90)
-    st.spacegroup_hm = "P 1"
-    for chain in st[0]:
-        for residue in chain:
-            for atom in residue:
-                p = atom.pos
-                atom.pos = gemmi.Position(p.x - centre_A[0] + length / 2, p.y - centre_A[1] + length / 2,
-                                          p.z - centre_A[2] + length / 2)
-    calc = gemmi.DensityCalculatorE()
-    calc.grid.set_unit_cell(st.cell)
-    fine = oversampling * box
-    calc.grid.set_size(fine, fine, fine)
-    calc.blur = 0
-    calc.cutoff = 1e-7
-    calc.put_model_density_on_grid(st[0])
-    density = np.array(calc.grid, copy=True).transpose(2, 1, 0)  # gemmi x, y, z -> z, y, x; Å/Å³
-    spectrum = torch.fft.rfftn(torch.from_numpy(density).double())
-    cropped = fourier_crop_volume(spectrum, (fine,) * 3, (box,) * 3)
-    return torch.fft.irfftn(cropped, s=(box,) * 3) * POTENTIAL_CONSTANT_V_A2
-
-
 def test_constants():
     assert POTENTIAL_CONSTANT_V_A2 == pytest.approx(47.878, rel=1e-4)  # h²/(2π m0 e)
     assert interaction_constant_rad_per_V_A(300.0) == pytest.approx(6.526e-4, rel=2e-3)
@@ -89,7 +59,7 @@ def test_fsc_against_gemmi_to_twice_the_pixel(model):
     """The true map agrees with gemmi's independent electron-scattering map up to Nyquist (2 × pixel)."""
     box, pixel = 128, 1.58
     ours = atomic_potential_volume(model, box, pixel).double()
-    theirs = gemmi_potential_V(STRUCTURE, model.centre_A, box, pixel, oversampling=2)
+    theirs = gemmi_potential_V(box, pixel, model.centre_A, oversampling=2, cutoff=1e-7)
     curve = fsc(ours, theirs)
     assert float(curve[1:].min()) >= 0.99, curve
     freqs = shell_frequencies_per_A(box, pixel)
@@ -116,7 +86,7 @@ def coarse_maps(model):
 
 
 def test_fsc_against_gemmi_coarse_pixel(model, coarse_maps):
-    theirs = gemmi_potential_V(STRUCTURE, model.centre_A, COARSE_BOX, COARSE_PIXEL, oversampling=4)
+    theirs = gemmi_potential_V(COARSE_BOX, COARSE_PIXEL, model.centre_A, oversampling=4, cutoff=1e-7)
     assert float(fsc(coarse_maps[0], theirs)[1:].min()) >= 0.99
 
 
