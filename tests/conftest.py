@@ -7,9 +7,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tomopipe.data import APOFERRITIN_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-STRUCTURE = SHARED_DATA / "structures" / "6z6u.pdb"
+#: Real files from public repositories, in the layout of the project's ``shared/data``
+#: (origin, licence and sha256 of each in ``tests/data/SOURCES.md``).
+SHARED_DATA = REPO / "tests" / "data"
+#: The apoferritin model (PDB 6Z6U) shipped inside the package, gzipped PDB.
+STRUCTURE = APOFERRITIN_MODEL
+#: Files of ``shared/data`` that do not ship (licence unknown or not checked) and why.
+NOT_SHIPPED = {
+    **dict.fromkeys(
+        ["imod/IMOD_tutorial_BB/BBa.xf", "imod/IMOD_tutorial_BB/BBa_fid.tlt",
+         "imod/IMOD_tutorial_BB/aligna.com", "imod/IMOD_tutorial_BB/tilta.com"],
+        "IMOD tutorial data copied in tacyas/Eos, licence not checked"),
+    "imod/etomo_uitest_midzone2/tilt.com": "IMOD Etomo UI test data in LabShare-Archive/IMOD, licence not checked",
+    **dict.fromkeys(
+        ["star/relion5_EMPIAR-10164/tomograms.star", "star/relion5_EMPIAR-10164/tilt_series/TS_01.star"],
+        "RELION 5 run in TomoBabel/cets-relion, a repository without a licence"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +44,14 @@ def one_thread():
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"the real metadata files are expected in {SHARED_DATA}"
     return SHARED_DATA
+
+
+def real_file(relative: str) -> Path:
+    """``SHARED_DATA / relative``; skips the test, naming the file and why, for a file that
+    cannot ship (:data:`NOT_SHIPPED`)."""
+    if relative in NOT_SHIPPED:
+        pytest.skip(f"{relative} is not shipped in tests/data: {NOT_SHIPPED[relative]}")
+    return SHARED_DATA / relative
 
 
 def write_acquisition(folder: Path, ts_names=("TS_01", "TS_02"), tilt_angles=(0.0, 3.0, -3.0, 6.0, -6.0),

@@ -233,11 +233,14 @@ def _grid_gradient_sign(grid: torch.Tensor, axis_deg: float, tilt_deg: float) ->
 
 @pytest.mark.parametrize("true_hand", [-1, 1])
 def test_handedness_is_found_for_both_signs(one_thread, true_hand):
-    tilts = [-50.0, -30.0, 30.0, 50.0]
+    """``hand="auto"`` detects each hand clearly (not by falling back on −1): all 8 tilts agree."""
+    tilts = [-50.0, -40.0, -30.0, -20.0, 20.0, 30.0, 40.0, 50.0]
     images, truth = simulate_series(20 + true_hand, tilts, hand=true_hand, axis_deg=-80.0, half_astig_A=200.0)
     res = ce.estimate_tilt_series_ctf(images, 2.0, tilts, -80.0, KV, CS, AC, hand="auto")
     hd = res["handedness"]
     assert hd["hand"] == true_hand and hd["hand_used"] == true_hand
+    assert hd["source"] == "detected" and hd["clear"] and hd["p_value"] <= ce.HAND_MAX_P
+    assert hd["tilts_used"] == hd["tilts_agreeing"] == 8 and hd["t_statistic"] * true_hand > 3.0
     better, worse = (hd["score_plus_one"], hd["score_minus_one"]) if true_hand == 1 else (
         hd["score_minus_one"], hd["score_plus_one"])
     assert better > worse
@@ -253,6 +256,35 @@ def test_handedness_is_found_for_both_signs(one_thread, true_hand):
     if true_hand == 1:
         fixed = ce.estimate_tilt_series_ctf(images[:2], 2.0, tilts[:2], -80.0, KV, CS, AC, hand=-1)
         assert fixed["handedness"]["hand_used"] == -1 and fixed["handedness"]["hand"] == 1
+        assert fixed["handedness"]["source"] == "given"
+
+
+def test_handedness_evidence_statistics():
+    """The decision on known per-tilt scores: tilts below 9.5° do not count; 8 of 8 agreeing give
+    the sign-test p = 2/2⁸; consistent differences decide by the t-test with few tilts; a mean
+    pulled by one tilt against the majority, or no informative tilt, is not clear."""
+    minus = [0.10] * 8
+    plus = [0.11, 0.12, 0.105, 0.13, 0.20, 0.14, 0.15, 0.11]
+    tilts = [15.0, -15.0, 30.0, -30.0, 45.0, -45.0, 60.0, -60.0]
+    e = ce.handedness_evidence(tilts, minus, plus)
+    assert e["hand"] == 1 and e["clear"] and e["tilts_used"] == e["tilts_agreeing"] == 8
+    d = torch.tensor(plus, dtype=F64) - 0.10
+    assert e["t_statistic"] == pytest.approx(float(d.mean() / (d.std() / math.sqrt(8))))
+    assert e["p_value"] == pytest.approx(2 / 2**8)  # the sign test beats t ≈ 3.0 (p ≈ 0.02)
+    assert e["score_plus_one"] == pytest.approx(float(torch.tensor(plus).double().mean()))
+    # the same with the signs swapped: hand -1
+    assert ce.handedness_evidence(tilts, plus, minus)["hand"] == -1
+    # 3 tilts with consistent differences: t-test (2 degrees of freedom)
+    few = ce.handedness_evidence([20.0, -30.0, 40.0], [0.1] * 3, [0.120, 0.121, 0.1205])
+    assert few["clear"] and few["p_value"] < 0.001 and few["tilts_agreeing"] == 3
+    # near-zero tilts are ignored: their differences cannot outvote the tilted ones
+    mixed = ce.handedness_evidence(tilts + [0.0, 3.0, -6.0, 9.0], minus + [0.1] * 4, plus + [0.05] * 4)
+    assert mixed["tilts_used"] == 8 and mixed["p_value"] == pytest.approx(e["p_value"])
+    # one large difference against 7 small opposite ones: the mean says +1, the majority -1
+    outvoted = ce.handedness_evidence(tilts, minus, [0.5] + [0.099] * 7)
+    assert outvoted["hand"] == 1 and outvoted["tilts_agreeing"] == 1 and not outvoted["clear"]
+    none = ce.handedness_evidence([0.0, 3.0, -3.0], [0.1] * 3, [0.1, 0.2, 0.3])
+    assert none["hand"] == 0 and not none["clear"] and none["tilts_used"] == 0 and none["p_value"] == 1.0
 
 
 def test_strong_astigmatism_per_tilt(one_thread):

@@ -184,10 +184,10 @@ def test_T8_defocus_handedness_sheet_example():
     torch.testing.assert_close(direction, t([0.081939, 0.996637]), atol=1e-6, rtol=0)
     # +z (toward the source) is less underfocused with hand -1
     up = g.project_points(t([[0.0, 0.0, 100.0]]), g.projection_rotations(0.0, t([0.0])))[0, 0, 2]
-    assert float(c.defocus_with_handedness(30000.0, up)) == pytest.approx(29900.0)
+    assert float(c.defocus_with_handedness(30000.0, up, hand=-1)) == pytest.approx(29900.0)
     # at negative tilt the left side becomes the more underfocused one
     r_neg = g.projection_rotations(t(85.3), t([-30.0]))
-    d_left = c.defocus_with_handedness(30000.0, g.project_points(t([[-1000.0, 0.0, 0.0]]), r_neg)[0, 0, 2])
+    d_left = c.defocus_with_handedness(30000.0, g.project_points(t([[-1000.0, 0.0, 0.0]]), r_neg)[0, 0, 2], hand=-1)
     assert float(d_left) == pytest.approx(30500.0)
     with pytest.raises(ValueError, match="handedness"):
         c.defocus_with_handedness(30000.0, 0.0, hand=0)

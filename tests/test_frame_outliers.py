@@ -67,7 +67,7 @@ def test_injected_hits_are_removed_and_nothing_else_changes(n_frames, counts_per
     cleaned, outliers = remove_frame_outliers(frames, gain)
     complete, false_rate = score(outliers, hits, 512 * 512)
     assert complete >= 0.995, complete
-    assert false_rate < 1e-5
+    assert false_rate < 2e-5  # neighbours of a hit join at a loose threshold (its rim): a few more than 1 px away
     replaced = outliers.mask(tuple(frames.shape))
     assert torch.equal(cleaned[~replaced], frames[~replaced])  # bit-identical
     assert not any(replaced[:, hy, hx].any() for hy, hx in hot)  # bright in every frame: not a frame outlier
@@ -110,7 +110,8 @@ def test_replacement_is_the_pixels_other_frames_scaled_to_the_frame_dose():
     rate = (float(frames[0, 40, 50]) + float(frames[2, 40, 50])) / float(share[0] + share[2])
     assert at[(1, 40, 50)] == pytest.approx(rate * float(share[1]), rel=1e-5)
     assert at[(3, 40, 50)] == pytest.approx(rate * float(share[3]), rel=1e-5)
-    assert len(at) == 2
+    # nothing else, except perhaps a neighbour of the hit in its frame (the loose growth threshold)
+    assert all(key[0] in (1, 3) and abs(key[1] - 40) <= 1 and abs(key[2] - 50) <= 1 for key in at) and len(at) <= 4
 
 
 def test_units_gain_and_count_scale_do_not_change_what_is_found():
@@ -120,12 +121,18 @@ def test_units_gain_and_count_scale_do_not_change_what_is_found():
     without_gain = find_frame_outliers(counts)  # the raw counts themselves
     scaled = find_frame_outliers(frames * 3.0, gain)  # frames in units of 1/3 count
     key = lambda o: set(zip(o.frame.tolist(), o.y.tolist(), o.x.tolist()))  # noqa: E731
-    assert key(with_gain) == key(without_gain) == key(scaled)
-    assert score(with_gain, hits, 256 * 256)[0] == 1.0
+    assert key(with_gain) == key(scaled)
+    # without the gain (±20 % here) the neighbourhood test compares raw counts of pixels of unequal
+    # gain: the same hits, and at most a few other frame-pixels
+    assert len(key(with_gain) ^ key(without_gain)) <= 10
+    assert score(with_gain, hits, 256 * 256)[0] == 1.0 and score(without_gain, hits, 256 * 256)[0] == 1.0
     assert scaled.count_scale == pytest.approx(3.0 * with_gain.count_scale, rel=1e-3)
     assert scaled.value.numpy() == pytest.approx(3.0 * with_gain.value.numpy(), rel=1e-4)
-    assert without_gain.value.numpy() * gain[with_gain.y, with_gain.x].numpy() == pytest.approx(
-        with_gain.value.numpy(), rel=1e-4)
+    both = sorted(key(with_gain) & key(without_gain))
+    value = {name: dict(zip(zip(o.frame.tolist(), o.y.tolist(), o.x.tolist()), o.value.tolist()))
+             for name, o in (("with", with_gain), ("without", without_gain))}
+    assert [value["without"][k] * float(gain[k[1], k[2]]) for k in both] == pytest.approx(
+        [value["with"][k] for k in both], rel=1e-4)
 
 
 def test_binomial_tail_bound_is_an_upper_bound_tight_in_the_far_tail():
@@ -168,3 +175,46 @@ def test_integer_frames_in_place_and_bad_input():
         find_frame_outliers(frames, false_positive_rate=0.0)
     empty = find_frame_outliers(torch.zeros(4, 16, 16))  # no counts: nothing to test
     assert empty.n_pixels == 0
+
+
+def test_realistic_hits_are_removed_whole_at_a_low_dose():
+    """The twin's realistic hits (spots up to 8 px, streaks, heavy-tailed counts from the noise level
+    up) in a low-dose movie (0.2 counts per pixel and frame): every hit whose strongest pixel noise
+    cannot explain (Poisson tail <= 1e-8, 'detectable') is found and nearly all its counts are
+    replaced, large weak spots included (their pixels of 5-9 counts are 1e-8 events against the
+    pixel's own 7 other frames, 1e-14 against its neighbourhood); few other frame-pixels change."""
+    from scipy.stats import poisson
+
+    from tomopipe.simulate.detector import XraySpectrum, draw_xray_hits
+
+    frames, gain, _, _, raw = make_movie(512, 512, 8, 0.2, n_hits=0, seed=11, gain_spread=0.05)
+    spectrum = XraySpectrum(max_size_px=8.0, streak_fraction=0.3, two_frame_fraction=0.0, snr_tail=0.6)
+    background = torch.full((512, 512), 0.2) / gain
+    props, pixels = draw_xray_hits(spectrum, 800.0, 8, background, torch.Generator().manual_seed(2))
+    hit_raw = torch.from_numpy(raw.astype(np.int64))
+    for frame, y, x, counts in pixels:
+        hit_raw[frame, y, x] += counts
+    frames = hit_raw.clamp_max(255).to(torch.float32) * gain
+    outliers = find_frame_outliers(frames, gain)
+    replaced = outliers.mask(tuple(frames.shape))
+    lam = np.array([h["background_counts"] for h in props])
+    peak = np.array([h["peak_counts"] for h in props])
+    detectable = poisson.sf(np.floor(lam + 0.5) + peak - 1, lam) <= 1e-8  # the hit's pixel as observed
+    assert detectable.sum() > 40, detectable.sum()
+    share, large_found = [], []
+    for hit, (frame, y, x, counts), strong in zip(props, pixels, detectable):
+        if not strong:
+            continue
+        found = replaced[frame, y, x]
+        share.append(float(counts[found].sum()) / float(counts.sum()))
+        if hit["shape"] == "spot" and hit["size_px"] >= 5:
+            large_found.append(bool(found.any()))
+    assert np.mean(np.array(share) >= 0.8) >= 0.85, sorted(share)[:10]
+    assert np.mean(share) >= 0.88
+    assert len(large_found) >= 5 and all(large_found)
+    hit_pixels = torch.zeros_like(replaced)
+    for frame, y, x, _ in pixels:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                hit_pixels[frame, (y + dy).clamp(0, 511), (x + dx).clamp(0, 511)] = True
+    assert int((replaced & ~hit_pixels).sum()) == 0

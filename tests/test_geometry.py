@@ -15,9 +15,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from conftest import SHARED_DATA as DATA
 from tomopipe.algorithms import geometry as g
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 F64 = torch.float64
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import real_file
 from tomopipe.io.mdoc import read_mdoc
 from tomopipe.io.star import read_tilt_series_star
 from tomopipe.model.acquisition import acquisition_order_and_pre_exposure
@@ -64,7 +65,7 @@ def test_pre_exposure_matches_relion5_on_empiar_10164_ts01(shared_data):
     doc = read_mdoc(shared_data / "mdoc" / "tilt_series.mdoc")
     order, pre = acquisition_order_and_pre_exposure(doc.tilt_angles_deg, doc.sections["date_time"], 3.0)
     ours = dict(zip(doc.sections["movie_name"], pre))
-    relion = read_tilt_series_star(shared_data / "star" / "relion5_EMPIAR-10164" / "tilt_series" / "TS_01.star")
+    relion = read_tilt_series_star(real_file("star/relion5_EMPIAR-10164/tilt_series/TS_01.star"))
     names = [PureWindowsPath(p).name for p in relion["rlnMicrographMovieName"]]
     assert len(names) == 40
     np.testing.assert_array_equal([ours[n] for n in names], relion["rlnMicrographPreExposure"].to_numpy())

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import real_file
 from tomopipe.errors import InputFileError
 from tomopipe.io.imod import (
     format_defocus,
@@ -35,8 +36,8 @@ def imod_dir(shared_data):
 
 
 @pytest.mark.parametrize("name", XF_FILES)
-def test_real_xf_reads_and_rewrites_to_identical_text(imod_dir, tmp_path, name):
-    path = imod_dir / name
+def test_real_xf_reads_and_rewrites_to_identical_text(tmp_path, name):
+    path = real_file(f"imod/{name}")
     text = path.read_text()
     A, shifts = read_xf(path)
     rows = [[float(v) for v in line.split()] for line in text.splitlines() if line.strip()]
@@ -96,8 +97,8 @@ def test_xf_errors(tmp_path):
         ("IMOD_tutorial_BB/BBa_fid.tlt", 61, 64.37, -55.53),
     ],
 )
-def test_real_angle_files(imod_dir, tmp_path, name, n, first, last):
-    path = imod_dir / name
+def test_real_angle_files(tmp_path, name, n, first, last):
+    path = real_file(f"imod/{name}")
     angles = read_tlt(path)
     assert angles.size == n and angles[0] == first and angles[-1] == last
     np.testing.assert_array_equal(angles, [float(v) for v in path.read_text().split()])
@@ -200,8 +201,8 @@ def test_model_from_points_and_errors(tmp_path):
     assert str(bad) in str(info.value)
 
 
-def test_com_old_positional_tilt(imod_dir):
-    com = read_com(imod_dir / "IMOD_tutorial_BB" / "tilta.com")
+def test_com_old_positional_tilt():
+    com = read_com(real_file("imod/IMOD_tutorial_BB/tilta.com"))
     assert com["program"] == "tilt" and com["format"] == "positional"
     kw = com["keywords"]
     assert kw["InputProjections"] == "BBa.ali" and kw["OutputFile"] == "BBa.rec"
@@ -212,8 +213,8 @@ def test_com_old_positional_tilt(imod_dir):
     assert [c["program"] for c in com["commands"]] == ["tilt", "if"]
 
 
-def test_com_pip_files(imod_dir):
-    align = read_com(imod_dir / "IMOD_tutorial_BB" / "aligna.com")
+def test_com_pip_files():
+    align = read_com(real_file("imod/IMOD_tutorial_BB/aligna.com"))
     assert align["program"] == "tiltalign" and align["format"] == "pip"
     kw = align["keywords"]
     assert kw["RotationAngle"] == -12.5 and kw["AngleOffset"] == -0.5
@@ -222,7 +223,7 @@ def test_com_pip_files(imod_dir):
     xfproduct = align["commands"][1]
     assert xfproduct["program"] == "xfproduct"
     assert xfproduct["keywords"] == {"InputFile1": "BBa.prexg", "InputFile2": "BBa.tltxf", "OutputFile": "BBa_fid.xf"}
-    tilt = read_com(imod_dir / "etomo_uitest_midzone2" / "tilt.com")["keywords"]
+    tilt = read_com(real_file("imod/etomo_uitest_midzone2/tilt.com"))["keywords"]
     assert tilt["THICKNESS"] == 84 and tilt["FULLIMAGE"] == [1950, 1024]
     assert tilt["SUBSETSTART"] == [-25, -13] and tilt["EXCLUDELIST"] == 1
     assert tilt["ActionIfGPUFails"] == [1, 2] and tilt["AdjustOrigin"] is True

@@ -8,6 +8,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
+from conftest import real_file
 from tomopipe.errors import InputFileError
 from tomopipe.io.inspect import format_inspect, inspect_file
 from tomopipe.io.mdoc import read_mdoc, write_mdoc
@@ -34,7 +35,7 @@ REAL_FILES = {
 
 @pytest.mark.parametrize("name", sorted(REAL_FILES))
 def test_every_real_file_gives_json_and_text(shared_data, name):
-    summary = inspect_file(shared_data / name)
+    summary = inspect_file(real_file(name))
     assert summary["file_type"] == REAL_FILES[name]
     assert json.loads(json.dumps(summary, allow_nan=False)) == summary
     text = format_inspect(summary)

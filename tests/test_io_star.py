@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import starfile
 
+from conftest import real_file
 from tomopipe.errors import InputFileError
 from tomopipe.io.star import (
     read_particles_star,
@@ -21,13 +22,8 @@ from tomopipe.io.star import (
 )
 
 
-@pytest.fixture()
-def relion5(shared_data):
-    return shared_data / "star" / "relion5_EMPIAR-10164"
-
-
-def test_tomograms_star_values_and_round_trip(relion5, tmp_path):
-    df = read_tomograms_star(relion5 / "tomograms.star")
+def test_tomograms_star_values_and_round_trip(tmp_path):
+    df = read_tomograms_star(real_file("star/relion5_EMPIAR-10164/tomograms.star"))
     assert df["rlnTomoName"].tolist() == ["TS_01", "TS_03", "TS_43", "TS_45", "TS_54"]
     assert (df["rlnTomoTiltSeriesPixelSize"] == 1.35).all()
     assert (df["rlnMicrographOriginalPixelSize"] == 0.675).all()
@@ -43,8 +39,8 @@ def test_tomograms_star_values_and_round_trip(relion5, tmp_path):
     pd.testing.assert_frame_equal(starfile.read(tmp_path / "tomograms.star"), df)
 
 
-def test_tilt_series_star_values_and_round_trip(relion5, tmp_path):
-    df = read_tilt_series_star(relion5 / "tilt_series" / "TS_01.star")
+def test_tilt_series_star_values_and_round_trip(tmp_path):
+    df = read_tilt_series_star(real_file("star/relion5_EMPIAR-10164/tilt_series/TS_01.star"))
     assert df.attrs["tomo_name"] == "TS_01"
     assert df.shape == (40, 28)
     first = df.iloc[0]

@@ -271,7 +271,7 @@ def test_dose_weighting_lowers_high_frequencies_of_late_views():
     images = project_blobs(TRIAD, 0.0, TILTS[:3])
     plain = filter_tilt_images(images, 0.0, TILTS[:3], 2.0, 32)
     weighted = filter_tilt_images(images, 0.0, TILTS[:3], 2.0, 32,
-                                  pre_exposure_e_per_A2=torch.tensor([0.0, 20.0, 80.0]))
+                                  pre_exposure_e_per_A2=torch.tensor([0.0, 20.0, 80.0]), voltage_kV=300.0)
     torch.testing.assert_close(weighted[0], plain[0])
     power = [float((torch.fft.rfft2(weighted[i]).abs() ** 2)[:, 10:].sum()) for i in range(3)]
     base = [float((torch.fft.rfft2(plain[i]).abs() ** 2)[:, 10:].sum()) for i in range(3)]
@@ -298,7 +298,7 @@ def test_ctf_phase_flip_per_view_and_in_strips():
     images = project_blobs(TRIAD + random_centres(10, seed=8), 0.0, torch.tensor([0.0, 50.0]))
     pixel_A, defocus = 2.0, 20000.0
     py = px = fast_fft_size(96)
-    ctf_kw = dict(voltage_kV=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1)
+    ctf_kw = dict(voltage_kV=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.1, defocus_hand=-1)
     c = ctf_2d((py, px), pixel_A, defocus, defocus, 0.0, 300.0, 2.7, 0.1)
     padded = torch.zeros((2, py, px))
     padded[:, :64, :64] = images - images.mean(dim=(1, 2), keepdim=True)

@@ -68,15 +68,25 @@ def test_mdoc_reads_through_tomopipe_and_mdocfile(tiny_run):
     path = tiny_run / "TS_01.mdoc"
     mdoc = read_mdoc(path, require_tilt_series=True)
     assert mdoc.pixel_size_A == pytest.approx(config.pixel_size_A) and mdoc.voltage_kV == 300
-    # the title states the axis of the TIFF files as stored: 180° − the truth (read) axis
-    assert mdoc.tilt_axis_angle_deg == pytest.approx(-94.4)
-    assert all(r - 90 == pytest.approx(mdoc.tilt_axis_angle_deg) for r in mdoc.sections["rotation_angle_deg"])
+    # the title states the axis of the TIFF files as stored: 180° − (the truth (read) axis + the
+    # session's calibration error), to the title's 0.1°
+    error = json.loads((tiny_run / "truth" / "truth.json").read_text())["mdoc_tilt_axis_error_deg"]
+    assert 0.0 < abs(error) < 5 * config.mdoc_tilt_axis_error_sigma_deg
+    assert mdoc.tilt_axis_angle_deg == pytest.approx(180.0 - (-85.6 + error) - 360.0, abs=0.051)
+    assert all(r - 90 == pytest.approx(mdoc.tilt_axis_angle_deg, abs=0.051) for r in mdoc.sections["rotation_angle_deg"])
     sections = mdoc.sections
     assert list(sections["tilt_angle_deg"].round(0)) == nominal_tilt_angles_deg(config)  # acquisition order
     times = pd.to_datetime(sections["date_time"])
     assert times.is_monotonic_increasing and times.is_unique
-    assert (sections["exposure_dose_e_per_A2"] == 2.64).all()
-    assert list(sections["prior_record_dose"]) == pytest.approx([2.64 * i for i in range(len(sections))])
+    # SerialEM's cosine rule: dose and exposure time grow as 1/cos(tilt)^power, the frames' doses follow
+    growth = np.cos(np.radians(sections["tilt_angle_deg"].to_numpy(float))) ** -config.exposure_cosine_power
+    assert sections["exposure_dose_e_per_A2"].to_numpy(float) == pytest.approx(2.64 * growth, abs=1e-4)
+    assert sections["exposure_time_s"].to_numpy(float) == pytest.approx(config.exposure_time_s * growth, abs=1e-4)
+    assert sections["exposure_dose_e_per_A2"].max() > 1.01 * 2.64  # the ±12° tilts got more
+    doses = sections["exposure_dose_e_per_A2"].to_numpy(float)
+    assert list(sections["prior_record_dose"]) == pytest.approx(np.concatenate([[0.0], np.cumsum(doses)[:-1]]), abs=1e-3)
+    for dose, (per_frame, n) in zip(doses, [fd[0] for fd in sections["frame_doses_and_number"]]):
+        assert per_frame * n == pytest.approx(dose, abs=1e-4)
     assert (sections["target_defocus_um"] < 0).all() and (sections["defocus_um"] < 0).all()
     assert all(str(p).startswith("X:\\") and "\\" in str(p) for p in sections["sub_frame_path"])
     for column in ("magnification", "exposure_time_s", "num_sub_frames", "stage_x", "min_max_mean"):
@@ -84,7 +94,7 @@ def test_mdoc_reads_through_tomopipe_and_mdocfile(tiny_run):
     plain = mdocfile.read(path)
     assert len(plain) == len(sections)
     assert list(plain["TiltAngle"]) == pytest.approx(list(sections["tilt_angle_deg"]))
-    assert "Tilt axis angle = -94.4" in " ".join(str(t) for t in plain["titles"].iloc[0])
+    assert f"Tilt axis angle = {mdoc.tilt_axis_angle_deg:.1f}" in " ".join(str(t) for t in plain["titles"].iloc[0])
 
 
 def test_importer_reads_the_simulated_acquisition(tiny_run):
@@ -92,13 +102,15 @@ def test_importer_reads_the_simulated_acquisition(tiny_run):
     params.update(files_directory=str(tiny_run), gain_image=str(tiny_run / "gain_ref.mrc"), gain_flip_y=True)
     result = read_tilt_series({"mdoc_path": str(tiny_run / "TS_01.mdoc"), "params": params})
     acquisition = result["acquisition"]
-    assert acquisition["tilt_axis_angle_deg"] == pytest.approx(-85.6)  # TIFF rule: 180 − (−94.4)
+    error = json.loads((tiny_run / "truth" / "truth.json").read_text())["mdoc_tilt_axis_error_deg"]
+    # TIFF rule: 180 − the mdoc's angle = the truth + the calibration error (to the title's 0.1°)
+    assert acquisition["tilt_axis_angle_deg"] == pytest.approx(-85.6 + error, abs=0.051)
     assert acquisition["pixel_size_A"] == pytest.approx(3.16)
     truth = pd.read_csv(tiny_run / "truth" / "TS_01_tilts.csv").set_index("movie")
     for row in result["rows"]:
         name = Path(row["movie_path"]).name
         assert row["pre_exposure_e_per_A2"] == pytest.approx(truth.loc[name, "pre_exposure_e_per_A2"])
-        assert row["dose_e_per_A2"] == pytest.approx(2.64)
+        assert row["dose_e_per_A2"] == pytest.approx(truth.loc[name, "dose_e_per_A2"])  # grows with the tilt
 
 
 def test_truth_files_in_standard_formats(tiny_run):
@@ -112,7 +124,8 @@ def test_truth_files_in_standard_formats(tiny_run):
     assert np.all(np.diff(tlt) > 0)  # sorted by angle, as the stack
     assert tlt == pytest.approx(star["rlnTomoYTilt"].to_numpy(), abs=1e-3)
     offsets = star["rlnTomoYTilt"] - star["rlnTomoNominalStageTiltAngle"]
-    assert offsets.mean() == pytest.approx(config.tilt_angle_offset_deg, abs=0.05)  # the stage-angle offset
+    # the stage-angle offset plus the specimen's pretilt about the tilt axis (a tilt-angle offset too)
+    assert offsets.mean() == pytest.approx(config.tilt_angle_offset_deg + config.specimen_pretilt_deg, abs=0.05)
     assert (star["rlnDefocusU"] - star["rlnDefocusV"]).mean() == pytest.approx(config.astigmatism_A, abs=60)
     assert star["rlnDefocusU"].between(2.0e4, 3.1e4).all()
     # magnification is folded into the .xf: det A = 1/m², rotation = −ZRot
@@ -138,7 +151,8 @@ def test_truth_files_in_standard_formats(tiny_run):
     summary = json.loads((truth / "truth.json").read_text())
     assert summary["config"]["seed"] == 11 and summary["interaction_constant_rad_per_V_A"] == pytest.approx(6.53e-4, rel=0.01)
     readme = (truth / "README.md").read_text()
-    for words in ("Tilt axis angle = -94.4", "-85.6", "flipped upside down", "rlnTomoHand", "sorted by tilt angle"):
+    title = f"Tilt axis angle = {180.0 - (-85.6 + summary['mdoc_tilt_axis_error_deg']) - 360.0:.1f}"
+    for words in (title, "-85.6", "calibration error", "flipped upside down", "rlnTomoHand", "sorted by tilt angle"):
         assert words in readme
 
 
@@ -207,7 +221,7 @@ def test_flags_change_the_output(tmp_path):
     assert ratio == pytest.approx(10.0 / 2.64, rel=0.05)
 
     axis = tmp_path / "axis"
-    run(axis, *MINI, "--tilt-axis-angle-deg", "80", "--movie-format", "mrc")
+    run(axis, *MINI, "--tilt-axis-angle-deg", "80", "--movie-format", "mrc", "--mdoc-tilt-axis-error-sigma-deg", "0")
     assert read_mdoc(axis / "TS_01.mdoc").tilt_axis_angle_deg == pytest.approx(80.0)  # MRC: as read = as stored
     assert only_movie(axis).suffix == ".mrc"
 

@@ -179,7 +179,8 @@ def test_mean_counts_per_frame_match_the_mdoc_dose(tmp_path):
         mask[hot.y, hot.x] = False
         hits = xrays[xrays.movie == movie]
         mask[hits.y, hits.x] = False
-        expected = section.exposure_dose_e_per_A2 / n * pixel * pixel * tilts.loc[movie, "transmission"]
+        # the counts follow the zero-loss transmission through the (uneven) ice under the image
+        expected = section.exposure_dose_e_per_A2 / n * pixel * pixel * tilts.loc[movie, "transmission_mean"]
         assert tilts.loc[movie, "transmission"] == pytest.approx(
             math.exp(-config.ice_thickness_A / (config.inelastic_mean_free_path_A * math.cos(math.radians(tilts.loc[movie, "true_tilt_deg"])))),
             rel=1e-6,
@@ -258,9 +259,9 @@ def test_radiation_damage_fades_the_particles_and_keeps_the_ice():
                     local_profile=torch.zeros(2), local_field=None)
     detector = DetectorModel(gain=None, hot_pixels=torch.zeros(0, 2, dtype=torch.long), hot_pixel_rate_counts=0.0,
                              xray_hits_per_megapixel_per_tilt=0.0, shot_noise=False)
-    frames, _ = render_frames(particles + ice, tilt, (h, w), pixel_A, 2, dose_per_frame, 1.0, detector, generator,
-                              exposure_rate=exposure_rate_grid((h, w), pixel_A, 300.0, "cpu"),
-                              damaged_spectrum=particles)
+    frames, _, _ = render_frames(particles + ice, tilt, (h, w), pixel_A, 2, dose_per_frame, 1.0, detector, generator,
+                                 exposure_rate=exposure_rate_grid((h, w), pixel_A, 300.0, "cpu"),
+                                 damaged_spectrum=particles)
     counts_per_px = dose_per_frame * pixel_A ** 2
     ky = torch.fft.fftfreq(h, d=pixel_A)[:, None]
     kx = torch.fft.rfftfreq(w, d=pixel_A)[None, :]

@@ -28,14 +28,17 @@ AXIS_DEG = -85.6
 TILTS = np.arange(-60.0, 60.1, 4.0)
 DISABLED_TILT_INDEX = 3
 OFFSET_DEG = -0.8  # true tilt = nominal + offset
-TAU = 0.25  # slab thickness in mean free paths
+TAU = 0.03  # slab thickness in mean free paths (~100 A of specimen layer, a mean free path of ~3500 A)
+DOSE = 3.0  # e/A2 per view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _series_rows(ts_id: str, image_path: str, disabled_index: int | None = None) -> list[dict]:
+def _series_rows(ts_id: str, image_path: str, disabled_index: int | None = None, doses=None) -> list[dict]:
+    doses = np.full(len(TILTS), DOSE) if doses is None else doses
     return [{"ts_id": ts_id, "tilt_index": i, "tilt_angle_deg": float(angle), "image_path": image_path,
-             "image_section": i, "enabled": i != disabled_index} for i, angle in enumerate(TILTS)]
+             "image_section": i, "enabled": i != disabled_index, "dose_e_per_A2": float(dose)}
+            for i, (angle, dose) in enumerate(zip(TILTS, doses))]
 
 
 class AlignTestStacks(Step):
@@ -72,7 +75,7 @@ class AlignTestIntensities(AlignTestStacks):
 
     def series(self, ctx, path: Path, data) -> tuple[list[dict], dict]:
         size = (int(data.shape[2]) // 4, int(data.shape[1]) // 4)
-        means = 900.0 * np.exp(-TAU / np.cos(np.radians(TILTS + OFFSET_DEG)))
+        means = 20000.0 * np.exp(-TAU / np.cos(np.radians(TILTS + OFFSET_DEG)))
         stack = np.random.default_rng(1).poisson(means[:, None, None], (len(TILTS), size[1], size[0]))
         out = ctx.folder / f"{path.stem}_counts.mrc"
         write_mrc(out, stack.astype(np.float32), 4 * PIXEL_A, stack=True)
@@ -138,6 +141,7 @@ def test_align_step_writes_the_alignment_and_leaves_excluded_views_out(tmp_path)
     offset = float((used["rot_y_deg"] - TILTS[enabled]).mean())
     assert abs(offset - OFFSET_DEG) <= 0.1, offset  # from the transmission of the reference views
     assert summary["tilt_offset_method"]["TS_01"] == "transmission" and summary["stage"]["TS_01"] == "points"
+    assert 0 < summary["tilt_offset_uncertainty_deg"]["TS_01"] < 0.1 and (used["align_view_method"] == "contours").all()
     assert (used["rot_x_deg"] == 0).all() and (used["align_residual_px"] < 1.0).all()
     # IMOD files: one line per enabled view in tilt order, consistent with the columns
     a, d = read_xf(folder / "TS_01.xf")
@@ -180,3 +184,24 @@ def test_transmission_offset_needs_its_input(tmp_path):
     write_mrc(tmp_path / "data" / "TS_03.mrc", np.zeros((len(TILTS), 32, 32), np.float32), PIXEL_A, stack=True)
     report = _run(tmp_path, extra='tilt_offset_method = "transmission"')
     assert report.outcomes[2].status == "failed" and "intensity_reference" in report.outcomes[2].message
+
+
+def test_a_missing_tilt_axis_is_an_error_not_zero(tmp_path):
+    class NoAxisStacks(AlignTestStacks):
+        type_name = "test_align_stacks_no_axis"
+
+        def series(self, ctx, path, data):
+            rows, acquisition = super().series(ctx, path, data)
+            return rows, {k: v for k, v in acquisition.items() if k != "tilt_axis_angle_deg"}
+
+    if NoAxisStacks.type_name not in REGISTRY:
+        register(NoAxisStacks)
+    (tmp_path / "data").mkdir()
+    write_mrc(tmp_path / "data" / "TS_04.mrc", np.zeros((len(TILTS), 32, 32), np.float32), PIXEL_A, stack=True)
+    workflow = tmp_path / "wf.toml"
+    workflow.write_text(WORKFLOW.replace('type = "test_align_stacks"', 'type = "test_align_stacks_no_axis"').format(
+        data=tmp_path / "data", extra=""))
+    with Project.open_or_init(tmp_path / "project") as project:
+        report = run_workflow(project, load_workflow(workflow, []), LocalExecutor(1), echo=lambda *_: None)
+    assert report.outcomes[2].status == "failed"
+    assert "TS_04" in report.outcomes[2].message and "tilt-axis angle" in report.outcomes[2].message

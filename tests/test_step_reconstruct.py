@@ -48,8 +48,27 @@ class TiltSeriesTable(Step):
         return {"tilts": len(table)}
 
 
-if TiltSeriesTable.type_name not in REGISTRY:
-    register(TiltSeriesTable)
+class CtfTable(Step):
+    """Test-only CTF estimation: ``folder/NAME.csv`` (one row per view) and ``folder/NAME.json``
+    (the set's attributes, e.g. the defocus hand per tilt series) become a ctf set."""
+
+    type_name = "test_ctf_table"
+    title = "test - ctf set from a table"
+    params = (Param("folder", "path", "folder of the files", required=True),
+              Param("name", "str", "base name of the CSV and JSON", required=True))
+    outputs = (Port("ctf", "ctf"),)
+
+    def run(self, ctx):
+        folder = Path(ctx.params["folder"])
+        table = pd.read_csv(folder / f"{ctx.params['name']}.csv")
+        table["enabled"] = True
+        ctx.add_output("ctf", table, json.loads((folder / f"{ctx.params['name']}.json").read_text()))
+        return {"tilts": len(table)}
+
+
+for _step in (TiltSeriesTable, CtfTable):
+    if _step.type_name not in REGISTRY:
+        register(_step)
 
 N = len(TILTS)
 AXIS_DEG = 85.0
@@ -78,7 +97,7 @@ def phantom_stack(centres, pixel_size_A, size_px, rot_z, rot_y, shifts_A):
 
 
 def write_set(folder: Path, name: str, pixel_size_A: float, size_px: int, aligned: bool, angle_error_deg=0.0,
-              n_views=N, disabled=(), mdoc="TS_01.mdoc"):
+              n_views=N, disabled=(), mdoc="TS_01.mdoc", drop_acquisition=()):
     """One tilt series TS_01 (views of the triad and a few blobs; sections reversed) as NAME.csv/json."""
     folder.mkdir(parents=True, exist_ok=True)
     rot_z, rot_y, shifts_A = alignment()
@@ -99,6 +118,8 @@ def write_set(folder: Path, name: str, pixel_size_A: float, size_px: int, aligne
     acq = {"TS_01": {"pixel_size_A": pixel_size_A, "voltage_kV": 300.0, "spherical_aberration_mm": 2.7,
                      "amplitude_contrast": 0.1, "tilt_axis_angle_deg": AXIS_DEG, "image_size_px": [size_px, size_px],
                      "n_tilts": n_views, "mdoc_path": mdoc}}
+    for key in drop_acquisition:
+        del acq["TS_01"][key]
     (folder / f"{name}.json").write_text(json.dumps(acq))
     return centres_A
 
@@ -189,3 +210,92 @@ thickness_px = 8
     outcome = report.outcomes[1]
     assert outcome.status == "failed"
     assert "rot_z_deg" in outcome.message and "not aligned" in outcome.message
+
+
+DEFOCUS_A = 20000.0
+
+
+def write_ctf_set(folder: Path, name: str, attrs: dict):
+    """A ctf set for TS_01: 20000 Å at every view, no astigmatism; ``attrs`` as the set's attributes."""
+    pd.DataFrame({"ts_id": "TS_01", "tilt_index": range(N), "defocus_u_A": DEFOCUS_A, "defocus_v_A": DEFOCUS_A,
+                  "defocus_angle_deg": 0.0}).to_csv(folder / f"{name}.csv", index=False)
+    (folder / f"{name}.json").write_text(json.dumps(attrs))
+
+
+PHASE_FLIP_WORKFLOW = """
+[workflow]
+name = "reconstruct_phase_flip"
+[steps.source]
+type = "test_tilt_series_table"
+folder = "{data}"
+name = "aligned"
+[steps.ctf]
+type = "test_ctf_table"
+folder = "{data}"
+name = "{ctf}"
+[steps.rec]
+type = "reconstruct_tomogram"
+tilt_series = "source.tilt_series"
+ctf = "ctf.ctf"
+thickness_px = 32
+super_sampling = 1
+ctf_correction = "phase_flip"
+ctf_strip_width_px = 8
+device = "cpu"
+"""
+
+
+def test_phase_flip_uses_the_defocus_hand_of_the_ctf_set(tmp_path):
+    """Strips follow the defocus gradient of the hand in the ctf set's attributes (+1 here): the
+    tomogram equals the algorithm's with hand +1 and differs from the one with -1."""
+    from tomopipe.algorithms.reconstruct import CtfParams
+
+    data = tmp_path / "data"
+    centres_A = write_set(data, "aligned", PIXEL_A, 64, aligned=True)
+    write_ctf_set(data, "ctf", {"tilt_series": {"TS_01": {"defocus_hand": 1}}})
+    report = run(tmp_path, PHASE_FLIP_WORKFLOW.format(data=data, ctf="ctf"))
+    assert [o.status for o in report.outcomes] == ["finished"] * 3, [o.message for o in report.outcomes]
+    items, _, _ = tomograms(tmp_path, "rec")
+    volume = torch.from_numpy(read_mrc(items["tomogram_path"][0])[0].copy())
+    rot_z, rot_y, shifts_A = alignment()
+    stack = torch.from_numpy(phantom_stack(centres_A, PIXEL_A, 64, rot_z, rot_y, shifts_A))
+    params = ReconstructionParams(thickness_px=32, super_sampling=1)
+    expected = {}
+    for hand in (-1, 1):
+        ctf = CtfParams(torch.full((N,), DEFOCUS_A), torch.full((N,), DEFOCUS_A), torch.zeros(N), 300.0, 2.7, 0.1,
+                        defocus_hand=hand, strip_width_px=8.0)
+        expected[hand] = reconstruct_volume(stack, rot_z, rot_y, 0.0, shifts_A, PIXEL_A, params, ctf=ctf)
+    torch.testing.assert_close(volume, expected[1], rtol=0, atol=1e-5)
+    assert float((volume - expected[-1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["no hand", "no voltage", "no voltage, dose weighting"])
+def test_missing_ctf_or_acquisition_values_are_errors(tmp_path, case):
+    """No assumed values: a ctf set without the defocus hand, or an acquisition without the
+    voltage, stops the step with a message naming what is missing (it used to take -1 / 300 kV)."""
+    data = tmp_path / "data"
+    write_set(data, "aligned", PIXEL_A, 32, aligned=True, drop_acquisition=() if case == "no hand" else ("voltage_kV",))
+    write_ctf_set(data, "ctf", {"tilt_series": {"TS_01": {} if case == "no hand" else {"defocus_hand": -1}}})
+    text = PHASE_FLIP_WORKFLOW.format(data=data, ctf="ctf").replace("thickness_px = 32", "thickness_px = 8")
+    if case == "no voltage, dose weighting":
+        text = text.replace('ctf_correction = "phase_flip"', "dose_weighting = true").replace('ctf = "ctf.ctf"\n', "")
+    report = run(tmp_path, text)
+    outcome = report.outcomes[-1]
+    assert outcome.status == "failed"
+    expected = {"no hand": "tilt series 'TS_01': the input set 'ctf' has no defocus handedness (defocus_hand",
+                "no voltage": "has no voltage_kV (needed by phase_flip)",
+                "no voltage, dose weighting": "has no voltage_kV (needed by dose_weighting)"}[case]
+    assert expected in outcome.message, outcome.message
+
+
+def test_the_algorithm_assumes_no_voltage_or_hand():
+    """Dose weighting without a voltage and a CTF without a valid hand are errors, not 300 kV / -1."""
+    from tomopipe.algorithms.reconstruct import CtfParams, filter_tilt_images
+
+    images = torch.zeros((2, 16, 16))
+    with pytest.raises(ValueError, match="needs voltage_kV"):
+        filter_tilt_images(images, 0.0, torch.tensor([0.0, 30.0]), 2.0, 8, pre_exposure_e_per_A2=torch.zeros(2))
+    with pytest.raises(TypeError, match="defocus_hand"):
+        CtfParams(torch.zeros(2), torch.zeros(2), torch.zeros(2), 300.0, 2.7, 0.1)
+    with pytest.raises(ValueError, match="defocus_hand must be -1 or \\+1"):
+        CtfParams(torch.zeros(2), torch.zeros(2), torch.zeros(2), 300.0, 2.7, 0.1, defocus_hand=0)

@@ -1,5 +1,6 @@
 """``tomopipe demo``: simulate the apoferritin data set, run the tutorial workflow on it, and
-print per step its time and its scores against the simulator's truth."""
+print per step its time and its scores against the simulator's truth as a table (value, unit,
+goal from :data:`tomopipe.report.scores.GOALS`, met or not), written as JSON to ``OUT/scores.json``."""
 
 from __future__ import annotations
 
@@ -15,31 +16,65 @@ from tomopipe.project.store import Project
 from tomopipe.project.store import SetRecord
 from tomopipe.report.score_alignment import score_alignment
 from tomopipe.report.score_tomogram import score_tomogram_set
-from tomopipe.report.scores import score_ctf, score_import, score_motion
+from tomopipe.report.scores import format_score_table, score_ctf, score_import, score_motion, score_record
 from tomopipe.report.truth import Truth
 
 
 TOMOGRAM_SCORE_RESOLUTION_A = 30.0  #: low-pass (Å) of the tomogram–truth correlation
 
 
-def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> dict:
-    """The scores against the truth of one output set of a step (empty when there are none)."""
+#: the alignment scores the demo shows: pixels of the aligned (bin-10) views for align, Å for assign
+ALIGN_SCORES = ("max_shift_rms_px", "max_shift_rms_content_px", "max_abs_axis_error_deg", "max_abs_offset_error_deg")
+ASSIGN_SCORES = ("max_shift_rms_A", "max_shift_rms_content_A")
+TOMOGRAM_SCORES = ("correlation", "fsc_0_143_A", "mirrored_correlation")
+
+
+def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> list[tuple[str, str, object]]:
+    """The scores against the truth of one output set of a step, as ``(subject, score, value)``
+    (subject: a tilt series, or empty for the whole set); empty when there are none."""
     items = project.read_items(record.id, enabled_only=True)
+    scores: dict = {}
     if step_type == "import_movies":
-        return score_import(items, record.attrs, truth)
-    if step_type == "motion_ctf" and record.kind == "tilt_series":
-        return score_motion(items, project, truth)
-    if step_type == "motion_ctf" and record.kind == "ctf":
-        return score_ctf(items, truth)
-    if step_type in ("align_tilt_series", "assign_alignment") and record.kind == "tilt_series":
-        return {key: value for key, value in score_alignment(items, record.attrs, truth).items()
-                if key.startswith("max_")}
-    if step_type == "reconstruct_tomogram" and record.kind == "tomograms":
-        scores = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
-        return {f"{ts_id}_{key}": (round(value, 3) if isinstance(value, float) else value)
-                for ts_id, score in scores.items()
-                for key, value in score.items() if key in ("correlation", "fsc_0_143_A", "mirrored_correlation")}
-    return {}
+        scores = score_import(items, record.attrs, truth)
+    elif step_type == "motion_ctf" and record.kind == "tilt_series":
+        scores = score_motion(items, project, truth)
+    elif step_type == "motion_ctf" and record.kind == "ctf":
+        scores = score_ctf(items, truth)
+    elif step_type in ("align_tilt_series", "assign_alignment") and record.kind == "tilt_series":
+        shown = ALIGN_SCORES if step_type == "align_tilt_series" else ASSIGN_SCORES
+        scores = {key: value for key, value in score_alignment(items, record.attrs, truth).items() if key in shown}
+    elif step_type == "reconstruct_tomogram" and record.kind == "tomograms":
+        per_ts = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
+        return [(ts_id, key, score[key]) for ts_id, score in per_ts.items() for key in TOMOGRAM_SCORES]
+    return [("", key, value) for key, value in scores.items()]
+
+
+def collect_scores(project: Project, workflow, report, truth: Truth) -> list[dict]:
+    """The demo's score records (:func:`tomopipe.report.scores.score_record`) of a workflow run:
+    per step its status, its seconds per tilt when it reports them, and its scores against the truth."""
+    types = {step.name: step.step.type_name for step in workflow.steps}
+    records = []
+    for outcome in report.outcomes:
+        seconds = outcome.run.elapsed_s if outcome.run and outcome.run.elapsed_s else 0.0
+        rows = [("", "status", outcome.status)]
+        rows += [("", key, value) for key, value in outcome.summary.items() if key.endswith("_s_per_tilt")]
+        if outcome.run is not None and outcome.status in ("finished", "skipped"):
+            for record in project.sets_of_run(outcome.run.id).values():
+                rows += scores_of_set(project, record, types[outcome.name], truth)
+        records += [score_record(outcome.name, score, value, seconds, subject) for subject, score, value in rows]
+    return records
+
+
+def tomogram_paths(project: Project, report) -> list[Path]:
+    """The tomograms of the workflow's last finished reconstruction (none before it ran)."""
+    paths = []
+    for outcome in report.outcomes:
+        if outcome.run is not None and outcome.status in ("finished", "skipped"):
+            for record in project.sets_of_run(outcome.run.id).values():
+                if record.kind == "tomograms":
+                    items = project.read_items(record.id, enabled_only=True)
+                    paths = [project.absolute_path(path) for path in items["tomogram_path"]]
+    return paths
 
 
 def tutorial_workflow_path() -> Path:
@@ -86,21 +121,14 @@ def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, unt
     try:
         with Project.open_or_init(out / "project") as project:
             report = run_workflow(project, workflow, executor, until=until)
-            print("\nstep            time (s)  scores against the truth")
-            types = {step.name: step.step.type_name for step in workflow.steps}
-            tomogram_paths = []
-            for outcome in report.outcomes:
-                scores = {key: round(value, 3) for key, value in outcome.summary.items() if key.endswith("_s_per_tilt")}
-                if outcome.run is not None and outcome.status in ("finished", "skipped"):
-                    for record in project.sets_of_run(outcome.run.id).values():
-                        scores.update(scores_of_set(project, record, types[outcome.name], truth))
-                        if record.kind == "tomograms":
-                            tomogram_paths = [project.absolute_path(path) for path in
-                                              project.read_items(record.id, enabled_only=True)["tomogram_path"]]
-                seconds = outcome.run.elapsed_s if outcome.run and outcome.run.elapsed_s else 0.0
-                print(f"{outcome.name:15s} {seconds:8.1f}  {outcome.status}  {json.dumps(scores)}")
-            print(f"\nproject: {project.folder} (tomopipe status --project {project.folder})")
-            for path in tomogram_paths:
+            records = [score_record("simulate", "status", "simulated" if simulation_s else "reused", simulation_s),
+                       *collect_scores(project, workflow, report, truth)]
+            print("\nscores against the simulator's truth\n" + format_score_table(records))
+            (out / "scores.json").write_text(json.dumps(records, indent=1, default=float, ensure_ascii=False),
+                                             encoding="utf-8")
+            print(f"\nscores: {out / 'scores.json'}")
+            print(f"project: {project.folder} (tomopipe status --project {project.folder})")
+            for path in tomogram_paths(project, report):
                 print(f"tomogram: {path}")
     finally:
         executor.close()

@@ -32,19 +32,21 @@ on the images' device, positions in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, FitResult, fit_projection_model,
-                                            projected_shift_error_px)
+                                            projected_shift_error_px, usable_contours)
 from tomopipe.algorithms.geometry import fft_centre, projection_rotations, rotation_2d
 
 __all__ = ["bandpass_images", "stretch_matrices", "coarse_align", "track_patches", "CoarseAlignment", "PatchTracks",
            "zero_tilt_index", "patch_grid", "aligned_frame_size", "aligned_views", "aligned_to_raw",
-           "find_specimen_points", "track_points", "PointTracks", "AlignOptions", "AlignmentResult", "align_images"]
+           "find_specimen_points", "track_points", "PointTracks", "AlignOptions", "AlignmentResult", "align_images",
+           "fill_untracked_views"]
 
 
 def zero_tilt_index(tilt_angles_deg: torch.Tensor) -> int:
@@ -175,31 +177,40 @@ def coarse_align(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, ed
     The neighbour is resampled so that its specimen origin sits at the image centre and its z = 0
     features at their positions for the target tilt; the correlation peak is then the target's
     specimen shift. ``images`` should be band-pass filtered (:func:`bandpass_images`)."""
-    n, ny, nx = images.shape
+    n = images.shape[0]
     tilts = torch.as_tensor(tilt_angles_deg, dtype=torch.float64).reshape(-1)
     if tilts.numel() != n:
         raise ValueError(f"coarse_align: {n} images but {tilts.numel()} tilt angles")
-    device = images.device
-    window = _taper((ny, nx), edge_fraction * min(nx, ny), device)
-    centre = torch.tensor([fft_centre(nx), fft_centre(ny)], dtype=torch.float64)
-    yy, xx = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
-    rel = torch.stack([xx, yy], -1) - centre  # [ny, nx, 2] output pixel positions from the centre
     shifts = torch.zeros(n, 2, dtype=torch.float64)
     correlation = torch.ones(n, dtype=torch.float64)
     significance = torch.full((n,), math.inf, dtype=torch.float64)
     i0 = zero_tilt_index(tilts)
     for step in (1, -1):
         for t in range(i0 + step, n if step > 0 else -1, step):
-            r = t - step
-            s_inv = torch.linalg.inv(stretch_matrices(tilt_axis_deg, tilts[r], tilts[t])[0])
-            coords = centre + shifts[r] + rel @ s_inv.T  # ref(s_ref + S^-1 x)
-            reference = _sample(images[r:r + 1], coords[None].to(device))
-            cc = _correlate(images[t:t + 1], reference, window)
-            peak = _find_peak(cc, max_shift_fraction * min(nx, ny))
-            shifts[t] = peak.shift_px[0].cpu()
-            correlation[t] = peak.value[0].cpu()
-            significance[t] = peak.significance[0].cpu()
+            peak = _neighbour_peak(images, [t - step], t, shifts, tilt_axis_deg, tilts, edge_fraction,
+                                   max_shift_fraction)
+            shifts[t], correlation[t], significance[t] = peak.shift_px[0], peak.value[0], peak.significance[0]
     return CoarseAlignment(shifts, correlation, significance)
+
+
+def _neighbour_peak(images: torch.Tensor, refs, t: int, shifts_px: torch.Tensor, tilt_axis_deg: float,
+                    tilts_deg: torch.Tensor, edge_fraction: float = 0.1, max_shift_fraction: float = 0.4) -> Peak:
+    """Whole-view cross-correlation of view ``t`` with the mean of views ``refs`` (specimen shifts
+    ``shifts_px [n, 2]``), each resampled through the cosine stretch from its tilt to tilt ``t``:
+    the peak is view t's specimen shift (of z = 0 features). Fields on the CPU, ``[1]``-sized."""
+    _, ny, nx = images.shape
+    device = images.device
+    window = _taper((ny, nx), edge_fraction * min(nx, ny), device)
+    centre = torch.tensor([fft_centre(nx), fft_centre(ny)], dtype=torch.float64)
+    yy, xx = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
+    rel = torch.stack([xx, yy], -1) - centre  # [ny, nx, 2] output pixel positions from the centre
+    reference = torch.zeros(1, ny, nx, dtype=torch.float32, device=device)
+    for r in refs:
+        s_inv = torch.linalg.inv(stretch_matrices(tilt_axis_deg, tilts_deg[r], tilts_deg[t])[0])
+        coords = centre + shifts_px[r] + rel @ s_inv.T  # ref(s_ref + S^-1 x)
+        reference += _sample(images[r:r + 1], coords[None].to(device))
+    peak = _find_peak(_correlate(images[t:t + 1], reference, window), max_shift_fraction * min(nx, ny))
+    return Peak(peak.shift_px.cpu(), peak.value.cpu(), peak.significance.cpu())
 
 
 @dataclass
@@ -500,6 +511,8 @@ class AlignOptions:
 
     patch_size_px: int = 64
     patch_overlap: float = 0.8
+    patch_min_significance: float = 6.0  #: a patch's correlation peak must stand this many SDs out
+    adapt_patches: bool = True  #: also try other patch sizes when views keep too few contours
     fit: FitOptions = FitOptions()
     points: bool = True  #: second stage (point tracking); False: the patch fit is the result
     point_window_px: int = 32
@@ -513,8 +526,8 @@ class AlignOptions:
 
 @dataclass
 class AlignmentResult:
-    fit: FitResult  #: the final alignment
-    patch_fit: FitResult  #: the alignment from the patch contours alone
+    fit: FitResult  #: the final alignment (shifts of views left out of the fit from cross-correlation)
+    patch_fit: FitResult  #: the alignment from the patch contours alone (same for its left-out views)
     coarse: CoarseAlignment
     patches: PatchTracks
     points: PointTracks | None  #: last round of point tracking (aligned-frame positions), None without it
@@ -522,14 +535,72 @@ class AlignmentResult:
     stage: str  #: "points" or "patches": which stage gave ``fit``
     rounds: list  #: per point round: axis, shift change, residual, contours
     note: str = ""  #: why the point stage was not used, when it was not
+    patch_trials: list = field(default_factory=list)  #: patch sizes tried: size, views covered, contours
+
+    @property
+    def view_method(self) -> list[str]:
+        """Per view: "contours" (in the final fit) or "cross-correlation" (whole-view fallback)."""
+        return ["contours" if bool(v) else "cross-correlation" for v in self.fit.view_fitted]
 
 
 def _fit_options_for(options: AlignOptions, n_views: int) -> FitOptions:
-    base = options.fit
-    fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-    fields["min_views_per_contour"] = max(base.min_views_per_contour,
-                                          int(math.ceil(options.point_min_views_fraction * n_views)))
-    return FitOptions(**fields)
+    return dataclasses.replace(options.fit, min_views_per_contour=max(
+        options.fit.min_views_per_contour, int(math.ceil(options.point_min_views_fraction * n_views))))
+
+
+def _patch_sizes(options: AlignOptions, image_size_xy) -> list[int]:
+    """Patch sides to try: the asked one (at most half the smaller image side, so that the field
+    holds several independent patches), then 1.5 times larger (more signal per patch) and 0.6 times
+    smaller (more patches), within 24 px .. 0.6 × the smaller side."""
+    side = min(int(v) for v in image_size_xy)
+    first = max(8, min(int(options.patch_size_px), side // 2))
+    if not options.adapt_patches:
+        return [first]
+    others = [min(int(round(1.5 * first)), int(0.6 * side)), max(24, int(round(0.6 * first)))]
+    return list(dict.fromkeys([first] + [size for size in others if 8 <= size <= side]))
+
+
+def _track_adaptively(filtered: torch.Tensor, tilts: torch.Tensor, tilt_axis_deg: float, shifts_px: torch.Tensor,
+                      options: AlignOptions) -> tuple[PatchTracks, list]:
+    """Patch tracks from the first of :func:`_patch_sizes` that gives every view enough contours for
+    the fit (:func:`~tomopipe.algorithms.align_fit.usable_contours`), else from the size that covers
+    the most views (then the most contours); also the trials."""
+    trials, best, best_key = [], None, None
+    for size in _patch_sizes(options, (filtered.shape[-1], filtered.shape[-2])):
+        tracks = track_patches(filtered, tilts, tilt_axis_deg, shifts_px, size, options.patch_overlap,
+                               options.patch_min_significance)
+        contours, views = usable_contours(~torch.isnan(tracks.positions_px[..., 0]), options.fit)
+        key = (int(views.sum()) if int(contours.sum()) >= options.fit.min_contours else 0, int(contours.sum()))
+        trials.append({"patch_size_px": tracks.patch_size_px, "patches": int(tracks.positions_px.shape[0]),
+                       "views_covered": key[0], "contours": key[1]})
+        if best_key is None or key > best_key:
+            best, best_key = tracks, key
+        if key[0] == filtered.shape[0]:
+            break
+    return best, trials
+
+
+def fill_untracked_views(filtered: torch.Tensor, fit: FitResult, references: int = 4) -> tuple[FitResult, torch.Tensor]:
+    """``fit`` with the specimen shifts of its views left out (``view_fitted`` False) found by
+    whole-view cross-correlation with the mean of the ``references`` aligned views next to them on the
+    side of the fit's reference view, each through the cosine stretch of the fitted axis and tilts
+    (outwards from the reference view, as :func:`coarse_align`; the mean has less noise than one
+    neighbour); also the peak significance of each filled view (NaN for fitted ones).
+    ``filtered``: the band-passed views."""
+    n = filtered.shape[0]
+    significance = torch.full((n,), math.nan, dtype=torch.float64)
+    if bool(fit.view_fitted.all()):
+        return fit, significance
+    shifts = fit.shifts_px.clone()
+    i0 = int(torch.argmin(torch.where(fit.view_fitted, fit.tilt_deg.abs(), torch.full_like(fit.tilt_deg, math.inf))))
+    for step in (1, -1):
+        for t in range(i0 + step, n if step > 0 else -1, step):
+            if bool(fit.view_fitted[t]):
+                continue
+            refs = [r for r in range(t - step, t - step * (references + 1), -step) if 0 <= r < n]
+            peak = _neighbour_peak(filtered, refs, t, shifts, fit.axis_deg, fit.tilt_deg)
+            shifts[t], significance[t] = peak.shift_px[0], peak.significance[0]
+    return dataclasses.replace(fit, shifts_px=shifts), significance
 
 
 def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, options: AlignOptions = AlignOptions(),
@@ -537,7 +608,8 @@ def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, op
     """Align one tilt series ``images [n, y, x]`` (views sorted by tilt angle, nominal angles
     ``tilt_angles_deg``, starting tilt-axis angle ``tilt_axis_deg``).
 
-    1. Band-pass, :func:`coarse_align`, :func:`track_patches` and
+    1. Band-pass, :func:`coarse_align`, :func:`track_patches` (other patch sizes too when views keep
+       too few contours: :func:`_track_adaptively`) and
        :func:`~tomopipe.algorithms.align_fit.fit_projection_model` (the patch fit).
     2. Rounds of: views interpolated into their aligned frames with the current alignment,
        specimen points found once (:func:`find_specimen_points`), :func:`track_points`, and the
@@ -546,28 +618,36 @@ def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, op
        If the point stage cannot be fitted (too few points, e.g. images too small for the window)
        the patch fit is returned and ``note`` says why.
 
+    Views that a fit leaves out (too few contours: low signal, high tilt) are aligned by
+    :func:`fill_untracked_views` after each fit, so the point stage measures them too.
+
     The tilt-angle offset (a gauge of the projection model) is ``tilt_offset_deg`` when given (for
     example from :func:`~tomopipe.algorithms.align_fit.transmission_tilt_offset`), else, when
     ``options.fit.refine_tilt_offset``, the one that levels the points of the patch fit
     (:func:`~tomopipe.algorithms.align_fit.level_specimen`), else 0; the point stage keeps it.
-    Raises :class:`~tomopipe.algorithms.align_fit.AlignmentError` when the patch stage fails."""
+    Raises :class:`~tomopipe.algorithms.align_fit.AlignmentError` when the patch stage fails (too
+    few contours, or fewer than ``options.fit.min_views_fitted`` views with enough of them)."""
     n, ny, nx = images.shape
     tilts = torch.as_tensor(tilt_angles_deg, dtype=torch.float64).reshape(-1)
     if tilts.numel() != n:
         raise ValueError(f"align_images: {n} images but {tilts.numel()} tilt angles")
     filtered = bandpass_images(images)
     coarse = coarse_align(filtered, tilts, tilt_axis_deg)
-    patches = track_patches(filtered, tilts, tilt_axis_deg, coarse.shifts_px, options.patch_size_px,
-                            options.patch_overlap)
+    patches, trials = _track_adaptively(filtered, tilts, tilt_axis_deg, coarse.shifts_px, options)
     patch_fit = fit_projection_model(patches.positions_px, tilts, tilt_axis_deg, coarse.shifts_px, options.fit,
                                      tilt_offset_deg=tilt_offset_deg)
+    patch_fit = fill_untracked_views(filtered, patch_fit)[0]
+
+    def patches_only(note: str, rounds=(), tracks=None) -> AlignmentResult:
+        return AlignmentResult(patch_fit, patch_fit, coarse, patches, tracks, None, "patches", list(rounds), note,
+                               trials)
+
     if not options.points:
-        return AlignmentResult(patch_fit, patch_fit, coarse, patches, None, None, "patches", [], "point stage off")
+        return patches_only("point stage off")
     size = aligned_frame_size((nx, ny), patch_fit.axis_deg)
     window = int(options.point_window_px)
     if window + 8 > min(size):
-        return AlignmentResult(patch_fit, patch_fit, coarse, patches, None, None, "patches", [],
-                               f"images of {nx} x {ny} px are too small for point windows of {window} px")
+        return patches_only(f"images of {nx} x {ny} px are too small for point windows of {window} px")
     fine_filtered = bandpass_images(images, sigma1=0.03, radius2=0.3)
     fit_options = _fit_options_for(options, n)
     # the tilt-angle offset (a gauge) stays that of the patch fit: imposed, or levelled on the patch
@@ -581,8 +661,7 @@ def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, op
             points = find_specimen_points(views, coverage, fit.tilt_deg, max_depth, options.point_count,
                                           min_distance_px=window / 4.0, border_px=window / 2.0 + 2)
             if points.shape[0] < fit_options.min_contours:
-                return AlignmentResult(patch_fit, patch_fit, coarse, patches, None, None, "patches", rounds,
-                                       f"only {points.shape[0]} specimen points found")
+                return patches_only(f"only {points.shape[0]} specimen points found", rounds)
         tracks = track_points(views, coverage, fit.tilt_deg, points, window)
         observed = _screen(aligned_to_raw(tracks.positions_px, fit.rot_z_deg, fit.shifts_px, fit.magnification), fit,
                            fit_options.min_views_per_contour)
@@ -590,8 +669,8 @@ def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, op
             new = fit_projection_model(observed, tilts, fit.axis_deg, fit.shifts_px, fit_options,
                                        tilt_offset_deg=round_offset)
         except AlignmentError as error:
-            return AlignmentResult(patch_fit, patch_fit, coarse, patches, tracks, None, "patches", rounds,
-                                   f"point round {round_index}: {error}")
+            return patches_only(f"point round {round_index}: {error}", rounds, tracks)
+        new = fill_untracked_views(filtered, new)[0]
         moved = projected_shift_error_px(new.rot_z_deg, new.tilt_deg, new.shifts_px, new.magnification,
                                          fit.shifts_px)["max_px"]
         turned = abs(new.axis_deg - fit.axis_deg)
@@ -599,10 +678,10 @@ def align_images(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, op
         fit = new
         rounds.append({"round": round_index, "axis_deg": fit.axis_deg, "max_shift_change_px": moved,
                        "rms_residual_px": fit.rms_residual_px, "contours": int(fit.contour_used.sum()),
-                       "points": int(points.shape[0])})
+                       "points": int(points.shape[0]), "views_fitted": int(fit.view_fitted.sum())})
         if moved <= options.converged_px and turned <= options.converged_deg:
             break
-    return AlignmentResult(fit, patch_fit, coarse, patches, tracks, points, "points", rounds)
+    return AlignmentResult(fit, patch_fit, coarse, patches, tracks, points, "points", rounds, "", trials)
 
 
 def _screen(observed_px: torch.Tensor, fit: FitResult, min_views: int, floor_px: float = 2.0) -> torch.Tensor:

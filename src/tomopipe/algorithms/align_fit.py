@@ -25,8 +25,11 @@ Gauges (changes that leave every projection the same, so the images cannot tell 
 Robustness: iteratively reweighted — after each fit, observations with a residual above
 ``median + k·1.4826·MAD`` (at least ``min_outlier_px``) get weight 0, and contours whose mean
 residual is above the same bound over contours are rejected; rounds stop when nothing changes.
-Failures (too few contours, views without enough contours, a fit that diverges or leaves large
-residuals) raise :class:`AlignmentError` with the numbers.
+Views with fewer than ``min_contours_per_view`` usable contours are left out of the fit
+(``FitResult.view_fitted`` False: their shifts are not determined and are 0, their tilt is the
+nominal one plus the offset, their magnification 1; the caller aligns them another way). Failures
+(too few contours, fewer than ``min_views_fitted`` views with enough contours, a fit that diverges
+or leaves large residuals) raise :class:`AlignmentError` with the numbers.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import torch
 from tomopipe.algorithms.geometry import projection_rotations
 from tomopipe.errors import TomopipeError
 
-__all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "projected_shift_error_px",
+__all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "usable_contours",
+           "projected_shift_error_px",
            "level_specimen", "transmission_tilt_offset", "TransmissionFit"]
 
 
@@ -61,7 +65,8 @@ class FitOptions:
     min_outlier_px: float = 1.0  #: residuals below this are never outliers
     min_views_per_contour: int = 4
     min_contours: int = 10
-    min_contours_per_view: int = 3
+    min_contours_per_view: int = 3  #: views with fewer usable contours are left out of the fit
+    min_views_fitted: int = 3  #: fewest views the fit must hold
     max_residual_px: float = 2.0  #: RMS residual above which the fit is declared failed
     max_rounds: int = 6
     max_iterations: int = 100
@@ -74,9 +79,10 @@ class FitResult:
     shifts_px: torch.Tensor  #: [n, 2] specimen shifts (x, y), px
     magnification: torch.Tensor  #: [n] image scale relative to the zero-tilt view
     points_px: torch.Tensor  #: [m, 3] contour points (x, y, z) px from the tomogram origin (NaN: rejected)
-    residual_view_px: torch.Tensor  #: [n] RMS residual of the used observations per view
-    residual_contour_px: torch.Tensor  #: [m] RMS residual per contour (all its observations)
+    residual_view_px: torch.Tensor  #: [n] RMS residual of the used observations per view (NaN: not fitted)
+    residual_contour_px: torch.Tensor  #: [m] RMS residual per contour (all its observations in fitted views)
     contour_used: torch.Tensor  #: [m] bool, False for rejected / too-short contours
+    view_fitted: torch.Tensor  #: [n] bool, False for views left out of the fit (too few contours)
     observation_used: torch.Tensor  #: [m, n] bool
     rms_residual_px: float
     axis_deg: float  #: global axis angle
@@ -146,11 +152,9 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
     tilts0 = torch.as_tensor(tilt_angles_deg, dtype=torch.float64).reshape(-1)
     if tilts0.numel() != n:
         raise ValueError(f"fit_projection_model: {n} views in the contours but {tilts0.numel()} tilt angles")
-    i0 = int(torch.argmin(tilts0.abs())) if zero_index is None else zero_index
     seen = ~torch.isnan(obs[..., 0])
-    lengths = seen.sum(1)
-    used_contour = lengths >= options.min_views_per_contour
-    _check_counts(used_contour, seen, options, "after tracking")
+    used_contour, fitted = _usable(seen, options, "after tracking")
+    i0 = _reference_view(tilts0, fitted, zero_index)
     params = {
         "axis": torch.tensor(float(tilt_axis_deg), dtype=torch.float64),
         "daxis": torch.zeros(n, dtype=torch.float64),
@@ -158,7 +162,7 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
         "dtilt": torch.zeros(n, dtype=torch.float64),
         "logmag": torch.zeros(n, dtype=torch.float64),
     }
-    weight = (seen & used_contour[:, None]).to(torch.float64)
+    weight = (seen & used_contour[:, None] & fitted[None]).to(torch.float64)
     history = []
     rounds = 0
     for rounds in range(1, options.max_rounds + 1):
@@ -170,19 +174,17 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
             raise AlignmentError("the projection-model fit diverged (non-finite parameters)")
         used = weight > 0
         obs_bound = _robust_bound(residual[used], options.outlier_mad_factor, options.min_outlier_px)
-        contour_rms = torch.sqrt(torch.where(seen, residual.square(), torch.zeros_like(residual)).sum(1)
-                                 / lengths.clamp_min(1))
+        contour_rms = _contour_rms(residual, seen & fitted[None])
         contour_bound = _robust_bound(contour_rms[used_contour], options.outlier_mad_factor, options.min_outlier_px)
         history.append({"round": rounds, "rms_px": float(residual[used].square().mean().sqrt()),
                         "observations": int(used.sum()), "contours": int(used_contour.sum()),
                         "observation_bound_px": obs_bound, "contour_bound_px": contour_bound})
-        new_contours = used_contour & (contour_rms <= contour_bound)
-        new_weight = (seen & new_contours[:, None] & (residual <= obs_bound)).to(torch.float64)
-        new_contours &= (new_weight > 0).sum(1) >= options.min_views_per_contour
-        new_weight *= new_contours[:, None]
+        kept = seen & (used_contour & (contour_rms <= contour_bound))[:, None] & (residual <= obs_bound)
+        used_contour, fitted = _usable(kept & fitted[None], options, f"after outlier rejection (round {rounds})")
+        new_weight = (kept & used_contour[:, None] & fitted[None]).to(torch.float64)
         changed = bool((new_weight != weight).any())
-        weight, used_contour = new_weight, new_contours
-        _check_counts(used_contour, weight > 0, options, f"after outlier rejection (round {rounds})")
+        weight = new_weight
+        i0 = _reference_view(tilts0, fitted, zero_index)
         if not changed:
             break
     else:
@@ -200,9 +202,9 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
         residual = (_predict(rot, mag, points, shifts) - obs).norm(dim=-1)
     used = weight > 0
     sq = torch.where(used, residual.square(), torch.zeros_like(residual))
-    residual_view = torch.sqrt(sq.sum(0) / used.sum(0).clamp_min(1))
-    residual_contour = torch.sqrt(torch.where(seen, residual.square(), torch.zeros_like(residual)).sum(1)
-                                  / lengths.clamp_min(1))
+    residual_view = torch.where(fitted, torch.sqrt(sq.sum(0) / used.sum(0).clamp_min(1)),
+                                torch.full_like(sq[0], math.nan))
+    residual_contour = _contour_rms(residual, seen & fitted[None])
     rms = float(torch.sqrt(sq.sum() / used.sum()))
     if not math.isfinite(rms) or rms > options.max_residual_px:
         raise AlignmentError(f"the projection-model fit failed: RMS residual {rms:.2f} px > {options.max_residual_px}"
@@ -211,21 +213,51 @@ def fit_projection_model(positions_px: torch.Tensor, tilt_angles_deg, tilt_axis_
     points = torch.where(used_contour[:, None], points, torch.full_like(points, math.nan))
     return FitResult(rot_z_deg=axis, tilt_deg=tilt, shifts_px=shifts, magnification=mag, points_px=points,
                      residual_view_px=residual_view, residual_contour_px=residual_contour,
-                     contour_used=used_contour, observation_used=used, rms_residual_px=rms,
+                     contour_used=used_contour, view_fitted=fitted, observation_used=used, rms_residual_px=rms,
                      axis_deg=float(params["axis"]), tilt_offset_deg=float((tilt - tilts0).mean()),
                      specimen_x_tilt_deg=x_tilt_deg, rounds=rounds, history=history)
 
 
-def _check_counts(used_contour, used_obs, options: FitOptions, when: str) -> None:
-    count = int(used_contour.sum())
+def usable_contours(seen: torch.Tensor, options: FitOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contours with at least ``min_views_per_contour`` views and views with at least
+    ``min_contours_per_view`` such contours (``[m]``, ``[n]`` bool) in the observation mask
+    ``seen [m, n]``, pruned together until stable."""
+    views = torch.ones(seen.shape[1], dtype=torch.bool)
+    while True:
+        contours = (seen & views[None]).sum(1) >= options.min_views_per_contour
+        new_views = views & ((seen & contours[:, None]).sum(0) >= options.min_contours_per_view)
+        if bool((new_views == views).all()):
+            return contours, views
+        views = new_views
+
+
+def _usable(seen: torch.Tensor, options: FitOptions, when: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`usable_contours`; raises :class:`AlignmentError` when fewer than ``min_contours``
+    contours or ``min_views_fitted`` views are left."""
+    contours, views = usable_contours(seen, options)
+    count = int(contours.sum())
     if count < options.min_contours:
         raise AlignmentError(f"too few contours {when}: {count} with at least {options.min_views_per_contour} views "
                              f"(need {options.min_contours}); the patches could not be tracked between views")
-    per_view = (used_obs & used_contour[:, None]).sum(0)
-    weak = torch.nonzero(per_view < options.min_contours_per_view)[:, 0].tolist()
-    if weak:
-        raise AlignmentError(f"views {weak} (0-based, in tilt order) have fewer than {options.min_contours_per_view} "
-                             f"tracked contours {when} ({per_view[weak].tolist()}); exclude them or check the images")
+    if int(views.sum()) < options.min_views_fitted:
+        raise AlignmentError(f"only {int(views.sum())} views have {options.min_contours_per_view} or more tracked "
+                             f"contours {when} (need {options.min_views_fitted}); the views could not be tracked")
+    return contours, views
+
+
+def _contour_rms(residual: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """RMS over each contour's ``observed`` views of ``residual [m, n]`` (NaN for none)."""
+    sq = torch.where(observed, residual.square(), torch.zeros_like(residual)).sum(1)
+    count = observed.sum(1)
+    return torch.where(count > 0, torch.sqrt(sq / count.clamp_min(1)), torch.full_like(sq, math.nan))
+
+
+def _reference_view(tilts0: torch.Tensor, fitted: torch.Tensor, zero_index: int | None) -> int:
+    """The view whose magnification is 1 and shift 0: ``zero_index`` (default the smallest tilt) if it is
+    fitted, else the fitted view of smallest tilt."""
+    if zero_index is not None and bool(fitted[zero_index]):
+        return int(zero_index)
+    return int(torch.argmin(torch.where(fitted, tilts0.abs(), torch.full_like(tilts0, math.inf))))
 
 
 def _lbfgs(params, obs, weight, tilts0, options: FitOptions, i0: int):
@@ -329,25 +361,30 @@ def projected_shift_error_px(rot_z_deg, tilt_deg, shifts_px, magnification, true
 @dataclass
 class TransmissionFit:
     tilt_offset_deg: float  #: Δ: the slab is normal to the beam at nominal tilt −Δ (tilt = nominal + Δ)
-    offset_se_deg: float  #: standard error of Δ from the curvature of the misfit
+    offset_se_deg: float  #: standard error of Δ (joint fit of log I_0, τ and Δ)
     thickness_mfp: float  #: τ = t / λ, the slab thickness in mean free paths
-    log_intensity_0: float  #: log of the intensity the slab would transmit at zero thickness
+    thickness_se_mfp: float  #: standard error of τ
+    log_intensity_0: float  #: log of the intensity per unit dose the slab would transmit at zero thickness
     rms_log_residual: float  #: RMS misfit of log(intensity)
 
 
-def transmission_tilt_offset(tilt_angles_deg, mean_intensity, max_offset_deg: float = 20.0,
-                             max_rms_log_residual: float = 0.05) -> TransmissionFit:
-    """Tilt-angle offset from the mean intensity of the views (Beer–Lambert, zero-loss or
-    elastic transmission of a slab of uniform thickness t):
-    ``log I_i = log I_0 − τ / cos(θ_i + Δ)``, ``τ = t/λ``; the beam crosses the least ice when it is
-    normal to the slab, so ``Δ`` is the offset to add to the nominal tilts ``θ_i`` for the slab to be
-    level at tilt 0. Assumes the same exposure for every view (a drift of the beam current over a
-    dose-symmetric series changes ``τ`` more than ``Δ``). For each Δ on a grid (0.05°) ``(log I_0, τ)``
-    are a linear least-squares fit; the best Δ is refined by a parabola through its neighbours.
+def transmission_tilt_offset(tilt_angles_deg, mean_intensity, dose_e_per_A2=None, max_offset_deg: float = 20.0,
+                             max_rms_log_residual: float = 0.05, min_significance: float = 10.0,
+                             max_thickness_mfp: float = 3.0) -> TransmissionFit:
+    """Tilt-angle offset from the mean intensity of the views per unit dose (Beer–Lambert,
+    zero-loss or elastic transmission of a slab of uniform thickness t):
+    ``log(I_i / D_i) = log I_0 − τ / cos(θ_i + Δ)``, ``τ = t/λ``; the beam crosses the least ice when
+    it is normal to the slab, so ``Δ`` is the offset to add to the nominal tilts ``θ_i`` for the slab
+    to be level at tilt 0. ``D_i`` is the view's dose (``dose_e_per_A2``; None: the same for every
+    view). For each Δ on a grid (0.05°) ``(log I_0, τ)`` are a linear least-squares fit; the best Δ is
+    refined by a parabola through its neighbours, and the standard errors come from the Jacobian of
+    all three parameters.
 
-    Raises :class:`AlignmentError` for non-positive intensities (density-scaled images), fewer than
-    5 views, no attenuation with tilt (τ <= 0), a best Δ at the search limit, or a misfit above
-    ``max_rms_log_residual``."""
+    The fit must explain the data, else :class:`AlignmentError` says why: positive intensities
+    (not density-scaled images) and doses, at least 5 views, a minimum inside the search range, an
+    RMS misfit at most ``max_rms_log_residual``, an attenuation τ significant (``τ / SE(τ) >=
+    min_significance``: flat intensities, e.g. unfiltered data or a dose that is not known per view,
+    carry no offset) and physically plausible (``τ <= max_thickness_mfp``)."""
     theta = _as_f64(tilt_angles_deg).reshape(-1)
     intensity = _as_f64(mean_intensity).reshape(-1)
     if theta.numel() != intensity.numel():
@@ -357,6 +394,12 @@ def transmission_tilt_offset(tilt_angles_deg, mean_intensity, max_offset_deg: fl
     if not bool(torch.isfinite(intensity).all()) or float(intensity.min()) <= 0:
         raise AlignmentError("the transmission fit needs positive mean intensities (images of counts or electrons, "
                              f"not density-scaled ones); the smallest is {float(intensity.min()):.4g}")
+    if dose_e_per_A2 is not None:
+        dose = _as_f64(dose_e_per_A2).reshape(-1)
+        if dose.numel() != theta.numel() or not bool(torch.isfinite(dose).all()) or float(dose.min()) <= 0:
+            raise AlignmentError(f"the transmission fit needs a positive dose for each of the {theta.numel()} views, "
+                                 f"got {dose.tolist()}")
+        intensity = intensity / dose
     log_i = torch.log(intensity)
 
     def misfit(delta_deg: torch.Tensor):
@@ -368,25 +411,31 @@ def transmission_tilt_offset(tilt_angles_deg, mean_intensity, max_offset_deg: fl
 
     step = 0.05
     grid = torch.arange(-max_offset_deg, max_offset_deg + step / 2, step, dtype=torch.float64)
-    valid = (theta.abs().max() + grid.abs()) < 89.0
-    grid = grid[valid]
-    sse, solution = misfit(grid)
+    grid = grid[(theta.abs().max() + grid.abs()) < 89.0]
+    sse, _ = misfit(grid)
     k = int(torch.argmin(sse))
     if k == 0 or k == grid.numel() - 1:
         raise AlignmentError(f"the transmission fit has no minimum within ±{max_offset_deg} deg of the nominal tilts "
                              f"(best at {float(grid[k]):+.2f} deg)")
     a, b, c = float(sse[k - 1]), float(sse[k]), float(sse[k + 1])
-    curvature = (a - 2 * b + c) / step**2
     delta = float(grid[k]) + (0.5 * step * (a - c) / (a - 2 * b + c) if a - 2 * b + c > 0 else 0.0)
     best_sse, best = misfit(torch.tensor([delta], dtype=torch.float64))
     log_i0, tau = float(best[0, 0]), float(best[0, 1])
-    dof = max(theta.numel() - 3, 1)
-    variance = float(best_sse[0]) / dof
     rms = math.sqrt(float(best_sse[0]) / theta.numel())
-    if tau <= 0:
-        raise AlignmentError(f"the mean intensity does not fall with tilt (tau = {tau:.3g}): no transmission signal")
+    # Jacobian of log I = log I0 - tau / cos(theta + delta) in (log I0, tau, delta [rad])
+    angle = torch.deg2rad(theta + delta)
+    jacobian = torch.stack([torch.ones_like(angle), -1.0 / torch.cos(angle),
+                            -tau * torch.sin(angle) / torch.cos(angle).square()], -1)
+    covariance = float(best_sse[0]) / max(theta.numel() - 3, 1) * torch.linalg.pinv(jacobian.T @ jacobian)
+    tau_se = math.sqrt(max(float(covariance[1, 1]), 0.0))
+    delta_se = math.degrees(math.sqrt(max(float(covariance[2, 2]), 0.0)))
     if rms > max_rms_log_residual:
         raise AlignmentError(f"the mean intensities do not follow the slab transmission law (RMS misfit of "
                              f"log intensity {rms:.3g} > {max_rms_log_residual})")
-    se = math.sqrt(2.0 * variance / curvature) if curvature > 0 else math.inf
-    return TransmissionFit(delta, se, tau, log_i0, rms)
+    if tau <= min_significance * tau_se:
+        raise AlignmentError(f"the mean intensity per dose does not fall significantly with tilt (tau = {tau:.3g} "
+                             f"± {tau_se:.2g}, need tau > {min_significance} SE): no transmission signal")
+    if tau > max_thickness_mfp:
+        raise AlignmentError(f"the transmission fit gives a slab of {tau:.3g} mean free paths (> {max_thickness_mfp}): "
+                             "not a plausible specimen")
+    return TransmissionFit(delta, delta_se, tau, tau_se, log_i0, rms)

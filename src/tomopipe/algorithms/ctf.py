@@ -237,12 +237,13 @@ def enforce_ctffind_convention(defocus_u_A, defocus_v_A, angle_deg):
     return u2.to(dtype), v2.to(dtype), a2.to(dtype)
 
 
-def defocus_with_handedness(defocus_centre_A, depth_A, hand: int = -1) -> torch.Tensor:
+def defocus_with_handedness(defocus_centre_A, depth_A, hand: int) -> torch.Tensor:
     """Per-point defocus ``Δf = Δf_centre + hand · depth`` (RELION ``rlnTomoHand``).
 
     ``depth_A`` is z_P (column 2 of :func:`tomopipe.algorithms.geometry.project_points`) in Å.
-    ``hand = -1`` (default, = IMOD ctfphaseflip without ``-invert``): at a positive tilt the +x
-    side of the aligned image is more underfocused and +z (toward the source) less.
+    ``hand`` has no default: it is a property of the data. ``hand = -1`` (RELION's default, =
+    IMOD ctfphaseflip without ``-invert``): at a positive tilt the +x side of the aligned image is
+    more underfocused and +z (toward the source) less.
     """
     if hand not in (-1, 1):
         raise ValueError(f"defocus handedness must be -1 or +1, got {hand!r}")

@@ -35,10 +35,18 @@ Method, per tilt image:
 
 Tilt series:
 
-* Handedness: the best second-pass scores with ``hand = −1`` and ``+1`` are averaged over the
-  tilts (a wrong hand smears the Thon rings of tilted images); the better one is the data's
-  hand. Independently, ``gradient_slope`` regresses local defocus values (fitted per grid cell
-  without any hand assumption) on the plane depth z_P: ≈ +1 or −1.
+* Handedness: every tilt with |tilt| ≥ ``HAND_MIN_TILT_DEG`` is fitted (second pass) with
+  ``hand = −1`` and ``+1``: the two hands predict opposite defocus gradients across the tilt axis,
+  and the wrong one smears the Thon rings. The per-tilt differences d = score(+1) − score(−1)
+  decide: the data's hand is the sign of their mean, *clear* when most tilts agree with it and
+  the p-value is ≤ ``HAND_MAX_P``: the smaller of a two-sided sign test (how many tilts agree:
+  8 of 8, 11 of 12, 14 of 16, 17 of 20 suffice; robust to the magnitudes of d, which grow with
+  the tilt) and a one-sample t-test of mean(d) = 0 (t = mean(d) / (SD(d)/√n); decides with
+  few tilts whose differences are consistent).
+  ``hand="auto"`` fits with the data's hand when it is clear and with −1 (RELION's default)
+  otherwise, which ``handedness["source"]`` records. Independently, ``gradient_slope``
+  regresses local defocus values (fitted per grid cell without any hand assumption) on the
+  plane depth z_P: ≈ +1 or −1.
 * Astigmatism is one vector for the whole series (an objective-lens property), found by
   maximising the summed scores of all tilts (each with its own defocus) — it pools the SNR of
   all tilts; ``astigmatism_per_tilt=True`` keeps each tilt's own value instead.
@@ -69,6 +77,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from scipy.stats import binomtest
+from scipy.stats import t as student_t
 
 from tomopipe.algorithms.ctf import ctf_1d, electron_wavelength_A, enforce_ctffind_convention
 from tomopipe.algorithms.geometry import projection_rotations
@@ -77,6 +87,9 @@ from tomopipe.errors import TomopipeError
 __all__ = [
     "CtfEstimationError",
     "FIT_RESOLUTION_THRESHOLD",
+    "HAND_MIN_TILT_DEG",
+    "HAND_MAX_P",
+    "handedness_evidence",
     "tile_origins_px",
     "power_spectrum_tiles",
     "specimen_plane_depth_A",
@@ -86,6 +99,8 @@ __all__ = [
 ]
 
 FIT_RESOLUTION_THRESHOLD = 0.5
+HAND_MIN_TILT_DEG = 9.5  # tilts that inform the handedness check (a 10° tilt read as 9.99° counts)
+HAND_MAX_P = 0.01  # a clear hand: p-value of the per-tilt score differences at most this
 _F64 = torch.float64
 _SUBSAMPLES = 4  # model samples per radial bin (the model is averaged over the bin width)
 _DETREND_DEGREE = 2  # polynomial in k projected out of data and model within the fit range
@@ -1089,10 +1104,45 @@ def _diagnostic(tilt: _Tilt, setup: _Setup, hand: int, fit: _Fit) -> torch.Tenso
     return out.clamp(-4.0, 4.0).to(torch.float32)
 
 
+def handedness_evidence(tilt_angles_deg, scores_minus_one, scores_plus_one,
+                        min_tilt_deg: float = HAND_MIN_TILT_DEG) -> dict:
+    """Which defocus hand the per-tilt best fit scores (one per tilt, for hand −1 and +1) support.
+
+    Only tilts with ``|tilt| ≥ min_tilt_deg`` count (near 0° both hands predict the same spectra).
+    Returns ``hand`` (sign of the mean of d = score(+1) − score(−1); 0 without an informative
+    tilt), ``tilts_used``, ``tilts_agreeing`` (tilts whose d has the sign of ``hand``),
+    ``t_statistic`` (mean(d) / (SD(d)/√n); NaN below 2 tilts), ``p_value`` (the smaller of the
+    two-sided sign test and t-test p-values; 1 without evidence), ``clear`` (more than half of
+    the tilts agree and ``p_value ≤ HAND_MAX_P``), ``score_difference_mean`` / ``_sd``,
+    ``score_minus_one`` / ``score_plus_one`` (mean scores over those tilts) and ``min_tilt_deg``.
+    """
+    tilts = torch.as_tensor(tilt_angles_deg, dtype=_F64).reshape(-1)
+    minus = torch.as_tensor(scores_minus_one, dtype=_F64).reshape(-1)
+    plus = torch.as_tensor(scores_plus_one, dtype=_F64).reshape(-1)
+    used = tilts.abs() >= min_tilt_deg
+    d = (plus - minus)[used]
+    n = int(d.numel())
+    mean = float(d.mean()) if n else math.nan
+    sd = float(d.std()) if n >= 2 else math.nan
+    hand = int(math.copysign(1, mean)) if n and mean != 0 else 0
+    agreeing = int((torch.sign(d) == hand).sum()) if hand else 0
+    t, p = math.nan, 1.0
+    if hand:
+        p = float(binomtest(agreeing, n).pvalue)
+    if hand and n >= 2:
+        t = mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean)
+        p = min(p, float(2.0 * student_t.sf(abs(t), n - 1)))
+    return {"hand": hand, "clear": bool(hand != 0 and 2 * agreeing > n and p <= HAND_MAX_P), "p_value": p,
+            "t_statistic": t, "tilts_used": n, "tilts_agreeing": agreeing,
+            "score_difference_mean": mean, "score_difference_sd": sd,
+            "score_minus_one": float(minus[used].mean()) if n else math.nan,
+            "score_plus_one": float(plus[used].mean()) if n else math.nan, "min_tilt_deg": float(min_tilt_deg)}
+
+
 def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_angles_deg, tilt_axis_angle_deg,
                              voltage_kV: float, cs_mm: float, amplitude_contrast: float, window_px: int = 512,
                              resolution_range_A=(30.0, 7.0), defocus_range_A=(5000.0, 80000.0),
-                             defocus_grid=(2, 2), fit_phase: bool = False, hand=-1, *, overlap: float = 0.5,
+                             defocus_grid=(2, 2), fit_phase: bool = False, hand="auto", *, overlap: float = 0.5,
                              astigmatism_per_tilt: bool = False,
                              fit_resolution_threshold: float = FIT_RESOLUTION_THRESHOLD) -> dict:
     """Tilt-aware CTF estimation of every image of a tilt series (see the module docstring).
@@ -1102,7 +1152,7 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     in the periodogram of the sum; any float dtype, on any device: the FFTs run there);
     ``tilt_angles_deg`` ``[n]``; ``tilt_axis_angle_deg`` scalar or ``[n]`` (RELION ``rlnTomoZRot``,
     from +y CCW, for the arrays as given); ``hand``: −1 / +1 (RELION ``rlnTomoHand``) to fit with
-    that handedness, or ``"auto"`` to fit with the one the data support.
+    that handedness, or ``"auto"`` (default) to fit with the one the data clearly support (else −1).
 
     Returns per-tilt float32 tensors ``defocus_u_A, defocus_v_A, defocus_angle_deg`` (U ≥ V,
     angle in (−90, 90], from +x toward +y), ``phase_shift_deg`` (0 unless ``fit_phase``),
@@ -1110,10 +1160,11 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     ``refit`` (bool: changed by the tilt-series consistency stage), ``power_spectra [n, w, w]``
     (diagnostic, DC at ``w//2``: left half observed, right half model), ``defocus_grid_A
     [n, gy, gx]`` (mean defocus at the centres of a gy × gx grid of image cells, fitted locally),
-    and ``handedness``: ``{"hand"`` (the hand the data support), ``"hand_used"`` (the hand of the
-    reported defocus values), ``"score_minus_one", "score_plus_one"`` (mean best fit score over
-    tilts with either hand), ``"gradient_slope"`` (slope of the grid defocus against the plane
-    depth z_P: ≈ hand)``}``.
+    and ``handedness``: the evidence of :func:`handedness_evidence` (``hand``: the hand the data
+    support, ``clear``, ``t_statistic``, ``tilts_used``, ``tilts_agreeing``, …) plus
+    ``hand_used`` (the hand of the reported defocus values), ``source`` (``"given"``,
+    ``"detected"`` or ``"default"``: auto without a clear hand) and ``gradient_slope`` (slope of
+    the grid defocus against the plane depth z_P: ≈ hand).
     """
     tilt_list = [float(a) for a in torch.as_tensor(tilt_angles_deg, dtype=_F64).reshape(-1)]
     _validate(images, pixel_size_A, tilt_list, window_px, resolution_range_A, defocus_range_A, defocus_grid,
@@ -1154,10 +1205,13 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     rows_of = [_rows(t.groups, t, setup) for t in tilts]
     snr_of = [t.snr[setup.fit] for t in tilts]
     starts = {hd: [_search(r, setup, s, hd, lo, hi, phases) for r, s in zip(rows_of, snr_of)] for hd in (-1, 1)}
-    score_m = sum(f.score for f in starts[-1]) / n
-    score_p = sum(f.score for f in starts[1]) / n
-    detected = 1 if score_p > score_m else -1 if score_m > score_p else hand0
-    hand_used = detected if hand == "auto" else int(hand)
+    evidence = handedness_evidence(tilt_list, [f.score for f in starts[-1]], [f.score for f in starts[1]])
+    if hand != "auto":
+        hand_used, source = int(hand), "given"
+    elif evidence["clear"]:
+        hand_used, source = evidence["hand"], "detected"
+    else:
+        hand_used, source = -1, "default"
     fits = [_refine(r, setup, s, hand_used, st, fit_phase) for r, s, st in zip(rows_of, snr_of, starts[hand_used])]
     if astigmatism_per_tilt:  # the consistency stage searches with the median astigmatism
         astig = (float(torch.tensor([f.astig_x_A for f in fits]).median()),
@@ -1215,7 +1269,6 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
         "refit": torch.tensor(refit, dtype=torch.bool),
         "power_spectra": torch.stack(spectra),
         "defocus_grid_A": torch.stack(grid_out).to(f32),
-        "handedness": {"hand": int(detected), "hand_used": int(hand_used), "score_minus_one": float(score_m),
-                       "score_plus_one": float(score_p),
+        "handedness": {**evidence, "hand_used": int(hand_used), "source": source,
                        "gradient_slope": slope_num / slope_den if slope_den > 0 else float("nan")},
     }

@@ -9,26 +9,34 @@ Model. The raw counts ``k_f`` of a pixel in frame ``f`` are Poisson with mean ``
 pixel's expected total over the movie (it holds the specimen, the gain and any hot pixel) and
 ``w_f`` frame f's share of the dose (``Σ w_f = 1``, measured from the frames' total counts). Given
 the pixel's total ``N = Σ_g k_g``, ``k_f`` is Binomial(N, w_f) whatever ``Λ``, so the test needs no
-model of the image: a frame-pixel is an outlier ("seed") when ``P(K >= k_f | N, w_f)`` is below
-``false_positive_rate / n_frames`` (Bonferroni over the frames: at most ``false_positive_rate``
-expected false positives per pixel of the image). Hot pixels, bright in every frame, pass the test
-and are left to defect correction (:mod:`tomopipe.algorithms.xray` on the sums). Then:
+model of the image. The pixel's own other frames are few data, though: at a low dose (a fraction
+of a count per pixel and frame) a pixel of 8 counts in one frame and none in 7 others is only a
+~1e-8 event against them, while against its neighbourhood it is a ~1e-15 one. So the test pools
+the 5 x 5 block around the pixel (itself included, image edges excluded) in the other frames:
+``k_f`` is Binomial(k_f + T, w_f / (w_f + E)), T the block's counts and E its exposure (the
+pixel-frames' dose shares, each block pixel weighted by its gain relative to the pixel's, so that
+raw counts of pixels of different gain compare). A frame-pixel is an outlier ("seed") when that
+tail is below ``false_positive_rate / n_frames`` (Bonferroni over the frames: at most
+``false_positive_rate`` expected false positives per pixel of the image) and it is also above the
+pixel's own other frames (tail below 1e-3): hot pixels, bright in every frame, pass that test and
+are left to defect correction (:mod:`tomopipe.algorithms.xray` on the sums). Then:
 
-- a pixel's frames already found are left out of its ``N`` and dose share, and its other frames are
-  tested again (a pixel hit in two frames);
-- the 8-neighbours (same frame) of found pixels join when their count is improbable given the clean
-  counts of the 3 x 3 block around them in the other frames (the same binomial test with the block's
-  counts and dose: nine times the data of the pixel alone, which matters when a frame holds several
-  counts per pixel), tail below ``grow_probability``, and is also above the pixel's own other frames
-  (tail below 0.1: a hot pixel next to a hit stays); hits cover a few pixels and the weaker ones at
-  their rim would not pass the seed threshold alone. Repeated up to ``max_grow_px`` rings.
+- a pixel's frames already found are left out of the test's counts and exposure, and its other
+  frames are tested again (a pixel hit in two frames);
+- the 8-neighbours (same frame) of found pixels join when the same block test gives a tail below
+  ``grow_probability`` and the pixel is also above its own other frames (tail below 0.1: a hot
+  pixel next to a hit stays); hits cover up to tens of pixels (spots several pixels across,
+  streaks) whose weaker rim pixels, a few counts each, would not pass the seed threshold alone.
+  Next to a hit a pixel is likely part of it, so the threshold is loose (0.02 by default): a
+  wrong join only replaces a pixel by its expected value. Repeated up to ``max_grow_px`` rings.
 
 Tail probabilities use the bound ``P(K >= k) <= pmf(k) / (1 − r)``, ``r = (N − k)·w / ((k + 1)(1 − w))``
 the ratio of the next term of the tail to the first (the terms fall at least geometrically): exact
 to a few per cent where it matters (``k`` far above ``N·w``) and never below the true tail, so the
 false-positive rate is an upper bound. Only frame-pixels that could reach the seed threshold are
 tested: more than 3 SDs above ``N·w_f``, in a pixel whose total could give so small a tail
-(``w_f^N``, the smallest, must lie below it).
+against a clean block (``(w_f / (w_f + 9(1 − w_f)))^N``, the smallest with the 9 pixels of a corner's
+block, must lie below it).
 
 Replacement: a found frame-pixel gets the pixel's counts over its clean frames scaled to frame f's
 dose, ``w_f · Σ_clean k_g / Σ_clean w_g``; a pixel found in every frame is left alone. No other value
@@ -58,10 +66,14 @@ __all__ = ["FrameOutliers", "binomial_log_tail_bound", "find_frame_outliers", "r
 
 _SCREEN_SD = 3.0  # frame-pixels tested: more than this many binomial SDs above N·w_f
 _LOG_OWN_GUARD = math.log(0.1)  # a neighbour joins only if also above its own other frames (spares hot pixels)
+_LOG_SEED_OWN_GUARD = math.log(1e-3)  # a seed must also be above its own other frames (spares hot pixels)
+_SMALLEST_BLOCK = 9  # pixels in the smallest block (an image corner): bounds the seed test's power
 _TRIM = 10.0  # count scale: pixels whose dispersion exceeds this many times its expectation are left out
 _SCALE_PIXELS = 1 << 19  # count scale: measured on at most this many pixels (every n-th)
 _CHUNK_VALUES = 1 << 23  # frame-pixel values gathered at once by the screen (32 MB of float32)
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+_BLOCK_RADIUS = 2  # the neighbourhood test pools the 5 x 5 block around a pixel
+_BLOCK = tuple((dy, dx) for dy in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1) for dx in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1))
 
 
 @dataclass
@@ -167,23 +179,26 @@ def _log_tails(counts: torch.Tensor, found: torch.Tensor, frame: torch.Tensor, s
 
 def _block_log_tails(pixels: _Pixels, rows: torch.Tensor, frame: torch.Tensor, share: torch.Tensor, scale: float,
                      ny: int, nx: int) -> torch.Tensor:
-    """log tail bound of ``counts[row, frame]`` against the clean counts of the 3 x 3 block around the
+    """log tail bound of ``counts[row, frame]`` against the clean counts of the 5 x 5 block around the
     pixel (itself included, image edges excluded) in the other frames: ``k`` is Binomial(k + T, w_f /
-    (w_f + E)), T the block's counts and E its dose (pixel-frames x share) — the pixel's expected
-    count known from ~9 times more data than its own frames give."""
+    (w_f + E)), T the block's counts and E its exposure (pixel-frames x share x the block pixel's
+    inverse gain relative to the pixel's: raw counts scale with it) — the pixel's expected count
+    known from ~25 times more data than its own frames give."""
     y, x = pixels.linear[rows] // nx, pixels.linear[rows] % nx
     linear, inside = [], []
-    for dy, dx in ((0, 0), *_NEIGHBOURS):
+    for dy, dx in _BLOCK:
         ty, tx = y + dy, x + dx
         ok = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx)
         linear.append(torch.where(ok, ty * nx + tx, pixels.linear[rows]))
         inside.append(ok)
     linear, inside = torch.stack(linear, 1), torch.stack(inside, 1)
-    block = pixels.rows(linear.reshape(-1)).reshape(linear.shape)  # [m, 9]
+    block = pixels.rows(linear.reshape(-1)).reshape(linear.shape)  # [m, block pixels]
     other = torch.arange(share.numel(), device=frame.device)[None, :] != frame[:, None]
-    use = (~pixels.found[block] & inside[..., None] & other[:, None, :]).to(torch.float64)  # [m, 9, frames]
+    use = (~pixels.found[block] & inside[..., None] & other[:, None, :]).to(torch.float64)  # [m, block, frames]
+    inverse = pixels.inverse_gain.reshape(-1).to(torch.float64)
+    relative = inverse[pixels.linear[block]] / inverse[pixels.linear[rows]].clamp_min(1e-30)[:, None]
     t = (pixels.counts[block] * use).sum((1, 2))
-    e = (share[None, None, :] * use).sum((1, 2))
+    e = (share[None, None, :] * use * relative[..., None]).sum((1, 2))
     own, w = pixels.counts[rows, frame], share[frame]
     return binomial_log_tail_bound(own / scale, (own + t) / scale, w / (w + e))
 
@@ -213,8 +228,8 @@ def _dispersion_scale(total: torch.Tensor, dispersion: torch.Tensor, n_frames: i
 
 
 def find_frame_outliers(frames: torch.Tensor, gain: torch.Tensor | None = None, *,
-                        false_positive_rate: float = 1e-7, grow_probability: float = 1e-3,
-                        max_grow_px: int = 4) -> FrameOutliers:
+                        false_positive_rate: float = 1e-7, grow_probability: float = 0.02,
+                        max_grow_px: int = 6) -> FrameOutliers:
     """Single-frame outliers of ``frames`` ``[frames, y, x]`` (gain-corrected; ``gain`` ``[y, x]`` with
     ``frames = raw × gain``, or None) and their replacement values (see the module docstring).
 
@@ -274,10 +289,12 @@ def find_frame_outliers(frames: torch.Tensor, gain: torch.Tensor | None = None, 
     pixels = _Pixels(frames, inverse)
 
     def screen(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, frame) of the frame-pixels that can be seeds: P(K >= k) >= P(K = N) = w^N needs
-        N >= log(α)/log(w); and k must lie far above N·w, c_f > w_f·C + 3·sqrt(scale·w_f(1 − w_f)·C)."""
+        """(row, frame) of the frame-pixels that can be seeds: against a clean block, P(K >= k) >= p^N
+        with p = w / (w + 9(1 − w)) needs N >= log(α)/log(p); and k must lie far above N·w,
+        c_f > w_f·C + 3·sqrt(scale·w_f(1 − w_f)·C)."""
         w_max = float(share.max())
-        least = scale * log_seed / math.log(w_max) if w_max < 1 else math.inf
+        p_best = w_max / (w_max + _SMALLEST_BLOCK * (1.0 - w_max))
+        least = scale * log_seed / math.log(p_best) if w_max < 1 else math.inf
         candidates = torch.nonzero(total >= least)[:, 0]
         w = share.to(torch.float32)[:, None]
         spread = (_SCREEN_SD * torch.sqrt(scale * share * (1 - share))).to(torch.float32)[:, None]
@@ -296,7 +313,8 @@ def find_frame_outliers(frames: torch.Tensor, gain: torch.Tensor | None = None, 
         for _ in range(n_frames):  # a pixel hit in several frames: test again without the frames found
             open_ = ~pixels.found[rows, frame]
             r, f = rows[open_], frame[open_]
-            new = _log_tails(pixels.counts[r], pixels.found[r], f, share, scale) <= log_seed
+            new = ((_block_log_tails(pixels, r, f, share, scale, ny, nx) <= log_seed)
+                   & (_log_tails(pixels.counts[r], pixels.found[r], f, share, scale) <= _LOG_SEED_OWN_GUARD))
             if not bool(new.any()):
                 break
             pixels.found[r[new], f[new]] = True

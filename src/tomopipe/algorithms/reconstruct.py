@@ -24,8 +24,13 @@ Geometry (``shared/notes/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorit
   constants were not available to check). Low frequencies (λ ≈ 1) keep the ramp, high
   frequencies are damped to ``N / (π·L)``: relatively more low-frequency weight, as IMOD
   documents. N = 0: plain WBP.
-* Super-sampling s (IMOD ``SuperSampleFactor``): voxels are computed on a grid s times finer in
-  x and z (the slice plane) and brought back to the output grid by Fourier cropping.
+* Super-sampling s (IMOD ``SuperSampleFactor``), against the aliasing of interpolated reads:
+  without x-tilt (every view's x and z move the sample along one image line), each view is
+  Fourier-upsampled s times once and read along its line through every volume row at spacing
+  1/s; the output voxels interpolate those lines linearly (a compensation in the upsampling
+  keeps the main-band transfer of bilinear reads). With x-tilt, voxels are computed on a grid s
+  times finer in x and z (the slice plane) and brought back by Fourier cropping. Both give the
+  same main band; the line path costs the output grid instead of s² times it.
 * Optional per-tilt dose weighting (Grant & Grigorieff exposure filter at the tilt's
   pre-exposure) and CTF phase flipping (per tilt at its defocus, or in strips parallel to the
   tilt axis with the defocus gradient of ``rlnTomoHand``).
@@ -38,7 +43,8 @@ rows along y (:func:`iter_slabs`).
 Back projection kernels (same sampling, same result to float32 rounding): on the CPU a compiled
 numba kernel (one pass over the voxels, bilinear samples in a zero-padded image, no coordinate
 grids; 10-15x faster than ``grid_sample`` on the small preset's sizes; for an aligned stack,
-whose image row depends on y only, the row blend is shared by all voxels of a row), elsewhere
+whose image row depends on y only, the row blend is shared by all voxels of a row; for the
+super-sampled lines, the read position is shared by all rows of a voxel column), elsewhere
 (GPU, or numba missing) torch ``grid_sample`` on coordinate grids built per chunk of views.
 """
 
@@ -120,7 +126,9 @@ class ReconstructionParams:
 
 @dataclass(frozen=True)
 class CtfParams:
-    """CTF phase flipping: per-tilt defocus (Å, underfocus positive, U along ``angle`` from +x)."""
+    """CTF phase flipping: per-tilt defocus (Å, underfocus positive, U along ``angle`` from +x) and
+    the defocus handedness ``defocus_hand`` (RELION ``rlnTomoHand``, −1 or +1: no default, it is
+    a property of the data)."""
 
     defocus_u_A: torch.Tensor
     defocus_v_A: torch.Tensor
@@ -128,9 +136,13 @@ class CtfParams:
     voltage_kV: float
     spherical_aberration_mm: float
     amplitude_contrast: float
+    defocus_hand: int
     phase_shift_deg: torch.Tensor | float = 0.0
-    defocus_hand: int = -1
     strip_width_px: float = 0.0  # 0: one defocus per tilt; > 0: strips parallel to the tilt axis
+
+    def __post_init__(self):
+        if self.defocus_hand not in (-1, 1):
+            raise ValueError(f"defocus_hand must be -1 or +1 (RELION rlnTomoHand), got {self.defocus_hand!r}")
 
 
 # ----------------------------------------------------------------------------- filters
@@ -174,7 +186,7 @@ def filter_tilt_images(
     radial_falloff: float = 0.035,
     sirt_like_iterations: int = 0,
     pre_exposure_e_per_A2: torch.Tensor | None = None,
-    voltage_kV: float = 300.0,
+    voltage_kV: float | None = None,
     ctf: CtfParams | None = None,
     shifts_px: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -182,9 +194,12 @@ def filter_tilt_images(
 
     Per view: mean subtracted, zero-padded (>= 1.5x), multiplied in Fourier space by the radial
     weighting across the tilt axis (:func:`radial_weighting`, :func:`sirt_like_factor`), the
-    exposure filter at ``pre_exposure_e_per_A2`` (when given) and the sign of the CTF (when
-    ``ctf`` is given; ``shifts_px`` locate the tilt axis in the image for strips), cropped back.
+    exposure filter at ``pre_exposure_e_per_A2`` (when given; it needs ``voltage_kV``) and the
+    sign of the CTF (when ``ctf`` is given; ``shifts_px`` locate the tilt axis in the image for
+    strips), cropped back.
     """
+    if pre_exposure_e_per_A2 is not None and voltage_kV is None:
+        raise ValueError("dose weighting (pre_exposure_e_per_A2) needs voltage_kV: the exposure filter depends on it")
     n, ny, nx = images.shape
     device = images.device
     py, px = fast_fft_size(math.ceil(1.5 * ny)), fast_fft_size(math.ceil(1.5 * nx))
@@ -410,6 +425,167 @@ if HAVE_NUMBA:
                         row[ix] += a + wu * (line[iu + one] - a)
 
 
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _sample_lines_numba(fine, base, step_y, step_j, ys, out):  # pragma: no cover - compiled
+        """``out[j, y] = bilinear(fine, base + ys[y]·step_y + j·step_j)`` ((x, y) positions in
+        pixels of ``fine``; zeros outside it, as ``grid_sample`` with ``padding_mode="zeros"``)."""
+        h, w = fine.shape
+        length, ny = out.shape
+        for j in numba.prange(length):
+            for iy in range(ny):
+                x = base[0] + ys[iy] * step_y[0] + j * step_j[0]
+                y = base[1] + ys[iy] * step_y[1] + j * step_j[1]
+                xf, yf = math.floor(x), math.floor(y)
+                wx, wy = x - xf, y - yf
+                ix, iy0 = int(xf), int(yf)
+                value = 0.0
+                if 0 <= iy0 < h:
+                    if 0 <= ix < w:
+                        value += (1.0 - wy) * (1.0 - wx) * fine[iy0, ix]
+                    if 0 <= ix + 1 < w:
+                        value += (1.0 - wy) * wx * fine[iy0, ix + 1]
+                if 0 <= iy0 + 1 < h:
+                    if 0 <= ix < w:
+                        value += wy * (1.0 - wx) * fine[iy0 + 1, ix]
+                    if 0 <= ix + 1 < w:
+                        value += wy * wx * fine[iy0 + 1, ix + 1]
+                out[j, iy] = value
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _backproject_lines_numba(lines, row0, cx, cz, a0, s, x0, dx, zs, out_t):  # pragma: no cover - compiled
+        """``out_t[z, x, r] += Σ_k lerp_u(lines[k, :, row0 + r])`` at ``u = s·(cx_k·(x0 + dx·x) +
+        cz_k·zs[z] - a0_k)`` (:func:`_view_lines`): for a voxel column (z, x) and a view, u and its
+        weight are the same for every row, so the inner loop runs along the rows over consecutive
+        memory (``lines [n, L, ny]``, ``out_t [nz, nx, rows]``: y last) and vectorises."""
+        n, length, _ = lines.shape
+        nz, nx, rows = out_t.shape
+        for iz in numba.prange(nz):
+            for k in range(n):
+                u0 = s * (cx[k] * x0 + cz[k] * zs[iz] - a0[k])
+                du = s * cx[k] * dx
+                lo, hi = _inside_range(u0, du, 0.0, length - 1.0, nx)
+                for ix in range(lo, hi):
+                    u = u0 + du * ix
+                    iu = int(u)
+                    wu = np.float32(u - iu)
+                    near = lines[k, iu, row0:row0 + rows]
+                    far = lines[k, iu + 1, row0:row0 + rows]
+                    column = out_t[iz, ix]
+                    for r in range(rows):
+                        column[r] += near[r] + wu * (far[r] - near[r])
+
+# ----------------------------------------------------------------------------- super-sampling by lines
+def _line_directions(m: torch.Tensor) -> torch.Tensor | None:
+    """Per view the unit image direction ``e`` [n, 2] along which both the volume's x and z move
+    (``M[:, :, 0]`` parallel to ``M[:, :, 2]``: no x-tilt), or None when a view has no such line."""
+    mx, mz = m[:, :, 0], m[:, :, 2]
+    if bool(((mx[:, 0] * mz[:, 1] - mx[:, 1] * mz[:, 0]).abs() > 1e-9).any()):
+        return None
+    longer = torch.where((mx.norm(dim=1) >= mz.norm(dim=1))[:, None], mx, mz)
+    return longer / longer.norm(dim=1, keepdim=True)
+
+
+def _upsampled_view(view: torch.Tensor, s: int, e: torch.Tensor) -> torch.Tensor:
+    """The view on an ``s`` times finer grid (band-limited: its spectrum zero-padded; fine pixel i
+    is view pixel i/s), times the compensation that gives the lines of :func:`_view_lines` the
+    transfer of bilinear sampling of the view itself (what a fine-grid back projection sees):
+    ``sinc²(k_x)·sinc²(k_y) / (sinc²(k_x/s)·sinc²(k_y/s)·sinc²(k·e/s))`` (the bilinear samples of
+    the fine view and the linear interpolation along the line at spacing 1/s divided out)."""
+    ny, nx = view.shape
+    py, px = fast_fft_size(ny + 8, even=True), fast_fft_size(nx + 8, even=True)
+    ky = torch.fft.fftfreq(py, dtype=torch.float64, device=view.device)[:, None]
+    kx = torch.fft.rfftfreq(px, dtype=torch.float64, device=view.device)[None, :]
+    t = lambda k: torch.sinc(k) ** 2  # noqa: E731  (bilinear / linear interpolation's transfer)
+    compensation = t(kx) * t(ky) / (t(kx / s) * t(ky / s) * t((kx * e[0] + ky * e[1]) / s))
+    spectrum = torch.fft.rfft2(view.to(torch.float32), s=(py, px)) * compensation.to(torch.float32)
+    spectrum[py // 2] *= 0.5  # the Nyquist row and column: half at +N/2, half at -N/2
+    spectrum[:, px // 2] *= 0.5
+    fine = torch.zeros((s * py, s * px // 2 + 1), dtype=spectrum.dtype, device=view.device)
+    fine[:py // 2 + 1, :px // 2 + 1] = spectrum[:py // 2 + 1]
+    fine[s * py - py // 2:, :px // 2 + 1] = spectrum[py // 2:]
+    return torch.fft.irfft2(fine, s=(s * py, s * px)).mul_(s * s)
+
+
+def _view_lines(filtered, m, t, e, xs, zs, ys, s: int, compiled: bool):
+    """Per view its line through every volume row, sampled at spacing 1/s pixel: ``lines [n, L,
+    ny]`` (float32, y last) and per view ``cx, cz, a0`` [n]: voxel (x, y, z) lies on line y at
+    sample ``s·(cx·x + cz·z - a0)`` (``cx, cz``: M's x and z columns along ``e``).
+
+    Sample j of line y of view k is at ``N//2 + t + y·M[:, 1] + (a0 + j/s)·e`` in the view, read
+    bilinearly from :func:`_upsampled_view` (numba or ``grid_sample``, zeros outside); two zero
+    samples pad both ends. Memory: ``n·ny·L·4`` bytes, L ≈ s·(width·|cos| + thickness·|sin|)."""
+    n, ny_img, nx_img = filtered.shape
+    device = filtered.device
+    cx = (m[:, :, 0] * e).sum(1)
+    cz = (m[:, :, 2] * e).sum(1)
+    corners = torch.stack([cx * x + cz * z for x in (xs[0], xs[-1]) for z in (zs[0], zs[-1])])
+    a0 = corners.amin(0) - 2.0 / s
+    length = int(math.ceil(float((corners.amax(0) - corners.amin(0)).max()) * s)) + 5
+    lines = torch.empty((n, length, len(ys)), dtype=torch.float32, device=device)
+    centre = torch.tensor([nx_img // 2, ny_img // 2], dtype=torch.float64, device=device)
+    j = torch.arange(length, device=device, dtype=torch.float64)
+    for k in range(n):
+        fine = _upsampled_view(filtered[k], s, e[k])
+        base, step_y, step_j = s * (centre + t[k] + a0[k] * e[k]), s * m[k, :, 1], e[k]
+        if compiled:
+            _sample_lines_numba(fine.numpy(), base.numpy(), step_y.numpy(), step_j.numpy(), ys.numpy(),
+                                lines[k].numpy())
+            continue
+        points = base + ys[None, :, None] * step_y + j[:, None, None] * step_j  # [L, ny, (x, y)]
+        size = torch.tensor([fine.shape[1] - 1, fine.shape[0] - 1], dtype=torch.float64, device=device)
+        grid = (2.0 * points / size - 1.0).to(torch.float32)
+        lines[k] = F.grid_sample(fine[None, None], grid[None], mode="bilinear", padding_mode="zeros",
+                                 align_corners=True)[0, 0]
+    return lines, cx, cz, a0
+
+
+def _iter_line_slabs(filtered, m, t, e, volume_shape, params: ReconstructionParams, compiled: bool):
+    """:func:`iter_slabs` for super-sampling s > 1 without x-tilt: every voxel of the output grid
+    reads its view's line (:func:`_view_lines`: s times finer, band-limited) by linear
+    interpolation. The same main band as back projection on the s-times finer grid followed by
+    Fourier cropping, at the cost of the output grid; and without the aliasing of bilinear reads
+    along the tilt axis, which a grid finer in x and z only does not remove."""
+    n = filtered.shape[0]
+    device = filtered.device
+    nz, ny, nx = volume_shape
+    s = int(params.super_sampling)
+    xs = torch.arange(nx, device=device, dtype=torch.float64) - nx // 2 - params.shift_x_px
+    zs = torch.arange(nz, device=device, dtype=torch.float64) - nz // 2 - params.shift_z_px
+    ys_all = torch.arange(ny, device=device, dtype=torch.float64) - ny // 2
+    lines, cx, cz, a0 = _view_lines(filtered, m, t, e, xs, zs, ys_all, s, compiled)
+    length = lines.shape[1]
+    rows = int(params.slab_rows) or _auto_slab_rows(n, nz, nx, params.memory_budget_bytes, compiled)
+    rows = max(1, min(rows, ny))
+    chunk = max(1, min(n, params.memory_budget_bytes // max(1, nz * nx * rows * 16)))
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        if compiled:
+            acc_t = np.zeros((nz, nx, y1 - y0), dtype=np.float32)
+            with _NUMBA_LOCK:
+                previous = numba.get_num_threads()
+                numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+                try:
+                    _backproject_lines_numba(lines.numpy(), y0, cx.numpy(), cz.numpy(), a0.numpy(), float(s),
+                                             float(xs[0]), 1.0, zs.numpy(), acc_t)
+                finally:
+                    numba.set_num_threads(previous)
+            acc = torch.from_numpy(acc_t).permute(0, 2, 1).contiguous()
+        else:
+            acc = torch.zeros((nz, y1 - y0, nx), dtype=torch.float32, device=device)
+            gx = 2.0 * torch.arange(y1 - y0, device=device, dtype=torch.float64) / max(y1 - y0 - 1, 1) - 1.0
+            for c0 in range(0, n, chunk):
+                c1 = min(n, c0 + chunk)
+                u = s * (cx[c0:c1, None, None] * xs[None, None, :] + cz[c0:c1, None, None] * zs[None, :, None]
+                         - a0[c0:c1, None, None])  # [k, nz, nx]
+                gy = (2.0 * u / (length - 1) - 1.0)[:, :, None, :].expand(-1, -1, y1 - y0, -1)
+                grid = torch.stack([gx[None, None, :, None].expand_as(gy), gy], dim=-1).to(torch.float32)
+                sampled = F.grid_sample(lines[c0:c1, None, :, y0:y1], grid.reshape(c1 - c0, nz, -1, 2),
+                                        mode="bilinear", padding_mode="zeros", align_corners=True)
+                acc += sampled.sum(dim=0)[0].reshape(nz, y1 - y0, nx)
+                del grid, sampled
+        acc *= math.pi / n
+        yield y0, y1, acc
+
 def _use_compiled(device: torch.device, use_compiled: bool | None) -> bool:
     if use_compiled is None:
         return HAVE_NUMBA and device.type == "cpu"
@@ -441,6 +617,10 @@ def iter_slabs(
     nz_f, nx_f = nz * s, nx * s
     m = matrices.to(device=device, dtype=torch.float64)
     t = translations_px.to(device=device, dtype=torch.float64)
+    e = _line_directions(m) if s > 1 else None
+    if e is not None:
+        yield from _iter_line_slabs(filtered, m, t, e, (nz, ny, nx), params, compiled)
+        return
     rows = int(params.slab_rows) or _auto_slab_rows(n, nz_f, nx_f, params.memory_budget_bytes, compiled)
     rows = max(1, min(rows, ny))
     chunk = max(1, min(n, params.memory_budget_bytes // max(1, nz_f * nx_f * rows * 16)))
@@ -519,14 +699,15 @@ def reconstruct_volume(
     params: ReconstructionParams = ReconstructionParams(),
     magnification=None,
     pre_exposure_e_per_A2=None,
-    voltage_kV: float = 300.0,
+    voltage_kV: float | None = None,
     ctf: CtfParams | None = None,
     use_compiled: bool | None = None,
 ) -> torch.Tensor:
     """Whole tomogram ``[nz, ny, nx]`` (float32, on the images' device) from views ``[n, ny, nx]``.
 
     One value per view for the angles (degrees), ``shifts_A [n, 2]`` (RELION 5 specimen shifts),
-    ``magnification`` and ``pre_exposure_e_per_A2`` (dose weighting when given). For volumes
+    ``magnification`` and ``pre_exposure_e_per_A2`` (dose weighting when given, with
+    ``voltage_kV``). For volumes
     that do not fit in memory use :func:`filter_tilt_images` and :func:`iter_slabs`
     (``use_compiled``: see there).
     """

@@ -2,10 +2,13 @@
 tilt series in ``tilt_series/`` (one row per tilt, sorted by tilt angle), with the columns of
 RELION's Import, MotionCorr, CtfFind and alignment jobs as far as the project has those data.
 
-A tilt that is excluded (``enabled`` off) in any of the sets used is not written. Motion-corrected
-images live in one MRC stack per tilt series; ``rlnMicrographName`` names a view as
-``N@stack.mrc`` (RELION's image-in-stack notation, N from 1). Defocus handedness
-(``rlnTomoHand``) comes from the CTF estimation when there is one, else −1 (the sheet's default).
+A tilt that is excluded (``enabled`` off) in any of the sets used is not written; a column is
+written only when the project holds its data (no CTF or alignment columns before those steps, no
+nominal defocus when the mdoc had none). Motion-corrected images live in one MRC stack per tilt
+series; ``rlnMicrographName`` names a view as ``N@stack.mrc`` (RELION's image-in-stack notation,
+N from 1). Defocus handedness (``rlnTomoHand``) comes from the CTF estimation when there is one
+(``defocus_hand`` of the tilt series' acquisition, or the CTF set's column), else −1 (RELION's and
+the sheet's default, the only value a project without a CTF estimate can give).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ DEFAULT_HAND = -1.0
 KEY = ["ts_id", "tilt_index"]
 ALIGNMENT_COLUMNS = {"rot_x_deg": "rlnTomoXTilt", "rot_y_deg": "rlnTomoYTilt", "rot_z_deg": "rlnTomoZRot",
                      "shift_x_A": "rlnTomoXShiftAngst", "shift_y_A": "rlnTomoYShiftAngst"}
+CTF_COLUMNS = {"defocus_u_A": "rlnDefocusU", "defocus_v_A": "rlnDefocusV", "defocus_angle_deg": "rlnDefocusAngle",
+               "fit_resolution_A": "rlnCtfMaxResolution", "fit_score": "rlnCtfFigureOfMerit",
+               "phase_shift_deg": "rlnPhaseShift"}
 
 
 def merged_tilts(project: Project, sets: dict[str, SetRecord]) -> pd.DataFrame:
@@ -39,44 +45,40 @@ def merged_tilts(project: Project, sets: dict[str, SetRecord]) -> pd.DataFrame:
 
 
 def _column(table: pd.DataFrame, name: str, kinds=("tilt_series", "tilt_series_movies", "ctf")):
+    """The values of ``name`` from the first of ``kinds`` that has any, else None."""
     for kind in kinds:
-        if f"{kind}.{name}" in table.columns:
-            return table[f"{kind}.{name}"].to_numpy()
+        column = table.get(f"{kind}.{name}")
+        if column is not None and column.notna().any():
+            return column.to_numpy()
     return None
 
 
+def _image_in_stack(project: Project, group: pd.DataFrame, path_column: str, section_column: str):
+    """``N@stack`` names (N from 1) when every row has a stack and a section, else None."""
+    paths, sections = group.get(path_column), group.get(section_column)
+    if paths is None or sections is None or paths.isna().any() or sections.isna().any():
+        return None
+    return [f"{int(s) + 1}@{project.absolute_path(p)}" for p, s in zip(paths, sections)]
+
+
 def per_tilt_series_table(project: Project, group: pd.DataFrame, acquisition: dict) -> pd.DataFrame:
+    """The rows of one tilt series; a column is written only when the project holds its data."""
     group = group.sort_values(_first_present(group, "tilt_angle_deg"), kind="stable")
-    out: dict[str, object] = {}
-    movie = _column(group, "movie_path", ("tilt_series_movies",))
-    if movie is not None:
-        out["rlnMicrographMovieName"] = movie
-        out["rlnTomoTiltMovieFrameCount"] = _column(group, "frame_count", ("tilt_series_movies",))
-    out["rlnTomoNominalStageTiltAngle"] = _column(group, "tilt_angle_deg")
-    out["rlnTomoNominalTiltAxisAngle"] = acquisition["tilt_axis_angle_deg"]
-    out["rlnMicrographPreExposure"] = _column(group, "pre_exposure_e_per_A2")
-    target = _column(group, "target_defocus_um", ("tilt_series_movies", "tilt_series"))
-    if target is not None:
-        out["rlnTomoNominalDefocus"] = target
-    image = _column(group, "image_path", ("tilt_series",))
-    if image is not None:
-        sections = _column(group, "image_section", ("tilt_series",))
-        out["rlnMicrographName"] = [f"{int(s) + 1}@{project.absolute_path(p)}" for p, s in zip(image, sections)]
-    if "ctf.defocus_u_A" in group.columns:
-        u, v = group["ctf.defocus_u_A"].to_numpy(), group["ctf.defocus_v_A"].to_numpy()
-        out.update({"rlnDefocusU": u, "rlnDefocusV": v, "rlnCtfAstigmatism": np.abs(u - v),
-                    "rlnDefocusAngle": group["ctf.defocus_angle_deg"].to_numpy(),
-                    "rlnCtfMaxResolution": group["ctf.fit_resolution_A"].to_numpy(),
-                    "rlnCtfFigureOfMerit": group["ctf.fit_score"].to_numpy(),
-                    "rlnPhaseShift": group["ctf.phase_shift_deg"].to_numpy()})
-        diagnostic = group["ctf.diagnostic_path"].to_numpy()
-        out["rlnCtfImage"] = [f"{int(s) + 1}@{project.absolute_path(p)}"
-                              for p, s in zip(diagnostic, group["ctf.diagnostic_section"])]
-    for ours, theirs in ALIGNMENT_COLUMNS.items():
-        values = _column(group, ours, ("tilt_series",))
-        if values is not None:
-            out[theirs] = values
-    return pd.DataFrame(out)
+    columns: dict[str, object] = {
+        "rlnMicrographMovieName": _column(group, "movie_path", ("tilt_series_movies",)),
+        "rlnTomoTiltMovieFrameCount": _column(group, "frame_count", ("tilt_series_movies",)),
+        "rlnTomoNominalStageTiltAngle": _column(group, "tilt_angle_deg"),
+        "rlnTomoNominalTiltAxisAngle": acquisition.get("tilt_axis_angle_deg"),
+        "rlnMicrographPreExposure": _column(group, "pre_exposure_e_per_A2"),
+        "rlnTomoNominalDefocus": _column(group, "target_defocus_um", ("tilt_series_movies", "tilt_series")),
+        "rlnMicrographName": _image_in_stack(project, group, "tilt_series.image_path", "tilt_series.image_section"),
+    }
+    columns.update({theirs: _column(group, ours, ("ctf",)) for ours, theirs in CTF_COLUMNS.items()})
+    if columns["rlnDefocusU"] is not None and columns["rlnDefocusV"] is not None:
+        columns["rlnCtfAstigmatism"] = np.abs(columns["rlnDefocusU"] - columns["rlnDefocusV"])
+    columns["rlnCtfImage"] = _image_in_stack(project, group, "ctf.diagnostic_path", "ctf.diagnostic_section")
+    columns.update({theirs: _column(group, ours, ("tilt_series",)) for ours, theirs in ALIGNMENT_COLUMNS.items()})
+    return pd.DataFrame({name: values for name, values in columns.items() if values is not None})
 
 
 def _first_present(table: pd.DataFrame, name: str) -> str:
@@ -86,15 +88,22 @@ def _first_present(table: pd.DataFrame, name: str) -> str:
     raise KeyError(name)
 
 
+def _hand(acquisition: dict, tilts: pd.DataFrame, ts_id: str) -> float:
+    """The CTF estimation's defocus handedness of a tilt series, else ``DEFAULT_HAND``."""
+    if acquisition.get("defocus_hand") in (-1, 1):
+        return float(acquisition["defocus_hand"])
+    if "ctf.defocus_hand" not in tilts.columns:
+        return DEFAULT_HAND
+    hands = tilts.loc[tilts["ts_id"] == ts_id, "ctf.defocus_hand"].dropna()
+    return float(hands.iloc[0]) if len(hands) else DEFAULT_HAND
+
+
 def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path]:
     base = next((sets[k] for k in ("tilt_series", "tilt_series_movies") if k in sets), None)
     if base is None:
         raise TomopipeError(f"{project.folder}: no tilt series to export to RELION 5")
     movies = sets.get("tilt_series_movies")
     tilts = merged_tilts(project, sets)
-    hands = {}
-    if "ctf" in sets:
-        hands = tilts.groupby("ts_id")["ctf.defocus_hand"].first().to_dict()
     written, global_rows = [], []
     for ts_id, group in tilts.groupby("ts_id", sort=True):
         acquisition = base.attrs["tilt_series"][ts_id]
@@ -111,7 +120,7 @@ def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path
             "rlnAmplitudeContrast": acquisition["amplitude_contrast"],
             "rlnMicrographOriginalPixelSize": original["pixel_size_A"],
             "rlnTomoTiltSeriesPixelSize": acquisition["pixel_size_A"],
-            "rlnTomoHand": float(hands.get(ts_id, DEFAULT_HAND)),
+            "rlnTomoHand": _hand(acquisition, tilts, ts_id),
             "rlnOpticsGroupName": "optics1",
         })
     path = out / "tilt_series.star"

@@ -4,7 +4,8 @@ ctfplotter ``.defocus``, ``.mod`` models (through ``imodmodel``) and ``.com`` co
 Conventions (``notes/conventions.md`` §2): an ``.xf`` line ``A11 A12 A21 A22 DX DY`` maps raw
 to aligned image coordinates about the image centre, ``X' = A·(X − c) + D + c'``, shifts in
 pixels of the stack that was aligned; line order = stack (view) order. ``.tlt`` holds one
-tilt angle (degrees) per view, in stack order. IMOD view numbers in exclude lists and
+tilt angle (degrees) per view, in stack order: IMOD reads the first number of each line
+(later columns, e.g. cets-imod's accumulated dose, are ignored). IMOD view numbers in exclude lists and
 ``.defocus`` files are 1-based. ``.defocus`` values are in nm, underfocus positive.
 This module only reads and writes numbers; geometry lives in ``tomopipe.algorithms.geometry``.
 """
@@ -97,24 +98,48 @@ def write_xf(path: str | os.PathLike, A: Any, shifts_px: Any) -> None:
 # ----------------------------------------------------------------------------- .tlt
 
 
+def _tlt_fields(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, numbers as text)`` of each non-blank line; commas separate like spaces
+    (Fortran list-directed input)."""
+    return [(i + 1, fields) for i, line in enumerate(_read_lines(path))
+            if (fields := [f for f in re.split(r"[,\s]+", line.strip()) if f])]
+
+
+def _tlt_number(path: Path, number: int, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise InputFileError(path, f"line {number}: expected a number, got {text!r}") from exc
+    if not math.isfinite(value):
+        raise InputFileError(path, f"line {number}: value is not finite ({text!r})")
+    return value
+
+
 def read_tlt(path: str | os.PathLike) -> np.ndarray:
-    """Read ``.tlt``, ``.rawtlt`` or ``.xtilt``: one angle (degrees) per line, in view order."""
+    """Read ``.tlt``, ``.rawtlt`` or ``.xtilt`` as IMOD does: the first number of each non-blank
+    line is the angle (degrees) of one view, in view order; what follows it on the line is
+    ignored (cets-imod writes the accumulated dose there, optionally the acquisition order
+    after it: :func:`read_tlt_columns` returns every column)."""
     path = Path(path)
-    values = []
-    for i, line in enumerate(_read_lines(path)):
-        text = line.strip()
-        if not text:
-            continue
-        try:
-            value = float(text)
-        except ValueError as exc:
-            raise InputFileError(path, f"line {i + 1}: expected one angle in degrees, got {text!r}") from exc
-        if not math.isfinite(value):
-            raise InputFileError(path, f"line {i + 1}: angle is not finite ({text!r})")
-        values.append(value)
+    values = [_tlt_number(path, number, fields[0]) for number, fields in _tlt_fields(path)]
     if not values:
         raise InputFileError(path, "no angles in file")
     return np.asarray(values, dtype=np.float64)
+
+
+def read_tlt_columns(path: str | os.PathLike) -> np.ndarray:
+    """Every column of a ``.tlt`` file, ``[n_views, n_columns]`` float64: column 0 the angle
+    (degrees, as :func:`read_tlt`), further columns as written (cets-imod: accumulated dose in
+    e/Å², then acquisition order). Every line must have the same number of columns."""
+    path = Path(path)
+    rows = _tlt_fields(path)
+    if not rows:
+        raise InputFileError(path, "no angles in file")
+    width = len(rows[0][1])
+    for number, fields in rows:
+        if len(fields) != width:
+            raise InputFileError(path, f"line {number}: {len(fields)} columns, but line {rows[0][0]} has {width}")
+    return np.asarray([[_tlt_number(path, number, f) for f in fields] for number, fields in rows], dtype=np.float64)
 
 
 def format_tlt(angles_deg: Any, decimals: int = 2) -> str:
@@ -200,6 +225,8 @@ def read_defocus(path: str | os.PathLike) -> pd.DataFrame:
         numbers = [[float(v) for v in row] for row in rows]
     except ValueError as exc:
         raise InputFileError(path, f"non-numeric value in .defocus file ({exc})") from exc
+    if not all(math.isfinite(v) for row in numbers for v in row):
+        raise InputFileError(path, "non-finite value (nan or inf) in .defocus file")
     first = numbers[0]
     flags = 0
     if len(first) == 6 and int(first[5]) >= 3:
@@ -287,21 +314,92 @@ def write_defocus(path: str | os.PathLike, df: pd.DataFrame, *, inverted: bool =
 # ----------------------------------------------------------------------------- .mod
 
 
+# IMOD's binary model layout (IMOD binspec): "IMOD" "V1.2", a 232-byte model header, then chunks
+# named by 4 ASCII bytes up to "IEOF". OBJT, CONT and MESH have no byte count: a 176-byte object
+# header; a 16-byte contour header (psize first) and psize points of 3 floats; a 16-byte mesh
+# header (vsize, lsize first), vsize vertices of 3 floats and lsize indices. Every other chunk is
+# a big-endian byte count and that many bytes; imodmodel reads the ones below with a fixed size.
+_MODEL_START_BYTES = 8 + 232
+_MODEL_FIXED_CHUNKS = {b"IMAT": 16, b"MINX": 72, b"SLAN": 60}
+_MODEL_STORAGE_CHUNKS = (b"MOST", b"OBST", b"COST", b"MEST")  # 12-byte entries
+
+
+def _model_chunk_bytes(data: bytes, offset: int, name: bytes, last_psize: int | None) -> int:
+    """Bytes that follow the id of chunk ``name`` (the id ends at ``offset``); ValueError says what
+    is inconsistent."""
+    def count(at: int, signed: bool = True) -> int:
+        if at + 4 > len(data):
+            raise ValueError("cut off")
+        value = int.from_bytes(data[at:at + 4], "big", signed=signed)
+        if value < 0:
+            raise ValueError(f"negative count {value}")
+        return value
+
+    if name == b"OBJT":
+        return 176
+    if name == b"CONT":
+        return 16 + 12 * count(offset)
+    if name == b"MESH":
+        return 16 + 12 * count(offset) + 4 * count(offset + 4)
+    size = count(offset, signed=False)
+    expected = _MODEL_FIXED_CHUNKS.get(name)
+    if name == b"SIZE":
+        if last_psize is None:
+            raise ValueError("point sizes before any contour")
+        expected = 4 * last_psize
+    if expected is not None and size != expected:
+        raise ValueError(f"byte count {size}, expected {expected}")
+    if name in _MODEL_STORAGE_CHUNKS and size % 12:
+        raise ValueError(f"byte count {size} is not a multiple of 12")
+    return 4 + size
+
+
+def _check_model_chunks(path: Path, data: bytes) -> None:
+    """Walk the chunks of an IMOD model (layout above) as imodmodel will, checking every count
+    against the bytes left: imodmodel itself loops forever once it reads past the end."""
+    if data[:4] != b"IMOD" or len(data) < _MODEL_START_BYTES:
+        raise InputFileError(path, "not an IMOD binary model (no IMOD id, or shorter than its header)")
+    offset, last_psize = _MODEL_START_BYTES, None
+    while (name := data[offset:offset + 4]) != b"IEOF":
+        if len(name) < 4:
+            raise InputFileError(path, f"damaged IMOD model: ends at byte {len(data)} without IEOF")
+        if not (name.isascii() and name.isalnum()):
+            raise InputFileError(path, f"damaged IMOD model: no chunk id at byte {offset} ({name!r})")
+        try:
+            size = _model_chunk_bytes(data, offset + 4, name, last_psize)
+            if offset + 4 + size > len(data):
+                raise ValueError(f"needs {size} bytes, {len(data) - offset - 4} left")
+        except ValueError as exc:
+            raise InputFileError(path, f"damaged IMOD model: chunk {name.decode()} at byte {offset}: {exc}") from None
+        if name == b"CONT":
+            last_psize = (size - 16) // 12
+        offset += 4 + size
+
+
+def _read_model(path: Path):
+    """The ``imodmodel.ImodModel`` of ``path``, its chunk structure checked first."""
+    from imodmodel.models import ImodModel
+
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read file ({exc})") from exc
+    _check_model_chunks(path, data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ImodModel.from_file(path)
+    except Exception as exc:  # imodmodel raises struct/pydantic/value/index errors on bad files
+        raise InputFileError(path, f"not a readable IMOD model ({type(exc).__name__}: {exc})") from exc
+
+
 def read_imod_model(path: str | os.PathLike) -> pd.DataFrame:
     """Points of an IMOD model: DataFrame ``object``, ``contour`` (0-based, as stored,
     empty objects/contours keep their numbers), ``x``, ``y``, ``z`` (IMOD model coordinates:
     image pixels, z = section)."""
-    from imodmodel.models import ImodModel
-
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = ImodModel.from_file(path)
-    except Exception as exc:  # imodmodel raises struct/pydantic/value errors on bad files
-        raise InputFileError(path, f"not a readable IMOD model ({type(exc).__name__}: {exc})") from exc
+    model = _read_model(Path(path))
     frames = []
     for object_index, obj in enumerate(model.objects):
         for contour_index, contour in enumerate(obj.contours):
@@ -326,17 +424,7 @@ def read_imod_model(path: str | os.PathLike) -> pd.DataFrame:
 
 def imod_model_info(path: str | os.PathLike) -> dict[str, Any]:
     """Counts and header of an IMOD model: objects (including empty), contours, points."""
-    from imodmodel.models import ImodModel
-
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = ImodModel.from_file(path)
-    except Exception as exc:
-        raise InputFileError(path, f"not a readable IMOD model ({type(exc).__name__}: {exc})") from exc
+    model = _read_model(Path(path))
     return {
         "n_objects": len(model.objects),
         "n_contours": int(sum(len(o.contours) for o in model.objects)),

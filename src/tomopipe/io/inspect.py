@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tomopipe.errors import InputFileError
-from tomopipe.io import imod, mdoc, movies, mrc, star, warp
+from tomopipe.io import aretomo, imod, mdoc, movies, mrc, star, warp
 from tomopipe.model.acquisition import acquisition_order_and_pre_exposure
 
 MRC_SUFFIXES = (".mrc", ".mrcs", ".st", ".ali", ".rec", ".map", ".preali")
@@ -134,6 +134,16 @@ def _inspect_tlt(path: Path) -> dict[str, Any]:
     }
 
 
+def _inspect_aln(path: Path) -> dict[str, Any]:
+    aln = aretomo.read_aln(path)
+    rows = aln.global_alignment
+    return {"file_type": "aretomo_aln", "raw_size_px": list(aln.raw_size_px), "n_aligned_views": int(len(rows)),
+            "dark_tilt_positions": aln.dark_frames["tilt_position"].tolist(), "local_alignment_patches": aln.num_patches,
+            "alpha_offset_deg": aln.alpha_offset_deg, "beta_offset_deg": aln.beta_offset_deg,
+            "tilt_angles_deg": rows["tilt_deg"].tolist(), "tilt_axis_deg": rows["rot_deg"].tolist(),
+            "shift_x_px": rows["tx_px"].tolist(), "shift_y_px": rows["ty_px"].tolist()}
+
+
 def _inspect_mod(path: Path) -> dict[str, Any]:
     return {"file_type": "imod_model", **imod.imod_model_info(path)}
 
@@ -172,6 +182,7 @@ _BY_SUFFIX: dict[str, Callable[[Path], dict[str, Any]]] = {
     ".mdoc": _inspect_mdoc,
     ".star": _inspect_star,
     ".xf": _inspect_xf,
+    ".aln": _inspect_aln,
     ".prexf": _inspect_xf,
     ".prexg": _inspect_xf,
     ".mod": _inspect_mod,
@@ -199,6 +210,8 @@ def _sniff(path: Path) -> Callable[[Path], dict[str, Any]] | None:
     text = head.decode("utf-8", errors="replace")
     if "[ZValue" in text or "[FrameSet" in text:
         return _inspect_mdoc
+    if "# AreTomo Alignment" in text:
+        return _inspect_aln
     if "<TiltSeries" in text:
         return _inspect_warp
     if any(line.strip().startswith("data_") for line in text.splitlines()):
@@ -219,7 +232,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         raise InputFileError(
             path,
             "unknown file type (known: .mdoc, .mrc/.mrcs/.st/.ali/.rec, .tif/.tiff/.eer, .star, "
-            ".xf, .tlt/.rawtlt/.xtilt, .mod, .defocus, .com, Warp .xml)",
+            ".xf, .tlt/.rawtlt/.xtilt, AreTomo .aln, .mod, .defocus, .com, Warp .xml)",
         )
     summary = handler(path)
     return _jsonable({"path": str(path), **summary})
@@ -260,6 +273,7 @@ _PER_TILT_TABLES = {
              "accumulated_dose_e_per_A2", "frame_counts", "date_times", "movie_names"],
     "imod_xf": ["rotation_deg", "scale", "shifts_px"],
     "imod_angles": ["angles_deg"],
+    "aretomo_aln": ["tilt_angles_deg", "tilt_axis_deg", "shift_x_px", "shift_y_px"],
     "warp_tiltseries_xml": ["tilt_angles_deg", "dose_e_per_A2", "use_tilt", "axis_angle_deg",
                             "axis_offset_x_A", "axis_offset_y_A", "tilt_defocus_um", "movie_paths"],
 }

@@ -1,7 +1,9 @@
 """SerialEM ``.mdoc`` metadata: read (through ``mdocfile``) and write.
 
 Reading returns an :class:`MdocTiltSeries`: header values in our units, the title lines, and
-one DataFrame row per ``[ZValue = n]`` section with snake_case columns. Units follow
+one DataFrame row per ``[ZValue = n]`` section with snake_case columns; the columns of the
+keys named below are always there (NaN, None or NaT where the mdoc lacks the key: older
+SerialEM versions and other writers leave many keys out). Units follow
 SerialEM: ``tilt_angle_deg`` (°), ``exposure_dose_e_per_A2`` (e/Å², 0 when not measured),
 ``exposure_time_s`` (s), ``dose_rate`` (e per unbinned camera pixel per second),
 ``defocus_um`` / ``target_defocus_um`` (µm, SerialEM sign: negative = underfocus),
@@ -244,10 +246,18 @@ _FIRST_COLUMNS = [
 ]
 
 
+_TEXT_COLUMNS = ("sub_frame_path", "movie_name", "frame_doses_and_number")
+
+
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Sections as a DataFrame; every column of ``_FIRST_COLUMNS`` but ``z_value`` exists, missing
+    values being NaN (numbers), None (text, lists) or NaT (``date_time``)."""
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    for column in _FIRST_COLUMNS:
+        if column != "z_value" and column not in df.columns:
+            df[column] = None if column in _TEXT_COLUMNS else np.nan
     first = [c for c in _FIRST_COLUMNS if c in df.columns]
     rest = [c for c in df.columns if c not in first]
     df = df[first + rest]
@@ -355,7 +365,7 @@ def read_mdoc(path: str | os.PathLike, *, require_tilt_series: bool = False) -> 
                 else sections.loc[sections["tilt_angle_deg"].isna(), "z_value"].tolist()
             )
             raise InputFileError(path, f"no TiltAngle in section(s) ZValue = {missing[:10]}")
-    elif frame_rows and ("tilt_angle_deg" not in frame_sets.columns):
+    elif frame_rows and frame_sets["tilt_angle_deg"].isna().any():
         raise InputFileError(path, "no TiltAngle in the [FrameSet] section")
 
     data_rows = (sections, frame_sets)  # per-section values; frame mdocs hold them in [FrameSet]

@@ -52,12 +52,29 @@ def _to_numpy(data: Any) -> np.ndarray:
     return np.asarray(data)
 
 
+def _check_extended_header_fits(path: Path) -> None:
+    """mrcfile allocates the extended header's stated size (NSYMBT, bytes 93-96, in the byte order
+    of the machine stamp) before reading it: refuse a size the file cannot hold."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    try:
+        order = mrcfile.utils.byte_order_from_machine_stamp(head[212:216])
+    except (ValueError, IndexError):
+        return  # too short or no machine stamp: mrcfile says what is wrong
+    nsymbt = struct.unpack(order + "i", head[92:96])[0]
+    size = path.stat().st_size
+    if nsymbt < 0 or 1024 + nsymbt > size:
+        raise InputFileError(path, f"not a readable MRC file (extended header of {nsymbt} bytes in a file of "
+                                   f"{size} bytes)")
+
+
 def _open_header(path: Path):
     """Validated header of an MRC file; InputFileError if it is missing or not MRC."""
     if not path.exists():
         raise InputFileError(path, "file not found")
     if not path.is_file():
         raise InputFileError(path, "not a file")
+    _check_extended_header_fits(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # permissive=False already raises on real problems

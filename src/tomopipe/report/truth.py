@@ -52,7 +52,21 @@ class Truth:
         return pd.read_csv(self.folder / f"{ts_id}_frame_shifts.csv")
 
     def xrays(self, ts_id: str) -> pd.DataFrame:
+        """The X-ray hits' frame-pixels (``hit``, ``frame``, ``x``, ``y``, counts added)."""
         return pd.read_csv(self.folder / f"{ts_id}_xrays.csv")
+
+    def xray_hits(self, ts_id: str) -> pd.DataFrame:
+        """One row per X-ray hit: frame(s), shape, centre, size, peak counts, background, SNR."""
+        return pd.read_csv(self.folder / f"{ts_id}_xray_hits.csv")
+
+    def ice_thickness(self, ts_id: str) -> pd.DataFrame:
+        """The ice slab's thickness (Å) on a grid of specimen positions (``x_A``, ``y_A``)."""
+        return pd.read_csv(self.folder / f"{ts_id}_ice_thickness.csv")
+
+    @property
+    def mdoc_tilt_axis_error_deg(self) -> float:
+        """The session's tilt-axis calibration error in the mdoc (°; the mdoc says truth + this)."""
+        return float(self.summary.get("mdoc_tilt_axis_error_deg", 0.0))
 
     @cached_property
     def particles(self) -> pd.DataFrame:

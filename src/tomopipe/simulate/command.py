@@ -34,10 +34,21 @@ _HELP = {
     "particles_per_tilt_series": "particles per tilt series",
     "ice_thickness_A": "ice thickness (Å)",
     "truth_binnings": "binnings of the true map written to truth/maps",
+    "mdoc_tilt_axis_error_sigma_deg": "SD of the mdoc tilt axis's calibration error (°, one draw per session; 0 = exact)",
+    "specimen_pretilt_deg": "pretilt of the specimen slab about the tilt axis (°, adds to the true tilts)",
+    "exposure_cosine_power": "dose and exposure time grow as 1/cos(tilt)^this (SerialEM's cosine rule; 0 = constant)",
+    "frame_jitter_A": "SD of random per-frame displacements on top of the smooth drift (Å, each axis)",
+    "ice_thickness_variation": "largest relative deviation of the smooth ice thickness across the field (0 = flat)",
+    "xray_spectrum": "X-ray hits: realistic (spots, streaks, heavy-tailed counts) or simple (1–3 px, 30–200 counts)",
+    "xray_max_size_px": "largest X-ray spot diameter / streak length (px)",
+    "xray_streak_fraction": "share of X-ray hits that are streaks",
+    "xray_two_frame_fraction": "share of X-ray hits split between two consecutive frames",
+    "xray_snr_tail": "X-ray peak / frame noise SD is Pareto with this exponent (smaller = heavier tail)",
 }
 
 
-_CHOICES = {"movie_format": ["tif", "mrc"], "tilt_scheme": ["dose_symmetric", "bidirectional"]}
+_CHOICES = {"movie_format": ["tif", "mrc"], "tilt_scheme": ["dose_symmetric", "bidirectional"],
+            "xray_spectrum": ["realistic", "simple"]}
 
 
 def _flag(name: str) -> str:
@@ -47,7 +58,8 @@ def _flag(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulate flags to ``parser`` (no defaults: unset flags keep preset/TOML values)."""
     parser.add_argument("--structure", metavar="MODEL",
-                        help="PDB or mmCIF file (default: $TOMOPIPE_STRUCTURE or ../shared/data/structures/6z6u.pdb)")
+                        help="PDB or mmCIF file, may be gzipped (default: $TOMOPIPE_STRUCTURE, else the "
+                             "apoferritin model 6Z6U shipped with tomopipe)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="size preset (default: small, or the TOML file's 'preset')")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")

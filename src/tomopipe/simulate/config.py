@@ -5,6 +5,12 @@ Defaults describe EMPIAR-10491 (the seed's data set): 300 kV, Cs 2.7 mm, amplitu
 0.79 Å/px, −40…+40° in 2° steps, dose-symmetric in groups of two, 2.64 e⁻/Å² per tilt, tilt axis
 −85.6° (truth, in the frame of the movie arrays as tomopipe reads them), defocus 2.2–2.9 µm.
 
+The twin is as hard as real data where the pipeline leans on it (each effect has a setting; 0 or
+"simple" turns it off): the mdoc's tilt axis is off by a calibration error (SD 1°), the specimen
+has a pretilt (2°), the dose grows with the tilt (SerialEM's cosine rule, power 0.5), frames jitter
+(0.3 Å) on top of the smooth drift, the ice thickness varies by up to 10 % across the field, and
+X-ray hits have a realistic spectrum (spots up to 8 px, streaks, counts from the noise level up).
+
 Presets (:data:`PRESETS`) only change sizes: ``tiny`` (unit tests: one tilt series of five
 tilts, 256² px at 3.16 Å, six particles; ~2 s), ``small`` (the seed's small data set: two tilt
 series of 41 tilts at 0.79 Å/px on a 1920 × 1440 detector, 8 frames, 150 particles each in 800 Å
@@ -76,10 +82,13 @@ class SimulationConfig:
     tilt_start_deg: float = 0.0  #: first tilt (dose-symmetric centre / bidirectional start)
     tilt_scheme: str = "dose_symmetric"  #: "dose_symmetric" or "bidirectional"
     dose_symmetric_group_size: int = 2
-    dose_per_tilt_e_per_A2: float = 2.64
+    dose_per_tilt_e_per_A2: float = 2.64  #: dose of the tilt at 0° (the others: see exposure_cosine_power)
+    exposure_cosine_power: float = 0.5  #: SerialEM's cosine rule: dose and exposure time ∝ 1/cos(stage tilt)^power
     # --- geometry truth and stage errors ------------------------------------------------------
     tilt_axis_angle_deg: float = -85.6  #: true axis of the movie arrays as read (RELION rlnTomoZRot)
     tilt_angle_offset_deg: float = 0.5  #: true tilt − stage reading
+    specimen_pretilt_deg: float = 2.0  #: specimen slab tilted about the tilt axis: adds to every true tilt
+    mdoc_tilt_axis_error_sigma_deg: float = 1.0  #: SD of the mdoc's tilt-axis calibration error (one draw per session)
     tilt_angle_sigma_deg: float = 0.03  #: per-tilt random error of the stage angle
     stage_shift_sigma_A: float = 60.0  #: per-tilt specimen shift (tracking error), each axis
     magnification_sigma: float = 0.0005  #: per-tilt relative magnification change
@@ -93,7 +102,8 @@ class SimulationConfig:
     defocus_layer_A: float = 50.0  #: depth layers for the defocus gradient
     # --- specimen -----------------------------------------------------------------------------
     particles_per_tilt_series: int = 400
-    ice_thickness_A: float = 1000.0
+    ice_thickness_A: float = 1000.0  #: mean thickness
+    ice_thickness_variation: float = 0.1  #: largest relative deviation of the smooth thickness field (0 = flat)
     ice_density_g_per_cm3: float = 0.94  #: low-density amorphous ice
     ice_mean_potential_V: float | None = None  #: None -> independent-atom value from the density
     solvent_exclusion: bool = True
@@ -105,6 +115,7 @@ class SimulationConfig:
     # --- beam, damage, detector ---------------------------------------------------------------
     beam_induced_motion: bool = True
     drift_A: float = 3.0  #: typical global drift over one tilt's exposure
+    frame_jitter_A: float = 0.3  #: SD (each axis) of random per-frame displacements on top of the smooth drift
     local_motion: bool = True
     local_motion_A: float = 0.6  #: largest local deformation at the end of an exposure
     local_motion_knots: int = 3
@@ -117,6 +128,11 @@ class SimulationConfig:
     hot_pixels_per_megapixel: float = 2.0
     hot_pixel_rate_counts: float = 3.0  #: extra counts per frame on a hot pixel
     xray_hits_per_megapixel_per_tilt: float = 0.5
+    xray_spectrum: str = "realistic"  #: "realistic" (spots, streaks, heavy-tailed counts) or "simple" (1–3 px, 30–200 counts)
+    xray_max_size_px: float = 8.0  #: realistic: largest spot diameter / streak length
+    xray_streak_fraction: float = 0.3  #: realistic: share of hits that are streaks (elongated tracks)
+    xray_two_frame_fraction: float = 0.1  #: realistic: share of hits split between two consecutive frames
+    xray_snr_tail: float = 0.6  #: realistic: peak counts / frame noise SD is Pareto(1, this) (smaller = heavier tail)
     # --- numerics and output ------------------------------------------------------------------
     projector_pad_factor: int = 3
     max_layer_stack_GB: float = 2.0  #: memory for depth layers held at once (processed in blocks)
@@ -147,10 +163,6 @@ class SimulationConfig:
     def tilt_series_names(self) -> list[str]:
         return [f"{self.tilt_series_prefix}_{i + 1:02d}" for i in range(self.n_tilt_series)]
 
-    @property
-    def dose_per_frame_e_per_A2(self) -> float:
-        return self.dose_per_tilt_e_per_A2 / self.frames_per_tilt
-
     def validate(self) -> "SimulationConfig":
         """Raise SimulationConfigError (or InputFileError for the structure) on bad settings."""
         err = SimulationConfigError
@@ -167,7 +179,9 @@ class SimulationConfig:
         for name in ("cs_mm", "cc_mm", "energy_spread_eV", "illumination_semi_angle_mrad", "stage_shift_sigma_A",
                      "magnification_sigma", "tilt_angle_sigma_deg", "defocus_sigma_um", "astigmatism_sigma_A",
                      "drift_A", "local_motion_A", "gain_sigma", "hot_pixels_per_megapixel", "hot_pixel_rate_counts",
-                     "xray_hits_per_megapixel_per_tilt", "extra_b_factor_A2", "particle_gap_A", "astigmatism_A"):
+                     "xray_hits_per_megapixel_per_tilt", "extra_b_factor_A2", "particle_gap_A", "astigmatism_A",
+                     "exposure_cosine_power", "mdoc_tilt_axis_error_sigma_deg", "frame_jitter_A", "xray_snr_tail",
+                     "xray_streak_fraction", "xray_two_frame_fraction"):
             positive(name, allow_zero=True)
         for name in ("image_width_px", "image_height_px"):
             value = getattr(self, name)
@@ -207,6 +221,21 @@ class SimulationConfig:
         if not self.shot_noise and self.movie_format != "mrc":
             raise err("shot_noise = false writes float expected counts, which only MRC movies hold: "
                       "set movie_format = 'mrc'")
+        if self.xray_spectrum not in ("realistic", "simple"):
+            raise err(f"xray_spectrum must be 'realistic' or 'simple', got {self.xray_spectrum!r}")
+        if self.xray_spectrum == "realistic" and not self.xray_snr_tail > 0:
+            raise err(f"xray_snr_tail must be > 0, got {self.xray_snr_tail!r}")
+        for name in ("xray_streak_fraction", "xray_two_frame_fraction"):
+            if getattr(self, name) > 1:
+                raise err(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not (isinstance(self.xray_max_size_px, (int, float)) and 1 <= self.xray_max_size_px <= 64):
+            raise err(f"xray_max_size_px must be in [1, 64] px, got {self.xray_max_size_px!r}")
+        if not (isinstance(self.ice_thickness_variation, (int, float)) and 0 <= self.ice_thickness_variation <= 0.5):
+            raise err(f"ice_thickness_variation must be in [0, 0.5] (relative), got {self.ice_thickness_variation!r}")
+        if not abs(self.specimen_pretilt_deg) < 30:
+            raise err(f"specimen_pretilt_deg must lie in (-30, 30), got {self.specimen_pretilt_deg!r}")
+        if self.exposure_cosine_power > 0 and max(abs(self.tilt_min_deg), abs(self.tilt_max_deg)) > 80:
+            raise err("exposure_cosine_power > 0 needs tilts within ±80° (1/cos grows without bound)")
         if self.ice_thickness_A <= 0:
             raise err(f"ice_thickness_A must be > 0, got {self.ice_thickness_A!r}")
         if self.ice_mean_potential_V is not None and not (0 <= self.ice_mean_potential_V < 50):
@@ -262,20 +291,21 @@ def nominal_tilt_angles_deg(config: SimulationConfig) -> list[float]:
 
 
 def default_structure_path() -> Path:
-    """Default apoferritin model: ``$TOMOPIPE_STRUCTURE``, else ``<repo>/../shared/data/structures/6z6u.pdb``.
+    """Default apoferritin model: ``$TOMOPIPE_STRUCTURE``, else the PDB 6Z6U model shipped in
+    the package (:data:`tomopipe.data.APOFERRITIN_MODEL`, gzipped PDB).
 
     Raises SimulationConfigError telling the user to pass ``--structure`` when neither exists.
     """
+    from tomopipe.data import APOFERRITIN_MODEL
+
     env = os.environ.get("TOMOPIPE_STRUCTURE")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[3]
-    candidate = repo.parent / "shared" / "data" / "structures" / "6z6u.pdb"
-    if candidate.is_file():
-        return candidate
+    if APOFERRITIN_MODEL.is_file():
+        return APOFERRITIN_MODEL
     raise SimulationConfigError(
-        "no structure given and the default apoferritin model (6Z6U) was not found "
-        f"({candidate}); pass --structure MODEL.pdb|.cif or set TOMOPIPE_STRUCTURE"
+        "no structure given and the packaged apoferritin model (6Z6U) is missing "
+        f"({APOFERRITIN_MODEL}; a broken install?); pass --structure MODEL.pdb|.cif or set TOMOPIPE_STRUCTURE"
     )
 
 

@@ -12,10 +12,19 @@ Frame f of a tilt (``F`` frames, dose ``D/F`` each):
    the borders); the smooth local deformation ``u_f(x) = g_f·D(x)`` is applied by warping the
    contrast at a few temporal knots (bilinear) and interpolating their spectra in time.
 3. Intensity: expected counts ``λ = (D/F)·p²·T·(1 + c_f) / g(x)`` with ``T = exp(−t/(λ_in cos θ))``
-   (zero-loss energy filter) and ``g`` the gain reference that corrects the camera
-   (``corrected = raw × g``).
+   (zero-loss energy filter; ``t`` the ice thickness under the pixel, a number or an image) and
+   ``g`` the gain reference that corrects the camera (``corrected = raw × g``).
 4. Shot noise ``Poisson(λ)``; hot pixels (fixed positions, extra Poisson counts in every frame);
-   X-ray hits (random single frames, 1–3 pixels of 30–200 counts). Counts are clipped to 255.
+   X-ray hits (:func:`draw_xray_hits`). Counts are clipped to 255.
+
+X-ray hits (``realistic`` spectrum): Poisson(rate·area) hits per movie at uniform random places
+and frames. A hit is a spot (a round blob of diameter ``d``, log-uniform in 1..``max_size_px``) or,
+for a share ``streak_fraction``, a streak (a track of length ``L``, log-uniform in
+3..``max_size_px``, 1 px wide, random direction, counts fluctuating along it). Its peak counts
+are ``s·sqrt(λ̄)`` (at least 1), ``λ̄`` the frame's expected counts there and ``s`` Pareto
+(``P(S > s) = s^−snr_tail``, s >= 1): from the noise level up, heavy-tailed. A share
+``two_frame_fraction`` is split between two consecutive frames (a hit during the read-out).
+``simple`` spectrum: 1–3 pixels of 30–200 counts in one frame (tomopipe's first twin).
 """
 
 from __future__ import annotations
@@ -39,7 +48,20 @@ __all__ = [
     "exposure_rate_grid",
     "render_frames",
     "transmission",
+    "XraySpectrum",
+    "draw_xray_hits",
 ]
+
+
+@dataclass(frozen=True)
+class XraySpectrum:
+    """Shapes and strengths of X-ray hits (module docstring)."""
+
+    kind: str = "realistic"  #: "realistic" or "simple"
+    max_size_px: float = 8.0
+    streak_fraction: float = 0.3
+    two_frame_fraction: float = 0.1
+    snr_tail: float = 0.6
 
 
 @dataclass
@@ -52,6 +74,7 @@ class DetectorModel:
     xray_hits_per_megapixel_per_tilt: float
     shot_noise: bool = True
     max_count: int = 255
+    xray_spectrum: XraySpectrum = XraySpectrum()
 
 
 def gain_reference(shape: tuple[int, int], sigma: float, generator: torch.Generator, device="cpu") -> torch.Tensor:
@@ -85,11 +108,13 @@ def hot_pixel_positions(shape: tuple[int, int], per_megapixel: float, generator:
     return torch.stack([flat % w, flat // w], -1)
 
 
-def transmission(thickness_A: float, tilt_deg: float, mean_free_path_A: float, enabled: bool = True) -> float:
-    """Zero-loss fraction of the beam through ``thickness_A / cos(tilt)`` of ice."""
+def transmission(thickness_A, tilt_deg: float, mean_free_path_A: float, enabled: bool = True):
+    """Zero-loss fraction of the beam through ``thickness_A / cos(tilt)`` of ice (a number, or a
+    tensor for a thickness image)."""
     if not enabled:
-        return 1.0
-    return math.exp(-thickness_A / (mean_free_path_A * math.cos(math.radians(tilt_deg))))
+        return 1.0 if not isinstance(thickness_A, torch.Tensor) else torch.ones_like(thickness_A)
+    exponent = -thickness_A / (mean_free_path_A * math.cos(math.radians(tilt_deg)))
+    return torch.exp(exponent) if isinstance(thickness_A, torch.Tensor) else math.exp(exponent)
 
 
 def exposure_rate_grid(image_shape, pixel_size_A, voltage_kV, device) -> torch.Tensor:
@@ -173,6 +198,95 @@ def _poisson_counts(contrast: torch.Tensor, scale: torch.Tensor, generator: torc
     return _poisson_torch(contrast, scale, generator, max_count)
 
 
+_STREAK_WIDTH_PX = 0.4  # Gaussian SD across a streak (and of its ends)
+
+
+def _simple_hit(g: torch.Generator, w: int, h: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tomopipe's first twin: 1–3 pixels, the first of 30–200 counts, the others half of it."""
+    cx = int(torch.randint(1, w - 1, (1,), generator=g))
+    cy = int(torch.randint(1, h - 1, (1,), generator=g))
+    value = int(torch.randint(30, 201, (1,), generator=g))
+    n_pix = int(torch.randint(1, 4, (1,), generator=g))
+    xs = torch.tensor([cx, cx + 1, cx][:n_pix])
+    ys = torch.tensor([cy, cy, cy + 1][:n_pix])
+    counts = torch.tensor([value, value // 2, value // 2][:n_pix])
+    return {"shape": "simple", "x": float(cx), "y": float(cy), "size_px": float(n_pix), "angle_deg": 0.0}, xs, ys, counts
+
+
+def _realistic_hit(g: torch.Generator, w: int, h: int, background: torch.Tensor,
+                   spectrum: XraySpectrum) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A spot or a streak (module docstring): its properties and its pixels' counts (x, y, counts)."""
+    u = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+    cx, cy = 1.0 + u[0] * (w - 3), 1.0 + u[1] * (h - 3)
+    top = spectrum.max_size_px
+    streak = u[2] < spectrum.streak_fraction
+    if streak:
+        low = min(3.0, top)
+        size, angle = low * (top / low) ** u[3], u[4] * 180.0
+    else:
+        size, angle = top ** u[3], 0.0
+    lam = float(background[int(round(cy)), int(round(cx))])
+    snr = (1.0 - u[5]) ** (-1.0 / spectrum.snr_tail)
+    peak = min(255.0, max(1.0, round(snr * math.sqrt(max(lam, 0.0)))))
+    reach = int(math.ceil(size / 2 + 3 * _STREAK_WIDTH_PX + 1))
+    ys, xs = torch.meshgrid(torch.arange(int(cy) - reach, int(cy) + reach + 2),
+                            torch.arange(int(cx) - reach, int(cx) + reach + 2), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dx, dy = xs.double() - cx, ys.double() - cy
+    if streak:
+        a = math.radians(angle)
+        along = dx * math.cos(a) + dy * math.sin(a)
+        across = -dx * math.sin(a) + dy * math.cos(a)
+        beyond = (along.abs() - size / 2).clamp_min(0.0)
+        weight = torch.exp(-(across.square() + beyond.square()) / (2 * _STREAK_WIDTH_PX**2))
+        weight = weight * (0.5 + 0.5 * torch.rand(weight.shape, generator=g, dtype=torch.float64))  # energy loss
+    else:
+        sigma = max(size, 1.0) / 4.0
+        weight = torch.exp(-(dx.square() + dy.square()) / (2 * sigma * sigma))
+    counts = torch.round(peak * weight / weight.max()).to(torch.int64)
+    keep = (counts > 0) & (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    props = {"shape": "streak" if streak else "spot", "x": cx, "y": cy, "size_px": size, "angle_deg": angle}
+    return props, xs[keep], ys[keep], counts[keep]
+
+
+def draw_xray_hits(spectrum: XraySpectrum, hits_per_megapixel: float, frames: int, background: torch.Tensor,
+                   generator: torch.Generator) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
+    """The X-ray hits of one movie (module docstring): per hit its properties (``hit``, ``frame``,
+    ``second_frame`` (−1: none), ``shape``, centre ``x``, ``y`` (px), ``size_px``, ``angle_deg``,
+    ``peak_counts``, ``background_counts`` (the frame's expected counts there, ``λ̄``), ``snr``
+    (peak / sqrt(λ̄)), ``n_pixels``, ``total_counts``) and its frame-pixels ``(frame, y, x, counts)``
+    (int64 tensors). ``background``: expected counts per pixel and frame ``[H, W]`` (CPU)."""
+    h, w = background.shape
+    rate = torch.tensor([hits_per_megapixel * h * w / 1e6], dtype=torch.float64)
+    n_hits = int(torch.poisson(rate, generator=generator)[0])
+    props, pixels = [], []
+    for index in range(n_hits):
+        frame = int(torch.randint(0, frames, (1,), generator=generator))
+        if spectrum.kind == "simple":
+            hit, xs, ys, counts = _simple_hit(generator, w, h)
+        else:
+            hit, xs, ys, counts = _realistic_hit(generator, w, h, background, spectrum)
+        lam = float(background[int(round(hit["y"])), int(round(hit["x"]))])
+        peak = int(counts.max())
+        second, split = -1, torch.rand((), generator=generator, dtype=torch.float64)
+        f = torch.full_like(counts, frame)
+        if spectrum.kind != "simple" and frames > 1 and float(split) < spectrum.two_frame_fraction:
+            second = frame + 1 if frame + 1 < frames else frame - 1
+            share = 0.3 + 0.4 * float(split) / max(spectrum.two_frame_fraction, 1e-12)
+            first_counts = torch.round(counts * share).to(torch.int64)
+            f = torch.cat([f, torch.full_like(counts, second)])
+            xs, ys = torch.cat([xs, xs]), torch.cat([ys, ys])
+            counts = torch.cat([first_counts, counts - first_counts])
+            keep = counts > 0
+            f, xs, ys, counts = f[keep], xs[keep], ys[keep], counts[keep]
+        hit.update(hit=index, frame=frame, second_frame=second, peak_counts=peak, background_counts=lam,
+                   snr=peak / math.sqrt(max(lam, 1e-12)), n_pixels=int(torch.unique(ys * w + xs).numel()),
+                   total_counts=int(counts.sum()))
+        props.append(hit)
+        pixels.append((f, ys, xs, counts))
+    return props, pixels
+
+
 def _local_field_image(tilt: TiltPlan, h: int, w: int, device) -> torch.Tensor:
     """The local deformation field ``[H, W, 2]`` (px) of a tilt, evaluated on a grid 8 times
     coarser and interpolated (it varies over hundreds of pixels)."""
@@ -195,7 +309,7 @@ def render_frames(
     pixel_size_A: float,
     frames: int,
     dose_per_frame_e_per_A2: float,
-    intensity_transmission: float,
+    intensity_transmission,
     detector: DetectorModel,
     generator: torch.Generator,
     *,
@@ -205,9 +319,11 @@ def render_frames(
     xray_generator: torch.Generator | None = None,
     device="cpu",
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Frames ``[F, H, W]`` (uint8 counts, or float32 expected counts when shot noise is off)
-    and the X-ray hits ``[{frame, x, y, counts}]`` (x, y pixel indices of the frames as read).
+    """Frames ``[F, H, W]`` (uint8 counts, or float32 expected counts when shot noise is off), the
+    X-ray hits' pixels ``[{hit, frame, x, y, counts}]`` (x, y pixel indices of the frames as read;
+    counts as added, below the 255 clip) and the hits (:func:`draw_xray_hits`).
 
+    ``intensity_transmission``: the zero-loss fraction, a number or an image ``[H, W]``.
     ``generator`` (on ``device``) draws the shot noise; ``xray_generator`` (CPU) the X-ray hits.
     ``exposure_rate`` from :func:`exposure_rate_grid` switches radiation damage on; it fades
     ``damaged_spectrum``, the particles' part of ``contrast_spectrum``
@@ -217,7 +333,7 @@ def render_frames(
         raise ValueError("render_frames: radiation damage (exposure_rate) needs damaged_spectrum")
     device = torch.device(device)
     h, w = image_shape
-    counts_per_px = dose_per_frame_e_per_A2 * pixel_size_A**2 * intensity_transmission
+    counts_per_px = dose_per_frame_e_per_A2 * pixel_size_A**2
 
     # spectra at the local-motion knots (g = profile value), interpolated linearly in g
     knots_g: list[float] = [0.0]
@@ -234,8 +350,14 @@ def render_frames(
         del bases, field
 
     scale = torch.full((h, w), counts_per_px, dtype=torch.float32, device=device)
+    scale = scale * (intensity_transmission.to(device) if isinstance(intensity_transmission, torch.Tensor)
+                     else intensity_transmission)
     if detector.gain is not None:
         scale = scale / detector.gain.to(device)
+    hits, hit_pixels = [], []
+    if xray_generator is not None and detector.shot_noise and detector.xray_hits_per_megapixel_per_tilt > 0:
+        hits, hit_pixels = draw_xray_hits(detector.xray_spectrum, detector.xray_hits_per_megapixel_per_tilt, frames,
+                                          scale.cpu(), xray_generator)
     if exposure_rate is not None:
         damage = torch.exp(-(tilt.pre_exposure_e_per_A2 + 0.5 * dose_per_frame_e_per_A2) * exposure_rate)
         damage_step = torch.exp(-dose_per_frame_e_per_A2 * exposure_rate)
@@ -275,17 +397,15 @@ def render_frames(
                 torch.full((hx.numel(),), detector.hot_pixel_rate_counts, device=device), generator=generator
             )
             counts[hy, hx] = (counts[hy, hx].to(torch.float32) + extra).clamp_max(detector.max_count).to(torch.uint8)
-        if xray_generator is not None and detector.xray_hits_per_megapixel_per_tilt > 0:
-            rate = torch.tensor([detector.xray_hits_per_megapixel_per_tilt * h * w / 1e6 / frames], dtype=torch.float64)
-            n_hits = int(torch.poisson(rate, generator=xray_generator)[0])
-            for _ in range(n_hits):
-                cx = int(torch.randint(1, w - 1, (1,), generator=xray_generator))
-                cy = int(torch.randint(1, h - 1, (1,), generator=xray_generator))
-                value = int(torch.randint(30, 201, (1,), generator=xray_generator))
-                n_pix = int(torch.randint(1, 4, (1,), generator=xray_generator))
-                pixels = [(cx, cy, value)] + [(cx + ddx, cy + ddy, value // 2) for ddx, ddy in ((1, 0), (0, 1))[: n_pix - 1]]
-                for x, y, v in pixels:
-                    counts[y, x] = min(int(counts[y, x]) + v, detector.max_count)
-                    xrays.append({"frame": f, "x": x, "y": y, "counts": v})
+        for index, (hf, hy, hx, hc) in enumerate(hit_pixels):
+            now = hf == f
+            if not bool(now.any()):
+                continue
+            y, x = hy[now].to(device), hx[now].to(device)
+            before = counts[y, x].to(torch.int64)
+            added = torch.minimum(hc[now].to(device), detector.max_count - before)
+            counts[y, x] = (before + added).to(torch.uint8)
+            for xi, yi, ci in zip(x.tolist(), y.tolist(), added.tolist()):
+                xrays.append({"hit": index, "frame": f, "x": xi, "y": yi, "counts": ci})
         out[f] = counts
-    return out, xrays
+    return out, xrays, hits

@@ -15,6 +15,11 @@ defocus offset δ_l added to U and V: ``χ_l = χ_c + π·λ·δ_l·k²``, so
 ``Σ_l sin(χ_l)·Φ̂_l = [e^{iχ_c}·Σ_l e^{iπλδ_l k²}Φ̂_l − e^{−iχ_c}·Σ_l e^{−iπλδ_l k²}Φ̂_l] / 2i``
 (two accumulators, one FFT per layer). The CTF is evaluated at the effective pixel size p/m
 (the magnification scales the specimen frequencies).
+
+Uneven ice (:class:`tomopipe.simulate.specimen.IceThickness`): each image pixel sees the slab's
+thickness ``t`` at the point of the mid-plane that projects onto it
+(:func:`ice_thickness_image`); the ice fluctuations scale with ``sqrt(t / t̄)`` (their power
+grows with the path length); the sub-slab depths stay those of the mean slab.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "coherence_envelope",
     "pixel_mtf",
     "render_tilt_contrast",
+    "ice_thickness_image",
 ]
 
 
@@ -82,6 +88,27 @@ def project_particles(tilt: TiltPlan, positions_A: torch.Tensor, image_shape: tu
     xy = pts[:, :2] * tilt.magnification + torch.tensor(tilt.shift_A, dtype=torch.float64)
     px = xy / pixel_size_A + torch.tensor([w // 2, h // 2], dtype=torch.float64)
     return xy, pts[:, 2], px
+
+
+def ice_thickness_image(tilt: TiltPlan, ice, image_shape: tuple[int, int], pixel_size_A: float,
+                        device="cpu", step_px: int = 8) -> torch.Tensor:
+    """Ice thickness (Å, float32 ``[H, W]``) under every pixel of this tilt's image: the pixel
+    ``x_img`` sees the mid-plane point ``(u / cos θ, v)``, ``(u, v) = R2(−axis)·(x_img − s)/m``
+    (the projection model of :mod:`tomopipe.simulate.plan` at z = 0). Evaluated every ``step_px``
+    pixels and interpolated (the field varies over the whole image)."""
+    h, w = image_shape
+    ys = torch.arange(0, h + step_px, step_px, dtype=torch.float64)
+    xs = torch.arange(0, w + step_px, step_px, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    dx = (gx - w // 2) * pixel_size_A - tilt.shift_A[0]
+    dy = (gy - h // 2) * pixel_size_A - tilt.shift_A[1]
+    a = math.radians(tilt.axis_deg)
+    u = (math.cos(a) * dx + math.sin(a) * dy) / tilt.magnification
+    v = (-math.sin(a) * dx + math.cos(a) * dy) / tilt.magnification
+    coarse = ice.thickness_A(u / math.cos(math.radians(tilt.tilt_deg)), v).float()
+    size = ((ys.numel() - 1) * step_px + 1, (xs.numel() - 1) * step_px + 1)  # pixel i at coarse i / step
+    fine = torch.nn.functional.interpolate(coarse[None, None], size=size, mode="bilinear", align_corners=True)[0, 0]
+    return fine[:h, :w].contiguous().to(device)
 
 
 def _k_grid(image_shape, pixel_size_A, device):
@@ -262,6 +289,7 @@ def render_tilt_contrast(
     workspace: dict | None = None,
     max_stack_bytes: float = 2e9,
     particle_share: bool = False,
+    ice_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Noise-free contrast spectrum ``rfft2(c)`` of one tilt image (before damage and motion).
 
@@ -269,7 +297,9 @@ def render_tilt_contrast(
     pixel positions (``xy_px``), depths ``z_P_A``, defocus ``defocus_A`` and the number of
     depth layers; with ``particle_share``, also ``particle_spectrum``: the particles' part of
     ``spectrum`` alone (the part that radiation damage fades, see
-    :func:`tomopipe.simulate.detector.render_frames`). ``workspace``: a dict kept by the caller between tilts, so that the layer stack
+    :func:`tomopipe.simulate.detector.render_frames`). ``ice_scale`` ``[H, W]``: the ice
+    fluctuations' amplitude relative to the mean slab, ``sqrt(t / t̄)`` (None: 1).
+    ``workspace``: a dict kept by the caller between tilts, so that the layer stack
     (layers × H × W float32) is allocated once; at most ``max_stack_bytes`` of layers are held at
     a time (blocks of layers are processed in turn).
     """
@@ -346,6 +376,8 @@ def render_tilt_contrast(
             field = ice_potential_field(
                 (h, w), p, path, ice.density_g_per_cm3, generator, device, psd_sqrt=ice_psd_sqrt
             ) * interaction_rad_per_V_A
+            if ice_scale is not None:
+                field = field * ice_scale
             u0 = (hand * (zp0 + zk / math.cos(theta)) - d_min) / dz
             ice_planes.append((field, u0, hand * zpx / dz, hand * zpy / dz))
 

@@ -10,7 +10,15 @@ magnification): a point X of the specimen appears in the raw tilt image (the mov
 tomopipe reads them, +y = increasing row) at ``x = m_j·[Rz(axis)·Ry(θ_j)·X]_xy + s_j`` Å from the
 image centre ``(W//2, H//2)`` px, at depth ``z_P = [Rz·Ry·X]_z``; its defocus is
 ``Δf = Δf_centre,j + hand·z_P``. Frame f of the movie shows that image moved by the frame's
-global shift ``d_f`` (``d_0 = 0``) plus the local deformation ``u_f(x)``.
+global shift ``d_f`` (``d_0 = 0``: a smooth drift plus a random jitter per frame) plus the local
+deformation ``u_f(x)``.
+
+What a real session gets wrong, drawn here too: the true tilt is the stage reading plus an offset,
+the specimen's pretilt about the tilt axis and a random error; the mdoc's tilt-axis angle is off
+by a calibration error (one draw per session, :func:`mdoc_tilt_axis_error_deg`); the dose of a
+tilt grows as ``1/cos(stage tilt)^exposure_cosine_power`` (SerialEM's cosine rule, by exposure
+time at a constant dose rate); the ice thickness varies smoothly across the field
+(:class:`tomopipe.simulate.specimen.IceThickness`).
 
 Randomness: every component draws from its own generator, derived from the seed and the
 component's name (:func:`generator_for`), so switching one effect off leaves the others' draws
@@ -28,7 +36,7 @@ import torch
 
 from tomopipe.algorithms.geometry import matrix_to_euler_relion, random_rotations
 from tomopipe.simulate.config import SimulationConfig, nominal_tilt_angles_deg
-from tomopipe.simulate.specimen import place_particles
+from tomopipe.simulate.specimen import IceThickness, draw_ice_thickness, place_particles
 
 __all__ = [
     "generator_for",
@@ -38,6 +46,8 @@ __all__ = [
     "tomogram_size_px",
     "LocalField",
     "frame_local_displacements_px",
+    "mdoc_tilt_axis_error_deg",
+    "exposure_factor",
 ]
 
 
@@ -111,6 +121,8 @@ class TiltPlan:
     local_field: LocalField | None
     movie_name: str = ""
     stage_position_um: tuple[float, float] = (0.0, 0.0)
+    exposure_time_s: float = 0.0  #: the mdoc's ExposureTime of this tilt
+    frame_jitter_A: torch.Tensor | None = None  #: [frames, 2] the random part of frame_shifts_A (x, y)
 
     @property
     def defocus_centre_A(self) -> float:
@@ -127,6 +139,7 @@ class TiltSeriesPlan:
     euler_deg: torch.Tensor  #: [n, 3] (rot, tilt, psi) RELION
     tomogram_size_px: tuple[int, int, int]  #: (x, y, z) unbinned, RELION rlnTomoSizeX/Y/Z
     target_defocus_um: float
+    ice: IceThickness | None = None  #: the slab's thickness field (None: flat, ``ice_thickness_A``)
     extras: dict = field(default_factory=dict)
 
     def tilts_by_angle(self) -> list[TiltPlan]:
@@ -135,16 +148,37 @@ class TiltSeriesPlan:
 
 def tomogram_size_px(config: SimulationConfig) -> tuple[int, int, int]:
     """Tomogram (x, y, z) in unbinned pixels: the detector rotated into the aligned frame (sides
-    swapped when the axis is nearer to x than to y) and the ice thickness plus 20 % margin."""
+    swapped when the axis is nearer to x than to y) and the thickest ice plus 20 % margin."""
     w, h = config.image_width_px, config.image_height_px
     a = abs(((config.tilt_axis_angle_deg + 90.0) % 180.0) - 90.0)  # 0 = axis along y
     sx, sy = (h, w) if a > 45.0 else (w, h)
-    sz = int(math.ceil(config.ice_thickness_A * 1.2 / config.pixel_size_A / 2.0)) * 2
+    thickest_A = config.ice_thickness_A * (1.0 + config.ice_thickness_variation)
+    sz = int(math.ceil(thickest_A * 1.2 / config.pixel_size_A / 2.0)) * 2
     return sx, sy, sz
 
 
+def mdoc_tilt_axis_error_deg(config: SimulationConfig) -> float:
+    """The session's tilt-axis calibration error (°): the mdoc states the true axis plus this (in
+    the frame of the movies as read), ``N(0, mdoc_tilt_axis_error_sigma_deg)`` from the seed."""
+    g = generator_for(config.seed, "mdoc_axis")
+    return float(torch.randn((), generator=g, dtype=torch.float64)) * config.mdoc_tilt_axis_error_sigma_deg
+
+
+def exposure_factor(config: SimulationConfig, stage_deg: float) -> float:
+    """Dose (and exposure time) of a tilt relative to the 0° tilt: ``1/cos(stage)^exposure_cosine_power``."""
+    return math.cos(math.radians(stage_deg)) ** -config.exposure_cosine_power
+
+
+def _frame_jitter(config: SimulationConfig, g: torch.Generator) -> torch.Tensor:
+    """Random per-frame displacements [frames, 2] Å, ``N(0, frame_jitter_A)`` each axis; frame 0 has none."""
+    n = config.frames_per_tilt
+    jitter = torch.randn((n, 2), generator=g, dtype=torch.float64) * config.frame_jitter_A
+    jitter[0] = 0.0
+    return jitter if config.beam_induced_motion else torch.zeros_like(jitter)
+
+
 def _frame_trajectory(config: SimulationConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global shifts [frames, 2] Å (first frame 0) and the local temporal profile [frames] (0..1).
+    """Smooth global shifts [frames, 2] Å (first frame 0) and the local temporal profile [frames] (0..1).
 
     Beam-induced motion: an initial burst that decays with a time constant of 1.5 frames plus a
     slow linear drift, in independent random directions; the total is ~``drift_A``.
@@ -192,8 +226,11 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
 
     # particles
     gp = generator_for(seed, "particles", ts_index)
-    half = (size[0] * p / 2.0, size[1] * p / 2.0, config.ice_thickness_A / 2.0)
-    positions = place_particles(config.particles_per_tilt_series, half, particle_radius_A, config.particle_gap_A, gp)
+    ice = draw_ice_thickness(config.ice_thickness_A, config.ice_thickness_variation, (size[0] * p, size[1] * p),
+                             generator_for(seed, "ice_thickness", ts_index))
+    half = (size[0] * p / 2.0, size[1] * p / 2.0, ice.max_A / 2.0)
+    positions = place_particles(config.particles_per_tilt_series, half, particle_radius_A, config.particle_gap_A, gp,
+                                half_thickness_A=ice.half_thickness_A)
     rotations = random_rotations(positions.shape[0], generator=gp, dtype=torch.float64)
     rot, tilt, psi = matrix_to_euler_relion(rotations) if positions.shape[0] else (torch.zeros(0),) * 3
     euler = torch.stack([rot, tilt, psi], -1) if positions.shape[0] else torch.zeros((0, 3), dtype=torch.float64)
@@ -222,17 +259,21 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
     start = datetime.fromisoformat(config.acquisition_start) + timedelta(minutes=35 * ts_index)
     time = start
     tilts: list[TiltPlan] = []
-    dose = config.dose_per_tilt_e_per_A2
     previous = None
+    pre_exposure = 0.0
     for j, angle in enumerate(nominal):
         gm = generator_for(seed, "motion", ts_index, j)
         frame_shifts, profile = _frame_trajectory(config, gm)
+        jitter = _frame_jitter(config, generator_for(seed, "jitter", ts_index, j))
         local = _local_field(config, generator_for(seed, "local", ts_index, j))
         stage = angle + float(readback[j])
+        factor = exposure_factor(config, stage)
+        dose = round(config.dose_per_tilt_e_per_A2 * factor, 4)  # as the mdoc states it
+        exposure_s = round(config.exposure_time_s * factor, 4)
         if previous is not None:
             jump = abs(angle - previous)
-            time = time + timedelta(seconds=config.exposure_time_s + 9.0 + 0.8 * jump)
-        previous = angle
+            time = time + timedelta(seconds=previous_exposure_s + 9.0 + 0.8 * jump)
+        previous, previous_exposure_s = angle, exposure_s
         d_um = float(defocus_um[j])
         ast = float(astig[j])
         tilts.append(
@@ -240,7 +281,7 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
                 index=j,
                 nominal_deg=float(angle),
                 stage_deg=round(stage, 5),
-                tilt_deg=stage + config.tilt_angle_offset_deg + float(tilt_error[j]),
+                tilt_deg=stage + config.tilt_angle_offset_deg + config.specimen_pretilt_deg + float(tilt_error[j]),
                 axis_deg=config.tilt_axis_angle_deg,
                 shift_A=(float(shifts[j, 0]), float(shifts[j, 1])),
                 magnification=float(mags[j]),
@@ -249,15 +290,18 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
                 astigmatism_angle_deg=float(astig_angle[j]),
                 target_defocus_um=-round(target, 4),
                 scope_defocus_um=-round(d_um + float(scope_error_um[j]), 5),
-                pre_exposure_e_per_A2=dose * j,
+                pre_exposure_e_per_A2=pre_exposure,
                 dose_e_per_A2=dose,
                 time=time,
-                frame_shifts_A=frame_shifts,
+                frame_shifts_A=frame_shifts + jitter,
                 local_profile=profile,
                 local_field=local,
                 stage_position_um=(float(stage_xy[0]), float(stage_xy[1])),
+                exposure_time_s=exposure_s,
+                frame_jitter_A=jitter,
             )
         )
+        pre_exposure += dose
     for t in tilts:
         # SerialEM-style names: <TS>_<acquisition number, 1-based>_<stage angle>.<ext>
         t.movie_name = f"{name}_{t.index + 1:03d}_{t.stage_deg:.1f}.{config.movie_format}"
@@ -270,6 +314,7 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
         euler_deg=euler,
         tomogram_size_px=size,
         target_defocus_um=target,
+        ice=ice,
     )
 
 

@@ -18,14 +18,15 @@ from tomopipe.io.mrc import write_mrc
 from tomopipe.simulate.config import SimulationConfig, SimulationConfigError
 from tomopipe.simulate.detector import (
     DetectorModel,
+    XraySpectrum,
     exposure_rate_grid,
     gain_reference,
     hot_pixel_positions,
     render_frames,
     transmission,
 )
-from tomopipe.simulate.imaging import IceModel, Optics, render_tilt_contrast
-from tomopipe.simulate.plan import generator_for, plan_tilt_series
+from tomopipe.simulate.imaging import IceModel, Optics, ice_thickness_image, render_tilt_contrast
+from tomopipe.simulate.plan import generator_for, mdoc_tilt_axis_error_deg, plan_tilt_series
 from tomopipe.simulate.potential import atomic_potential_volume, interaction_constant_rad_per_V_A
 from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.specimen import ice_mean_potential_V, ice_psd_sqrt_grid
@@ -194,7 +195,10 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
                               generator_for(config.seed, "hot_pixels"))
     detector = DetectorModel(gain=gain, hot_pixels=hot, hot_pixel_rate_counts=config.hot_pixel_rate_counts,
                              xray_hits_per_megapixel_per_tilt=config.xray_hits_per_megapixel_per_tilt if config.shot_noise else 0.0,
-                             shot_noise=config.shot_noise)
+                             shot_noise=config.shot_noise,
+                             xray_spectrum=XraySpectrum(config.xray_spectrum, config.xray_max_size_px,
+                                                        config.xray_streak_fraction, config.xray_two_frame_fraction,
+                                                        config.xray_snr_tail))
     if gain is not None:
         write_gain_file(out, gain, p)
 
@@ -206,23 +210,35 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
     n_layers_max = 0
     workspace: dict = {}
     for plan in plans:
-        stats, particle_rows, xray_rows, transmissions = [], [], [], []
+        stats, particle_rows, xray_rows, hit_rows, transmissions = [], [], [], [], []
         for tilt in plan.tilts:
             t0 = time.perf_counter()
+            thickness = None  # flat ice: the mean thickness everywhere
+            if config.ice_thickness_variation > 0:
+                thickness = ice_thickness_image(tilt, plan.ice, shape, p, device)
             spectrum, info = render_tilt_contrast(
                 tilt, shape, p, optics, sigma,
                 projector=projector, positions_A=plan.positions_A, rotations=plan.rotations,
                 ice=ice, generator=generator_for(config.seed, "ice", plan.index, tilt.index, device=device),
                 device=device, ice_psd_sqrt=psd_sqrt, workspace=workspace,
                 max_stack_bytes=config.max_layer_stack_GB * 1e9, particle_share=config.radiation_damage,
+                ice_scale=None if thickness is None else torch.sqrt(thickness / config.ice_thickness_A),
             )
             n_layers_max = max(n_layers_max, info.get("n_layers", 0))
             t1 = time.perf_counter()
-            trans = transmission(config.ice_thickness_A, tilt.tilt_deg, config.inelastic_mean_free_path_A,
-                                 config.inelastic_loss)
-            transmissions.append(trans)
-            frames, xrays = render_frames(
-                spectrum, tilt, shape, p, config.frames_per_tilt, config.dose_per_frame_e_per_A2, trans, detector,
+            trans = transmission(config.ice_thickness_A if thickness is None else thickness, tilt.tilt_deg,
+                                 config.inelastic_mean_free_path_A, config.inelastic_loss)
+            transmissions.append({
+                "transmission": transmission(config.ice_thickness_A, tilt.tilt_deg, config.inelastic_mean_free_path_A,
+                                             config.inelastic_loss),
+                "transmission_mean": float(trans.mean()) if thickness is not None else trans,
+                "ice_thickness_min_A": float(thickness.min()) if thickness is not None else config.ice_thickness_A,
+                "ice_thickness_max_A": float(thickness.max()) if thickness is not None else config.ice_thickness_A,
+            })
+            del thickness
+            frames, xrays, hits = render_frames(
+                spectrum, tilt, shape, p, config.frames_per_tilt, tilt.dose_e_per_A2 / config.frames_per_tilt, trans,
+                detector,
                 generator_for(config.seed, "shot_noise", plan.index, tilt.index, device=device),
                 exposure_rate=exposure, damaged_spectrum=info.pop("particle_spectrum", None),
                 local_motion_knots=config.local_motion_knots,
@@ -234,6 +250,8 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
             stats.append({"min": float(total.min()), "max": float(total.max()), "mean": float(total.float().mean())})
             for x in xrays:
                 xray_rows.append({"acquisition_index": tilt.index, "movie": tilt.movie_name, **x})
+            for hit in hits:
+                hit_rows.append({"acquisition_index": tilt.index, "movie": tilt.movie_name, **hit})
             if "xy_px" in info:
                 for i in range(info["xy_px"].shape[0]):
                     particle_rows.append({
@@ -248,7 +266,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
             bar.update(1)
         plan.extras["transmission"] = transmissions
         write_tilt_series_mdoc(out, config, plan, stats)
-        ts_summaries.append(write_tilt_series_truth(truth, config, plan, particle_rows, xray_rows))
+        ts_summaries.append(write_tilt_series_truth(truth, config, plan, particle_rows, xray_rows, hit_rows))
     bar.close()
     timings.update(image_formation_s=t_images, frames_s=t_frames, writing_s=t_write)
     timings["total_s"] = time.perf_counter() - t_start
@@ -267,6 +285,7 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
         "max_depth_layers": n_layers_max,
         "tilt_series": ts_summaries,
         "n_hot_pixels": int(hot.shape[0]),
+        "mdoc_tilt_axis_error_deg": mdoc_tilt_axis_error_deg(config),
         "timings": timings,
         "config": config.to_dict(),
     }

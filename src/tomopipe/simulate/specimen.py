@@ -15,6 +15,11 @@ Ice (independent atom model, same constants as :mod:`tomopipe.simulate.potential
   (q = 0.269 Å⁻¹, the 3.7 Å "water ring") and the second at Q ≈ 3.0 Å⁻¹ (Bowron et al.,
   J. Chem. Phys. 125, 194502, 2006). Projections at different tilts through ≥ 100 Å of ice are
   uncorrelated at these frequencies, so each tilt gets an independent Gaussian field.
+
+Thickness (:class:`IceThickness`): the slab is symmetric about its mid-plane ``z = 0`` and its
+thickness varies smoothly across the field, ``t(x, y) = t̄·(1 + a·φ(x, y))`` with ``φ`` a few
+low-frequency cosine modes scaled to ``max |φ| = 1`` over the field: real ice is thinner at the
+centre of a hole, thicker at its rim. Particles stay inside the local slab.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import math
 
 import gemmi
 import torch
+
+from dataclasses import dataclass
 
 from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2
 
@@ -35,6 +42,8 @@ __all__ = [
     "ice_projected_potential_psd",
     "ice_potential_field",
     "place_particles",
+    "IceThickness",
+    "draw_ice_thickness",
 ]
 
 WATER_MOLAR_MASS_G = 18.015
@@ -127,6 +136,54 @@ def ice_psd_sqrt_grid(shape: tuple[int, int], pixel_size_A: float, density_g_per
     return amp.to(device=torch.device(device), dtype=torch.float32)
 
 
+@dataclass
+class IceThickness:
+    """Thickness of the ice slab ``t(x, y) = mean_A·(1 + variation·φ(x, y))`` (Å) at specimen
+    positions x, y (Å from the tomogram centre): ``φ = scale·Σ_m a_m·cos(2π(kx_m·x + ky_m·y)/L + φ_m)``,
+    L the field's larger side (module docstring)."""
+
+    mean_A: float
+    variation: float
+    kx: torch.Tensor  # [m] cycles per L
+    ky: torch.Tensor
+    amp: torch.Tensor
+    phase: torch.Tensor
+    length_A: float
+    scale: float = 1.0
+
+    @property
+    def max_A(self) -> float:
+        """An upper bound of the thickness."""
+        return self.mean_A * (1.0 + self.variation)
+
+    def thickness_A(self, x_A: torch.Tensor, y_A: torch.Tensor) -> torch.Tensor:
+        """Thickness (Å, float64) at the points (x, y)."""
+        x, y = x_A.double(), y_A.double()
+        arg = 2 * math.pi * (x[..., None] * self.kx + y[..., None] * self.ky) / self.length_A + self.phase
+        phi = (self.amp * torch.cos(arg)).sum(-1) * self.scale
+        return self.mean_A * (1.0 + self.variation * phi)
+
+    def half_thickness_A(self, x_A: torch.Tensor, y_A: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.thickness_A(x_A, y_A)
+
+
+def draw_ice_thickness(mean_A: float, variation: float, field_A: tuple[float, float],
+                       generator: torch.Generator, modes: int = 3) -> IceThickness:
+    """A random thickness field over a ``field_A`` (x, y) wide specimen: ``modes`` cosines of up to
+    one cycle over the field, normalised on a 33 x 33 grid so that the largest deviation is
+    ``variation·mean_A``."""
+    k = (torch.rand((modes, 2), generator=generator, dtype=torch.float64) * 2 - 1)
+    amp = torch.rand(modes, generator=generator, dtype=torch.float64) + 0.3
+    phase = torch.rand(modes, generator=generator, dtype=torch.float64) * 2 * math.pi
+    ice = IceThickness(mean_A, variation, k[:, 0], k[:, 1], amp, phase, float(max(field_A)))
+    xs = torch.linspace(-field_A[0] / 2, field_A[0] / 2, 33, dtype=torch.float64)
+    ys = torch.linspace(-field_A[1] / 2, field_A[1] / 2, 33, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    peak = float((ice.thickness_A(gx, gy) / mean_A - 1.0).abs().max()) / max(variation, 1e-300)
+    ice.scale = 1.0 / max(peak, 1e-12)
+    return ice
+
+
 def place_particles(
     count: int,
     half_extent_A: tuple[float, float, float],
@@ -134,10 +191,12 @@ def place_particles(
     gap_A: float,
     generator: torch.Generator,
     max_attempts: int = 200,
+    half_thickness_A=None,
 ) -> torch.Tensor:
     """``count`` centres (x, y, z) in Å, uniform in the box ``|x_i| <= half_extent_i − radius``,
-    at least ``2·radius + gap`` apart (random sequential addition). Raises ValueError when the
-    box is too small or too crowded for that many particles."""
+    at least ``2·radius + gap`` apart (random sequential addition); with ``half_thickness_A``
+    (a function of x, y tensors, Å) also ``|z| <= half_thickness_A(x, y) − radius``. Raises
+    ValueError when the box is too small or too crowded for that many particles."""
     if count == 0:
         return torch.zeros((0, 3), dtype=torch.float64)
     room = torch.tensor(half_extent_A, dtype=torch.float64) - radius_A
@@ -158,6 +217,8 @@ def place_particles(
                 f"{radius_A:.1f} Å; lower the number of particles or enlarge the specimen"
             )
         cand = (torch.rand((batch, 3), generator=generator, dtype=torch.float64) * 2 - 1) * room
+        if half_thickness_A is not None:
+            cand = cand[cand[:, 2].abs() <= half_thickness_A(cand[:, 0], cand[:, 1]) - radius_A]
         for c in cand:
             if placed.shape[0] and float(torch.linalg.norm(placed - c, dim=1).min()) < min_dist:
                 continue

@@ -25,7 +25,7 @@ from tomopipe.io.mrc import write_mrc
 from tomopipe.io.movies import write_movie
 from tomopipe.io.star import write_particles_star, write_tilt_series_star, write_tomograms_star
 from tomopipe.simulate.config import SimulationConfig
-from tomopipe.simulate.plan import TiltSeriesPlan, frame_local_displacements_px
+from tomopipe.simulate.plan import TiltSeriesPlan, frame_local_displacements_px, mdoc_tilt_axis_error_deg
 
 __all__ = [
     "GAIN_FILE_NAME",
@@ -39,17 +39,21 @@ __all__ = [
 ]
 
 GAIN_FILE_NAME = "gain_ref.mrc"
+XRAY_HIT_COLUMNS = ["acquisition_index", "movie", "hit", "frame", "second_frame", "shape", "x", "y", "size_px",
+                    "angle_deg", "peak_counts", "background_counts", "snr", "n_pixels", "total_counts"]
 
 
 def mdoc_tilt_axis_deg(config: SimulationConfig) -> float:
-    """Tilt-axis angle the mdoc states: the axis in the stored row order of the movie files.
+    """Tilt-axis angle the mdoc states: the axis in the stored row order of the movie files, with
+    the session's calibration error ``e`` (:func:`tomopipe.simulate.plan.mdoc_tilt_axis_error_deg`).
 
     tomopipe (like IMOD, RELION and MotionCor2) reads TIFF movies flipped along Y, and a Y flip
     turns an axis angle α into 180° − α. The truth axis is defined for the arrays as read, so a
-    TIFF acquisition's mdoc says ``wrap(180° − α)`` (−85.6° -> −94.4°, as EMPIAR-10491's mdoc
-    says −93.5° where Warp/RELION find −85.6°); MRC movies are read as stored: the mdoc says α.
+    TIFF acquisition's mdoc says ``wrap(180° − (α + e))`` (−85.6° -> −94.4° when e = 0, as
+    EMPIAR-10491's mdoc says −93.5° where Warp/RELION find −85.6°); MRC movies are read as
+    stored: the mdoc says ``α + e``. An importer that applies the flip rule gets ``α + e``.
     """
-    alpha = config.tilt_axis_angle_deg
+    alpha = config.tilt_axis_angle_deg + mdoc_tilt_axis_error_deg(config)
     stored = 180.0 - alpha if config.movie_format == "tif" else alpha
     return round(float(wrap_angle_deg(torch.tensor(stored, dtype=torch.float64))), 6)
 
@@ -82,8 +86,8 @@ def write_tilt_series_mdoc(out_dir: Path, config: SimulationConfig, plan: TiltSe
     axis = mdoc_tilt_axis_deg(config)
     p = config.pixel_size_A
     sections = []
+    dose_rate = config.dose_per_tilt_e_per_A2 * p * p / config.exposure_time_s  # the cosine rule varies the time
     for t, st in zip(plan.tilts, stats):
-        dose_rate = config.dose_per_tilt_e_per_A2 * p * p / config.exposure_time_s
         sections.append(
             {
                 "TiltAngle": round(t.stage_deg, 5),
@@ -98,7 +102,7 @@ def write_tilt_series_mdoc(out_dir: Path, config: SimulationConfig, plan: TiltSe
                 "Defocus": round(t.scope_defocus_um, 5),
                 "ImageShift": [0.0, 0.0],
                 "RotationAngle": round(float(wrap_angle_deg(axis + 90.0)), 3),
-                "ExposureTime": config.exposure_time_s,
+                "ExposureTime": t.exposure_time_s,
                 "Binning": 1,
                 "CameraIndex": 0,
                 "DividedBy2": 0,
@@ -109,7 +113,7 @@ def write_tilt_series_mdoc(out_dir: Path, config: SimulationConfig, plan: TiltSe
                 "PriorRecordDose": round(t.pre_exposure_e_per_A2, 4),
                 "SubFramePath": _windows_path(config, plan, t.movie_name),
                 "NumSubFrames": config.frames_per_tilt,
-                "FrameDosesAndNumber": [round(config.dose_per_frame_e_per_A2, 5), config.frames_per_tilt],
+                "FrameDosesAndNumber": [round(t.dose_e_per_A2 / config.frames_per_tilt, 5), config.frames_per_tilt],
                 "DateTime": t.time.strftime(SERIALEM_DATE_FORMAT),
                 "FilterSlitAndLoss": [20, 0],
             }
@@ -143,6 +147,7 @@ def write_tilt_series_truth(
     plan: TiltSeriesPlan,
     particle_rows: list[dict],
     xray_rows: list[dict],
+    hit_rows: list[dict] = (),
 ) -> dict:
     """Per-tilt-series truth files (see the README); returns a summary."""
     p = config.pixel_size_A
@@ -189,6 +194,7 @@ def write_tilt_series_truth(
             "nominal_tilt_deg": [t.nominal_deg for t in plan.tilts],
             "stage_tilt_deg": [t.stage_deg for t in plan.tilts],
             "true_tilt_deg": [t.tilt_deg for t in plan.tilts],
+            "specimen_pretilt_deg": [config.specimen_pretilt_deg] * len(plan.tilts),
             "tilt_axis_deg": [t.axis_deg for t in plan.tilts],
             "shift_x_A": [t.shift_A[0] for t in plan.tilts],
             "shift_y_A": [t.shift_A[1] for t in plan.tilts],
@@ -199,7 +205,8 @@ def write_tilt_series_truth(
             "defocus_centre_A": [t.defocus_centre_A for t in plan.tilts],
             "pre_exposure_e_per_A2": [t.pre_exposure_e_per_A2 for t in plan.tilts],
             "dose_e_per_A2": [t.dose_e_per_A2 for t in plan.tilts],
-            "transmission": plan.extras.get("transmission", [1.0] * len(plan.tilts)),
+            "exposure_time_s": [t.exposure_time_s for t in plan.tilts],
+            **pd.DataFrame(plan.extras.get("transmission", [{"transmission": 1.0}] * len(plan.tilts))).to_dict("list"),
         }
     )
     _csv(truth_dir / f"{plan.name}_tilts.csv", tilts)
@@ -209,6 +216,7 @@ def write_tilt_series_truth(
     for t in plan.tilts:
         for f in range(config.frames_per_tilt):
             sx, sy = (float(v) for v in t.frame_shifts_A[f])
+            jx, jy = (float(v) for v in t.frame_jitter_A[f]) if t.frame_jitter_A is not None else (0.0, 0.0)
             rows.append(
                 {
                     "acquisition_index": t.index,
@@ -218,7 +226,9 @@ def write_tilt_series_truth(
                     "shift_y_A": sy,
                     "shift_x_px": sx / p,
                     "shift_y_px": sy / p,
-                    "accumulated_dose_mid_e_per_A2": t.pre_exposure_e_per_A2 + (f + 0.5) * config.dose_per_frame_e_per_A2,
+                    "jitter_x_A": jx,
+                    "jitter_y_A": jy,
+                    "accumulated_dose_mid_e_per_A2": t.pre_exposure_e_per_A2 + (f + 0.5) * t.dose_e_per_A2 / config.frames_per_tilt,
                 }
             )
     _csv(truth_dir / f"{plan.name}_frame_shifts.csv", pd.DataFrame(rows))
@@ -247,9 +257,22 @@ def write_tilt_series_truth(
 
     _csv(
         truth_dir / f"{plan.name}_xrays.csv",
-        pd.DataFrame(xray_rows, columns=["acquisition_index", "movie", "frame", "x", "y", "counts"]),
+        pd.DataFrame(xray_rows, columns=["acquisition_index", "movie", "hit", "frame", "x", "y", "counts"]),
         float_format="%.3f",
     )
+    _csv(
+        truth_dir / f"{plan.name}_xray_hits.csv",
+        pd.DataFrame(list(hit_rows), columns=XRAY_HIT_COLUMNS),
+        float_format="%.4f",
+    )
+    if plan.ice is not None:  # the slab's thickness on a 9 x 9 grid of the tomogram's field
+        sx, sy = plan.tomogram_size_px[0] * p / 2, plan.tomogram_size_px[1] * p / 2
+        ix = torch.linspace(-sx, sx, 9, dtype=torch.float64)
+        iy = torch.linspace(-sy, sy, 9, dtype=torch.float64)
+        gy_A, gx_A = torch.meshgrid(iy, ix, indexing="ij")
+        _csv(truth_dir / f"{plan.name}_ice_thickness.csv", pd.DataFrame({
+            "x_A": gx_A.reshape(-1).numpy(), "y_A": gy_A.reshape(-1).numpy(),
+            "thickness_A": plan.ice.thickness_A(gx_A, gy_A).reshape(-1).numpy()}))
     _csv(
         truth_dir / f"{plan.name}_particle_projections.csv",
         pd.DataFrame(
@@ -264,6 +287,7 @@ def write_tilt_series_truth(
         "target_defocus_um": plan.target_defocus_um,
         "tomogram_size_px": list(plan.tomogram_size_px),
         "n_xray_pixels": len(xray_rows),
+        "n_xray_hits": len(hit_rows),
     }
 
 
@@ -332,6 +356,7 @@ def write_global_truth(
     write_text_atomic(truth_dir / "README.md", TRUTH_README.format(
         axis=config.tilt_axis_angle_deg,
         mdoc_axis=mdoc_tilt_axis_deg(config),
+        axis_error=mdoc_tilt_axis_error_deg(config),
         fmt=config.movie_format,
         hand=config.defocus_handedness,
         gain=GAIN_FILE_NAME,
@@ -350,19 +375,25 @@ pixel positions 0-based with pixel centres on integers; defocus in Å, underfocu
   them** (`tomopipe.io.movies.read_movie`): TIFF movies are flipped along Y on read (IMOD,
   RELION and MotionCor2 do the same); MRC movies are read as stored.
 * True tilt-axis angle: **{axis}°** (from +y, CCW), = `rlnTomoZRot` below.
-* The mdoc title says `Tilt axis angle = {mdoc_axis}` (and `RotationAngle` = that + 90): it
-  states the axis for the frames **as stored in the files** ({fmt}). For TIFF the stored row
-  order is the reverse of the array as read, and a Y flip turns an axis α into 180° − α, so an
-  importer that flips TIFF on read must use `180 − mdoc angle` ({axis}°). This is why
-  EMPIAR-10491's mdoc says −93.5° where Warp/RELION find −85.6°. The seed imports 85°: about
+* The mdoc title says `Tilt axis angle = {mdoc_axis:.1f}` (and `RotationAngle` = that + 90): it
+  states the axis for the frames **as stored in the files** ({fmt}), and like a real SerialEM
+  calibration it is off: the session's calibration error is **{axis_error:+.3f}°**
+  (`mdoc_tilt_axis_error_deg` in truth.json; drawn with SD `mdoc_tilt_axis_error_sigma_deg`), so
+  an importer that reads the mdoc gets `{axis} + error` and alignment has to find the truth.
+  For TIFF the stored row order is the reverse of the array as read, and a Y flip turns an axis
+  α into 180° − α, so an importer that flips TIFF on read must use `180 − mdoc angle`. This is
+  why EMPIAR-10491's mdoc says −93.5° where Warp/RELION find −85.6°. The seed imports 85°: about
   the stored-frame angle + 180° (86.5° there), i.e. the stored frames' axis in the opposite
   direction; used with the read (flipped) arrays it would mirror the geometry. For MRC movies
-  the mdoc angle equals the truth.
+  the mdoc angle is the read angle (plus the error).
 * `../{gain}` (float32 MRC, mean 1) is the multiplicative gain: `corrected = raw × gain`. It is
   stored **flipped upside down** relative to the movies as read (rows reversed), as in
   EMPIAR-10491. Undo it with a Y flip: `read_gain(path, flip_y=True)` in tomopipe, RELION
   `--gain_flip 1` ("Flip upside down"). Raw counts are Poisson with mean
-  `dose_per_frame·pixel²·transmission·(1 + contrast) / gain`.
+  `dose_per_frame·pixel²·transmission·(1 + contrast) / gain`, with the tilt's dose per frame
+  (`FrameDosesAndNumber`; the dose grows as `1/cos(stage tilt)^exposure_cosine_power`, SerialEM's
+  cosine rule, by exposure time: `ExposureDose`, `ExposureTime` per section) and the zero-loss
+  transmission through the ice under the pixel (uneven ice: below).
 
 ## Per tilt series (`TS_xx`)
 
@@ -371,7 +402,7 @@ pixel positions 0-based with pixel centres on integers; defocus in Å, underfocu
   `tomopipe.algorithms.geometry.xf_from_alignment(ZRot, shifts/pixel, 1/magnification)`:
   `A = R2(−ZRot)/m`, `d = −A·shift_px`. Like RELION 5's IMOD importer it has no half-pixel term,
   so IMOD's centre (N−1)/2 and RELION's N/2 differ by 0.5 px. `.tlt` holds the **true** tilt
-  angles (stage reading + offset + error), IMOD sign.
+  angles (stage reading + offset + the specimen's pretilt + error), IMOD sign.
 * `TS_xx.star`: RELION 5 tilt-series star (sorted by tilt angle): true `rlnDefocusU/V/Angle`
   (CTFFIND/RELION convention: U along the angle from +x toward +y; U − V = astigmatism, not
   reordered), `rlnMicrographPreExposure` (e/Å² before this tilt, from the acquisition order),
@@ -382,12 +413,27 @@ pixel positions 0-based with pixel centres on integers; defocus in Å, underfocu
 * Defocus of a point: `Δf = Δf_centre + rlnTomoHand·z_P`, `z_P = [Rz·Ry·X]_z`, hand = {hand}
   (`tomograms.star`); Δf_centre = (U + V)/2.
 * `TS_xx_tilts.csv`: everything per tilt in acquisition order (nominal, stage and true tilt,
-  axis, shifts, magnification, defocus, dose, pre-exposure, zero-loss transmission).
+  the specimen's pretilt about the tilt axis (part of true − stage, with
+  `tilt_angle_offset_deg` and the random error), axis, shifts, magnification, defocus, dose,
+  exposure time, pre-exposure; `transmission`: zero-loss fraction through the mean ice
+  thickness, `transmission_mean`: its mean over the image, which the counts follow;
+  `ice_thickness_min_A`/`max_A`: the thinnest and thickest ice under the image).
+* `TS_xx_ice_thickness.csv`: the ice slab's thickness (Å) on a 9 × 9 grid of specimen positions
+  (Å from the tomogram centre, tomogram x and y); the slab is symmetric about z = 0 and its
+  thickness varies smoothly (`ice_thickness_variation`, relative).
 * `TS_xx_frame_shifts.csv`: per frame, the global displacement of the image content (Å and
   px, x and y of the arrays as read) relative to the projection model; frame 0 has none, so a
-  motion correction that aligns to the first frame recovers the projection model.
+  motion correction that aligns to the first frame recovers the projection model. It is a
+  smooth drift plus a random jitter (`jitter_x_A`, `jitter_y_A`: the jitter alone, SD
+  `frame_jitter_A` per axis).
 * `TS_xx_local_motion.csv`: local deformation (px) added to the global shift, on a 5 × 5 grid.
-* `TS_xx_xrays.csv`: X-ray hits (acquisition index, frame, pixel x, y, counts added).
+* `TS_xx_xray_hits.csv`: X-ray hits, one row each (per movie `hit` 0, 1, ...): `frame` and
+  `second_frame` (−1: one frame only), `shape` (spot, streak, or simple), centre `x`, `y` (px),
+  `size_px` (spot diameter or streak length), `angle_deg` (streak direction from +x),
+  `peak_counts` (largest counts added to one frame-pixel), `background_counts` (the frame's
+  expected counts there), `snr` (peak / sqrt(background)), `n_pixels`, `total_counts`.
+* `TS_xx_xrays.csv`: their frame-pixels (acquisition index, hit, frame, pixel x, y, counts
+  added, after the 255 clip).
 * `TS_xx_particle_projections.csv`: each particle's centre in each tilt image (px), its depth
   z_P and defocus.
 

@@ -8,3 +8,4 @@ from tomopipe.steps import preprocess  # noqa: F401
 from tomopipe.steps import reconstruct  # noqa: F401
 from tomopipe.steps import assign_alignment  # noqa: F401
 from tomopipe.steps import align  # noqa: F401
+from tomopipe.steps import import_alignment  # noqa: F401

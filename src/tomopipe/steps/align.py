@@ -10,12 +10,28 @@ centre ``N//2``), ``magnification`` (image scale relative to the zero-tilt view)
 ``align_residual_px`` (RMS residual of the view's contour points).
 
 Tilt-angle offset (a gauge of the projection model, set by the specimen; see
-:mod:`tomopipe.algorithms.align_fit`): with ``tilt_offset_method`` "transmission" (or "auto" when
-the optional ``intensity_reference`` input is connected) it is fitted to the mean intensities of
-the views of that set — the same acquisition before density scaling, e.g. the X-ray-erased tilt
-series — with :func:`~tomopipe.algorithms.align_fit.transmission_tilt_offset` (the slab transmits
-most when it is normal to the beam); otherwise ("specimen") it levels the points of the patch
-contours, which is only as good as they sample the slab (1–2 degrees on a thick specimen).
+:mod:`tomopipe.algorithms.align_fit`), by ``tilt_offset_method``:
+
+* "transmission": fitted to the mean intensities per unit dose (``dose_e_per_A2``) of the views
+  of the ``intensity_reference`` input — the same acquisition before density scaling, e.g. the
+  X-ray-erased tilt series — with :func:`~tomopipe.algorithms.align_fit.transmission_tilt_offset`
+  (the slab transmits most when it is normal to the beam), which refuses intensities that the
+  slab law does not explain (flat, unfiltered, a misfit, an implausible thickness); also refused
+  when the mean free path it implies with the layer thickness of the quick tomogram is outside
+  1000–30000 Å.
+* "tomogram": the tilt of the specimen layer in a quick tomogram made with the alignment
+  (:func:`~tomopipe.algorithms.align_offset.layer_tilt_offset`, as IMOD's tomopitch), which does
+  not use intensities.
+* "specimen": levelling the points of the patch contours (only as good as they sample the slab).
+* "auto" (default): the first of these that works.
+
+The run summary says which method gave the offset (``tilt_offset_method``) and its standard error
+(``tilt_offset_uncertainty_deg``; NaN for "specimen"), and why the others were not used.
+
+Views that patch tracking leaves without enough contours are aligned by whole-view
+cross-correlation (:func:`~tomopipe.algorithms.align.fill_untracked_views`); the column
+``align_view_method`` says "contours" or "cross-correlation" per view (``align_residual_px`` is NaN
+for the latter), and the summary lists them.
 
 Per tilt series, in the run folder: ``TS.xf`` / ``TS.tlt`` / ``TS.xtilt`` for the stack of the
 enabled views in tilt order (``.xf`` via :func:`geometry.xf_from_alignment` with magnification
@@ -31,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +56,7 @@ import torch
 
 from tomopipe.algorithms.align import AlignOptions, aligned_frame_size, aligned_views, align_images
 from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, transmission_tilt_offset
+from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset
 from tomopipe.algorithms.geometry import xf_from_alignment
 from tomopipe.algorithms.normalize import bin_image, binned_geometry
 from tomopipe.errors import InputFileError, TomopipeError
@@ -52,8 +70,9 @@ from tomopipe.steps.xray_eraser import read_views, tilt_series_tasks
 log = logging.getLogger("tomopipe")
 
 ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification",
-                     "align_residual_px")
-OFFSET_METHODS = ("auto", "transmission", "specimen")
+                     "align_residual_px", "align_view_method")
+OFFSET_METHODS = ("auto", "transmission", "tomogram", "specimen")
+MEAN_FREE_PATH_RANGE_A = (1000.0, 30000.0)  #: plausible attenuation lengths (inelastic or aperture) of ice
 
 
 def fit_options(params: dict) -> FitOptions:
@@ -102,22 +121,63 @@ def mean_intensities(views: list[dict]) -> np.ndarray:
     return np.asarray(means)
 
 
-def _tilt_offset(ts_id: str, params: dict, tilts: torch.Tensor, intensity_views: list[dict] | None) -> dict:
-    """The imposed tilt-angle offset (None: level the specimen points) and how it was found."""
-    if not params["refine_tilt_offset"]:
-        return {"offset_deg": None, "method": "none (nominal tilts)"}
-    method = params["tilt_offset_method"]
-    if method == "specimen" or (method == "auto" and intensity_views is None):
-        return {"offset_deg": None, "method": "specimen"}
+def _transmission(tilts: torch.Tensor, intensity_views: list[dict] | None, thickness_A: float | None) -> dict:
+    """The transmission offset of the views (``offset_deg``, ``uncertainty_deg`` and the fit), or
+    ``error``: why the intensities do not give one."""
+    if intensity_views is None:
+        return {"error": "no intensity_reference input"}
+    doses = [v.get("dose_e_per_A2") for v in intensity_views]
+    if any(d is None or not np.isfinite(d) for d in doses):
+        return {"error": "the intensity_reference set has no per-view dose (dose_e_per_A2): exposure and "
+                         "transmission cannot be told apart"}
     try:
-        fit = transmission_tilt_offset(tilts, mean_intensities(intensity_views))
+        fit = transmission_tilt_offset(tilts, mean_intensities(intensity_views), np.asarray(doses, dtype=float))
     except AlignmentError as error:
-        if method == "transmission":
-            raise TomopipeError(f"{ts_id}: tilt-angle offset from transmission failed: {error}") from None
-        log.warning("%s: tilt-angle offset from transmission failed (%s); levelling the specimen instead", ts_id, error)
-        return {"offset_deg": None, "method": "specimen", "transmission_error": str(error)}
-    return {"offset_deg": fit.tilt_offset_deg, "method": "transmission", "offset_se_deg": fit.offset_se_deg,
-            "thickness_mfp": fit.thickness_mfp, "rms_log_residual": fit.rms_log_residual}
+        return {"error": str(error)}
+    found = {"offset_deg": fit.tilt_offset_deg, "uncertainty_deg": fit.offset_se_deg,
+             "thickness_mfp": fit.thickness_mfp, "thickness_se_mfp": fit.thickness_se_mfp,
+             "rms_log_residual": fit.rms_log_residual}
+    if thickness_A is not None:
+        found["mean_free_path_A"] = thickness_A / fit.thickness_mfp
+        low, high = MEAN_FREE_PATH_RANGE_A
+        if not low <= found["mean_free_path_A"] <= high:
+            return {"error": f"the transmission fit implies a mean free path of {found['mean_free_path_A']:.0f} A "
+                             f"with the layer of {thickness_A:.0f} A in the quick tomogram (plausible: {low:.0f}-"
+                             f"{high:.0f} A)"}
+    return found
+
+
+def _tilt_offset(ts_id: str, params: dict, raw: torch.Tensor, fit, tilts: torch.Tensor,
+                 intensity_views: list[dict] | None, pixel_size_A: float) -> dict:
+    """How the tilt-angle offset is found (see the module docstring): ``method``, ``offset_deg``,
+    ``uncertainty_deg`` and what each method tried said."""
+    if not params["refine_tilt_offset"]:
+        return {"method": "none (nominal tilts)", "offset_deg": fit.tilt_offset_deg, "uncertainty_deg": math.nan}
+    method = params["tilt_offset_method"]
+    tried: dict = {}
+    layer = None
+    if method in ("auto", "tomogram", "transmission"):
+        try:
+            layer = layer_tilt_offset(raw, fit)
+            tried["tomogram"] = {"offset_deg": layer.tilt_offset_deg, "uncertainty_deg": layer.uncertainty_deg,
+                                 "thickness_A": layer.thickness_px * pixel_size_A, "columns": layer.columns}
+        except AlignmentError as error:
+            tried["tomogram"] = {"error": str(error)}
+    if method in ("auto", "transmission"):
+        tried["transmission"] = _transmission(tilts, intensity_views, None if layer is None
+                                              else layer.thickness_px * pixel_size_A)
+    order = {"auto": ("transmission", "tomogram"), "transmission": ("transmission",), "tomogram": ("tomogram",),
+             "specimen": ()}[method]
+    for name in order:
+        if "error" not in tried[name]:
+            return {"method": name, "offset_deg": tried[name]["offset_deg"],
+                    "uncertainty_deg": tried[name]["uncertainty_deg"], "tried": tried}
+    if method in ("transmission", "tomogram"):
+        raise TomopipeError(f"{ts_id}: tilt-angle offset from the {method} failed: {tried[method]['error']}")
+    if tried:
+        log.warning("%s: tilt-angle offset: %s; levelling the contour points instead", ts_id,
+                    "; ".join(f"{k}: {v['error']}" for k, v in tried.items()))
+    return {"method": "specimen", "offset_deg": fit.tilt_offset_deg, "uncertainty_deg": math.nan, "tried": tried}
 
 
 def _contour_table(stage: str, positions: torch.Tensor, fit, pixel_size_A: float) -> pd.DataFrame:
@@ -139,24 +199,29 @@ def align_tilt_series(task: dict) -> dict:
         raise TomopipeError(f"{ts_id}: {len(views)} enabled views; at least 5 are needed to align a tilt series")
     views.sort(key=lambda v: v["tilt_angle_deg"])
     pixel_size_A = float(acquisition["pixel_size_A"])
-    axis_deg = float(acquisition.get("tilt_axis_angle_deg") or 0.0)
+    axis = acquisition.get("tilt_axis_angle_deg")
+    if axis is None or not np.isfinite(float(axis)):
+        raise TomopipeError(f"{ts_id}: the tilt series has no tilt-axis angle (tilt_axis_angle_deg in its "
+                            "acquisition); set it at import (import_movies tilt_axis_angle_deg)")
     tilts = torch.tensor([v["tilt_angle_deg"] for v in views], dtype=torch.float64)
     intensity_views = None
     if task.get("intensity_views") is not None:
         by_index = {v["tilt_index"]: v for v in task["intensity_views"]}
         intensity_views = [by_index[v["tilt_index"]] for v in views]
-    offset = _tilt_offset(ts_id, params, tilts, intensity_views)
     raw = torch.from_numpy(read_views(views, "image_path", acquisition["image_size_px"]).astype(np.float32)).to(device)
     try:
-        result = align_images(raw, tilts, axis_deg, align_options(params, pixel_size_A),
-                              tilt_offset_deg=offset["offset_deg"])
+        result = align_images(raw, tilts, float(axis), align_options(params, pixel_size_A),
+                              tilt_offset_deg=None if params["refine_tilt_offset"] else 0.0)
     except (AlignmentError, ValueError) as error:
         raise TomopipeError(f"{ts_id}: alignment failed: {error}") from None
-    fit = result.fit
+    offset = _tilt_offset(ts_id, params, raw, result.fit, tilts, intensity_views, pixel_size_A)
+    fit = with_tilt_offset(result.fit, offset["offset_deg"])
     shifts_A = fit.shifts_px * pixel_size_A
+    methods = result.view_method
     per_view = [{"tilt_index": v["tilt_index"], "rot_z_deg": float(fit.rot_z_deg[i]), "rot_y_deg": float(fit.tilt_deg[i]),
                  "rot_x_deg": 0.0, "shift_x_A": float(shifts_A[i, 0]), "shift_y_A": float(shifts_A[i, 1]),
-                 "magnification": float(fit.magnification[i]), "align_residual_px": float(fit.residual_view_px[i])}
+                 "magnification": float(fit.magnification[i]), "align_residual_px": float(fit.residual_view_px[i]),
+                 "align_view_method": methods[i]}
                 for i, v in enumerate(views)]
     files = {"xf": folder / f"{ts_id}.xf", "tlt": folder / f"{ts_id}.tlt", "xtilt": folder / f"{ts_id}.xtilt",
              "contours": folder / f"{ts_id}_contours.csv"}
@@ -185,6 +250,9 @@ def align_tilt_series(task: dict) -> dict:
     return {"ts_id": ts_id, "views": per_view, "files": {k: str(v) for k, v in files.items()},
             "rms_residual_px": fit.rms_residual_px, "axis_deg": fit.axis_deg, "tilt_offset_deg": fit.tilt_offset_deg,
             "tilt_offset": {k: v for k, v in offset.items() if k != "offset_deg"},
+            "patch_size_px": result.patches.patch_size_px,
+            "views_cross_correlation": [v["tilt_index"] for v in per_view
+                                        if v["align_view_method"] == "cross-correlation"],
             "stage": result.stage, "note": result.note, "point_rounds": len(result.rounds),
             "patch_axis_deg": result.patch_fit.axis_deg, "contours": contours, "contours_used": used,
             "specimen_x_tilt_deg": fit.specimen_x_tilt_deg}
@@ -205,9 +273,10 @@ class AlignTiltSeries(Step):
         Param("refine_tilt_axis", "bool", "refine the tilt-axis angle (one for all views)", default=True),
         Param("refine_tilt_axis_per_view", "bool", "refine per-view deviations of the tilt axis", default=False),
         Param("refine_tilt_offset", "bool", "refine a tilt-angle offset (see tilt_offset_method)", default=True),
-        Param("tilt_offset_method", "str", "how the tilt-angle offset is found: transmission (mean intensities of the "
-                                           "intensity_reference input), specimen (level the contour points) or auto "
-                                           "(transmission when intensity_reference is connected)",
+        Param("tilt_offset_method", "str", "how the tilt-angle offset is found: transmission (mean intensities per "
+                                           "dose of the intensity_reference input), tomogram (tilt of the specimen "
+                                           "layer in a quick tomogram), specimen (level the contour points) or auto "
+                                           "(the first of these that works)",
               default="auto", choices=OFFSET_METHODS),
         Param("refine_tilt_angles", "bool", "refine per-view tilt angles", default=False),
         Param("refine_magnification", "bool", "refine per-view magnifications", default=True),
@@ -270,9 +339,13 @@ class AlignTiltSeries(Step):
                 "tilt_axis_deg": {r["ts_id"]: r["axis_deg"] for r in results},
                 "tilt_offset_deg": {r["ts_id"]: r["tilt_offset_deg"] for r in results},
                 "tilt_offset_method": {r["ts_id"]: r["tilt_offset"]["method"] for r in results},
+                "tilt_offset_uncertainty_deg": {r["ts_id"]: r["tilt_offset"]["uncertainty_deg"] for r in results},
+                "patch_size_px": {r["ts_id"]: r["patch_size_px"] for r in results},
+                "views_cross_correlation": {r["ts_id"]: r["views_cross_correlation"] for r in results},
                 "stage": {r["ts_id"]: r["stage"] + (f" ({r['note']})" if r["note"] else "") for r in results},
                 "contours_used": {r["ts_id"]: f"{r['contours_used']}/{r['contours']}" for r in results},
-                "residual_per_view_px": {r["ts_id"]: [round(v["align_residual_px"], 3) for v in r["views"]]
+                "residual_per_view_px": {r["ts_id"]: [None if math.isnan(v["align_residual_px"])
+                                                      else round(v["align_residual_px"], 3) for v in r["views"]]
                                          for r in results}}
 
     @staticmethod
@@ -295,6 +368,8 @@ class AlignTiltSeries(Step):
             if problems:
                 ctx.fail(f"tilt series {ts_id!r}: the 'intensity_reference' set is not the same acquisition: "
                          + "; ".join(problems))
+            doses = ref["dose_e_per_A2"] if "dose_e_per_A2" in ref.columns else pd.Series(np.nan, index=ref.index)
             out[ts_id] = [{"tilt_index": int(r.tilt_index), "image_path": str(ctx.resolve(r.image_path)),
-                           "image_section": int(r.image_section)} for r in ref.itertuples(index=False)]
+                           "image_section": int(r.image_section), "dose_e_per_A2": float(dose)}
+                          for r, dose in zip(ref.itertuples(index=False), doses)]
         return out

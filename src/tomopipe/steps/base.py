@@ -8,6 +8,7 @@ name (``tilt_axis_angle_deg``, ``pixel_size_A``); values are validated before an
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -194,3 +195,17 @@ def render_step_help(step: type[Step]) -> str:
     out.append("outputs:")
     out += [f"  {p.name:32s} {p.kind}  {p.help}" for p in step.outputs]
     return "\n".join(out)
+
+
+def missing_numbers(values: dict, names) -> list[str]:
+    """Those of ``names`` whose value in ``values`` is absent or not a finite number (for a
+    step's check of the acquisition values it needs, before it falls back on nothing)."""
+    missing = []
+    for name in names:
+        try:
+            if math.isfinite(float(values.get(name))):
+                continue
+        except (TypeError, ValueError):
+            pass
+        missing.append(name)
+    return missing

@@ -73,10 +73,8 @@ def read_tilt_series(task: dict) -> dict:
     the acquisition of this tilt series; raises InputFileError naming the file on bad input."""
     mdoc_path = Path(task["mdoc_path"])
     params = task["params"]
-    mdoc = read_mdoc(mdoc_path)
+    mdoc = read_mdoc(mdoc_path, require_tilt_series=True)  # refuses sections without TiltAngle, frame mdocs
     sections = mdoc.sections
-    if len(sections) == 0 or sections["tilt_angle_deg"].isna().any():
-        raise InputFileError(mdoc_path, "no TiltAngle in one or more sections: not a tilt-series mdoc")
     pixel_size_A = _user_or_mdoc(params["pixel_size_A"], mdoc.pixel_size_A, "pixel size", mdoc_path, "pixel_size_A")
     voltage_kV = _user_or_mdoc(params["voltage_kV"], mdoc.voltage_kV, "voltage", mdoc_path, "voltage_kV")
     if params["tilt_axis_angle_deg"] is None:
@@ -127,7 +125,7 @@ def read_tilt_series(task: dict) -> dict:
             "movie_path": str(movie_path.resolve()),
             "frame_count": n_frames,
             "date_time": "" if pd.isna(section.date_time) else pd.Timestamp(section.date_time).isoformat(),
-            "target_defocus_um": np.nan if section.target_defocus_um is None else float(section.target_defocus_um),
+            "target_defocus_um": float(section.target_defocus_um),  # NaN when the mdoc has none
         })
     _, ny, nx, _ = first
     if params["tilt_axis_angle_deg"] is not None:

@@ -23,6 +23,14 @@ CTF: ``use_movie_average = false`` (the seed's choice, Warp's default) fits the 
 aligned frames' power spectra (the frames are kept in memory for that); ``true`` fits the
 spectrum of the aligned, dose-weighted sum, whose Thon rings are F times stronger relative to
 the shot noise (better at tomography's low dose per tilt).
+
+Defocus handedness (RELION ``rlnTomoHand``, ``Δf = Δf_centre + hand·z_P``): every tilt with
+|tilt| ≥ 9.5° is fitted with both hands and the fit scores decide
+(:func:`tomopipe.algorithms.ctf_estimate.handedness_evidence`). ``defocus_hand = auto`` fits with
+the data's hand when it is clear, else with −1 and a warning; ``-1`` / ``1`` fit with that hand and
+warn when the data clearly support the other. The hand used is the ctf items' ``defocus_hand`` and
+``defocus_hand`` of each tilt series' acquisition in the attributes of both output sets (the later
+steps read it there); the evidence is in the ctf set's ``handedness`` attribute and the summary.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.movies import EER_SUFFIXES, movie_info, read_movie
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, missing_numbers, register
 
 log = logging.getLogger("tomopipe")
 
@@ -241,10 +249,10 @@ def _estimate_ctf(images: torch.Tensor, pixel_size_A: float, tilts: list[dict], 
         resolution_range_A=(params["ctf_resolution_min_A"], params["ctf_resolution_max_A"]),
         defocus_range_A=(params["defocus_min_um"] * 1e4, params["defocus_max_um"] * 1e4),
         defocus_grid=(params["defocus_grid_y"], params["defocus_grid_x"]),  # (gy, gx)
-        fit_phase=params["fit_phase"], hand=-1,  # RELION's default rlnTomoHand; the data's own hand is reported
+        fit_phase=params["fit_phase"], hand="auto" if params["defocus_hand"] == "auto" else int(params["defocus_hand"]),
     )
     out = {"power_spectra": result["power_spectra"].detach().cpu().float(),
-           "handedness": _plain(result.get("handedness", {})),
+           "handedness": _plain(result["handedness"]),
            "defocus_grid_A": [json.dumps(_plain(g)) for g in result["defocus_grid_A"].detach().cpu().double()]}
     for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "fit_resolution_A",
                 "fit_score"):
@@ -263,6 +271,45 @@ def _plain(value):
     if isinstance(value, (np.generic,)):
         return value.item()
     return value
+
+
+def missing_acquisition_values(acquisition: dict, params: dict) -> list[str]:
+    """Names of the acquisition values this step needs (pixel size and voltage; for the CTF also
+    the tilt axis, Cs and amplitude contrast) that are absent or not a number."""
+    needed = ["pixel_size_A", "voltage_kV"]
+    if params["estimate_ctf"]:
+        needed += ["tilt_axis_angle_deg", "spherical_aberration_mm", "amplitude_contrast"]
+    return missing_numbers(acquisition, needed)
+
+
+def hand_summary(handedness: dict, requested: str) -> tuple[dict, list[str]]:
+    """Summary entries of the defocus hand per tilt series (``handedness``: ts_id -> the CTF
+    estimation's ``handedness``) and warnings: a given hand that the data clearly contradict,
+    ``auto`` without a clear hand (−1 used), tilt series that clearly disagree."""
+    entries, warnings = {}, []
+    for ts_id, e in handedness.items():
+        entries[ts_id] = {"used": e["hand_used"], "source": e["source"], "detected": e["hand"], "clear": e["clear"],
+                          "p_value": e["p_value"], "t_statistic": e["t_statistic"],
+                          "tilts_agreeing": e["tilts_agreeing"], "tilts_used": e["tilts_used"]}
+        evidence = (f"p = {e['p_value']:.2g}, t = {e['t_statistic']:.1f}, {e['tilts_agreeing']} of {e['tilts_used']} "
+                    f"tilts with |tilt| >= {e['min_tilt_deg']:g} deg agree")
+        if e["clear"] and e["hand"] != e["hand_used"]:
+            warnings.append(f"{ts_id}: defocus_hand = {requested} was used, but the data clearly support "
+                            f"{e['hand']:+d} ({evidence})")
+        elif e["source"] == "default":
+            if not e["tilts_used"]:
+                why = f"no tilt with |tilt| >= {e['min_tilt_deg']:g} deg"
+            elif not e["hand"]:
+                why = f"both hands fit the {e['tilts_used']} tilts with |tilt| >= {e['min_tilt_deg']:g} deg equally"
+            else:
+                why = evidence
+            warnings.append(f"{ts_id}: the defocus handedness is not clear from the data ({why}); fitted with -1 "
+                            f"(RELION's default); set defocus_hand if the microscope's hand is known")
+    clear = {ts_id: e["hand"] for ts_id, e in handedness.items() if e["clear"]}
+    if len(set(clear.values())) > 1:
+        warnings.append(f"the tilt series clearly disagree on the defocus handedness ({clear}), a property of the "
+                        f"microscope: check their tilt angles and tilt axes")
+    return entries, warnings
 
 
 @register
@@ -304,6 +351,9 @@ class MotionCtf(Step):
         Param("defocus_grid_temporal", "int", "CTF: defocus model grid temporal (only 1 is supported)", default=1,
               min=1, max=1),
         Param("fit_phase", "bool", "CTF: fit a phase shift (phase plate)", default=False),
+        Param("defocus_hand", "str", "CTF: defocus handedness (RELION rlnTomoHand): auto (from the data's tilted "
+                                     "views; -1 with a warning when unclear), -1 or 1", default="auto",
+              choices=("auto", "-1", "1")),
         Param("use_movie_average", "bool", "CTF: fit the spectrum of the aligned sum instead of the sum of the "
                                            "frames' spectra", default=False),
         DEVICE_PARAM,
@@ -337,8 +387,18 @@ class MotionCtf(Step):
         gain_path = str(ctx.resolve(attrs["gain_path"])) if attrs.get("gain_path") else None
         tasks = []
         for ts_id, group in items.groupby("ts_id", sort=True):
+            missing = missing_acquisition_values(attrs["tilt_series"].get(ts_id, {}), params)
+            if missing:
+                ctx.fail(f"tilt series {ts_id!r}: the acquisition of the input movies has no {', '.join(missing)} "
+                         f"(set it in the import step)")
             tilts = group[["tilt_index", "tilt_angle_deg", "movie_path", "dose_e_per_A2",
                            "pre_exposure_e_per_A2"]].to_dict("records")
+            no_dose = [t["tilt_index"] for t in tilts
+                       if missing_numbers(t, ("dose_e_per_A2", "pre_exposure_e_per_A2"))]
+            if params["dose_weighting"] and no_dose:
+                ctx.fail(f"tilt series {ts_id!r}: dose weighting needs dose_e_per_A2 and pre_exposure_e_per_A2, "
+                         f"missing for tilt_index {no_dose} (set dose_per_tilt_e_per_A2 in the import step, or "
+                         f"dose_weighting = false)")
             for tilt in tilts:
                 tilt["movie_path"] = str(ctx.resolve(tilt["movie_path"]))
             tasks.append({"ts_id": ts_id, "tilts": tilts, "acquisition": attrs["tilt_series"][ts_id],
@@ -365,7 +425,8 @@ class MotionCtf(Step):
             acquisitions[ts_id] = acquisition
             if result["ctf"] is not None:
                 ctf = result["ctf"]
-                hand = ctf["handedness"].get("hand_used", -1)
+                hand = ctf["handedness"]["hand_used"]
+                acquisition["defocus_hand"] = int(hand)
                 ctf_tables.append(pd.DataFrame({
                     "ts_id": ts_id,
                     "tilt_index": table["tilt_index"].to_numpy(),
@@ -392,6 +453,11 @@ class MotionCtf(Step):
             summary["ctf_s_per_tilt"] = sum(r["seconds"]["ctf"] for r in results) / len(ts_items)
             ctf_items = pd.concat(ctf_tables, ignore_index=True)
             ctx.add_output("ctf", ctf_items, {"tilt_series": acquisitions, "handedness": handedness})
+            summary["defocus_hand"], warnings = hand_summary(handedness, params["defocus_hand"])
+            for warning in warnings:
+                log.warning("%s", warning)
+            if warnings:
+                summary["warnings"] = warnings
             summary["defocus_um_median"] = float(np.median((ctf_items["defocus_u_A"] + ctf_items["defocus_v_A"]) / 2e4))
             finite = ctf_items["fit_resolution_A"][np.isfinite(ctf_items["fit_resolution_A"])]
             summary["fit_resolution_A_median"] = float(np.median(finite)) if len(finite) else math.nan

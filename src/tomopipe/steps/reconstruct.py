@@ -4,7 +4,9 @@ SIRT-like filter) of every aligned tilt series, straight from its views and alig
 
 Input: a ``tilt_series`` set with alignment columns (``rot_z_deg, rot_y_deg, shift_x_A,
 shift_y_A``; ``rot_x_deg`` and ``magnification`` optional), e.g. from ``align_tilt_series`` or
-``assign_alignment``; optionally the ``ctf`` set for phase flipping. Disabled views and the
+``assign_alignment``; optionally the ``ctf`` set for phase flipping (with the defocus hand of
+each tilt series in its attributes). Nothing is assumed: dose weighting needs the voltage, phase
+flipping the voltage, Cs, amplitude contrast and hand, else the step fails. Disabled views and the
 tilt indices in ``exclude_tilt_indices`` are left out. Output: one float32 MRC per tilt series,
 ``TS.mrc`` ``[z, y, x]``: z = thickness with +z toward the electron source, y along the tilt
 axis, voxel size = the tilt series' pixel size; the volume is computed slab by slab along y into
@@ -32,13 +34,25 @@ from tomopipe.algorithms.reconstruct import (
 )
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
+from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, missing_numbers, register
 from tomopipe.steps.xray_eraser import read_views
 
 log = logging.getLogger("tomopipe")
 
 ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
 CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")
+CTF_ACQUISITION = ("voltage_kV", "spherical_aberration_mm", "amplitude_contrast")
+
+
+def ctf_hand(ctx, ts_id: str) -> int:
+    """The defocus handedness (RELION ``rlnTomoHand``) of a tilt series: ``defocus_hand`` of its
+    acquisition in the attributes of the input set 'ctf' (written by motion_ctf); a clear error
+    when it is not there."""
+    hand = ctx.input_attrs("ctf").get("tilt_series", {}).get(ts_id, {}).get("defocus_hand")
+    if hand not in (-1, 1):
+        ctx.fail(f"tilt series {ts_id!r}: the input set 'ctf' has no defocus handedness (defocus_hand = -1 or 1 in "
+                 f"its attributes, RELION rlnTomoHand; got {hand!r}): estimate the CTF again with motion_ctf")
+    return int(hand)
 
 
 def reconstruction_params(params: dict) -> ReconstructionParams:
@@ -71,13 +85,13 @@ def reconstruct_tilt_series(task: dict) -> dict:
         c = task["ctf"]
         ctf = CtfParams(col("defocus_u_A"), col("defocus_v_A"), col("defocus_angle_deg"),
                         float(acquisition["voltage_kV"]), float(acquisition["spherical_aberration_mm"]),
-                        float(acquisition["amplitude_contrast"]), col("phase_shift_deg"), int(c["defocus_hand"]),
-                        float(c["strip_width_px"]))
+                        float(acquisition["amplitude_contrast"]), defocus_hand=int(c["defocus_hand"]),
+                        phase_shift_deg=col("phase_shift_deg"), strip_width_px=float(c["strip_width_px"]))
     pre = col("pre_exposure_e_per_A2") if task["params"]["dose_weighting"] else None
+    voltage_kV = float(acquisition["voltage_kV"]) if pre is not None else None
     filtered = filter_tilt_images(images_t, rot_z + params.tilt_axis_offset_deg, rot_y + params.tilt_angle_offset_deg,
                                   pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
-                                  params.sirt_like_iterations, pre, float(acquisition.get("voltage_kV") or 300.0),
-                                  ctf, t)
+                                  params.sirt_like_iterations, pre, voltage_kV, ctf, t)
     del images_t
     shape = volume_shape_for(acquisition["image_size_px"], float(rot_z.mean()) + params.tilt_axis_offset_deg, params)
     folder = Path(task["folder"])
@@ -179,6 +193,12 @@ class ReconstructTomogram(Step):
                          f"{group.loc[bad, 'tilt_index'].tolist()}); disable them or align again")
             if p["dose_weighting"] and ("pre_exposure_e_per_A2" not in group or group["pre_exposure_e_per_A2"].isna().any()):
                 ctx.fail(f"tilt series {ts_id!r}: dose_weighting needs pre_exposure_e_per_A2 for every view")
+            needed = {**({"voltage_kV": "dose_weighting"} if p["dose_weighting"] else {}),
+                      **({name: "phase_flip" for name in CTF_ACQUISITION} if ctf_table is not None else {})}
+            missing = missing_numbers(acquisitions[ts_id], needed)
+            if missing:
+                ctx.fail(f"tilt series {ts_id!r}: the acquisition in the attributes of the input set 'tilt_series' "
+                         f"has no {', '.join(f'{name} (needed by {needed[name]})' for name in missing)}")
             if ctf_table is not None:
                 est = ctf_table[ctf_table["ts_id"] == ts_id].drop(columns=["ts_id", "enabled", "tilt_angle_deg"],
                                                                   errors="ignore")
@@ -190,9 +210,7 @@ class ReconstructTomogram(Step):
                 if "phase_shift_deg" not in group:
                     group["phase_shift_deg"] = 0.0
                 group["phase_shift_deg"] = group["phase_shift_deg"].fillna(0.0)
-                hands = group["defocus_hand"].dropna().unique() if "defocus_hand" in group else []
-                ctf_info = {"defocus_hand": int(hands[0]) if len(hands) else -1,
-                            "strip_width_px": p["ctf_strip_width_px"]}
+                ctf_info = {"defocus_hand": ctf_hand(ctx, ts_id), "strip_width_px": p["ctf_strip_width_px"]}
             views = []
             for row in group.to_dict("records"):
                 view = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
