@@ -485,35 +485,38 @@ def _line_directions(m: torch.Tensor) -> torch.Tensor | None:
     return longer / longer.norm(dim=1, keepdim=True)
 
 
-def _upsampled_view(view: torch.Tensor, s: int, e: torch.Tensor) -> torch.Tensor:
-    """The view on an ``s`` times finer grid (band-limited: its spectrum zero-padded; fine pixel i
-    is view pixel i/s), times the compensation that gives the lines of :func:`_view_lines` the
-    transfer of bilinear sampling of the view itself (what a fine-grid back projection sees):
-    ``sinc²(k_x)·sinc²(k_y) / (sinc²(k_x/s)·sinc²(k_y/s)·sinc²(k·e/s))`` (the bilinear samples of
-    the fine view and the linear interpolation along the line at spacing 1/s divided out)."""
-    ny, nx = view.shape
+def _upsampled_views(views: torch.Tensor, s: int, e: torch.Tensor) -> torch.Tensor:
+    """The views ``[k, ny, nx]`` on an ``s`` times finer grid (band-limited: spectra zero-padded;
+    fine pixel i is view pixel i/s), times the compensation that gives the lines of
+    :func:`_view_lines` the transfer of bilinear reads of the view itself (what a fine-grid back
+    projection sees): ``sinc²(k_x)·sinc²(k_y) / (sinc²(k_x/s)·sinc²(k_y/s)·sinc²(k·e/s))`` (the
+    bilinear reads of the fine view and the linear interpolation along the line at spacing 1/s
+    divided out). ``e [k, 2]``: the views' line directions."""
+    k, ny, nx = views.shape
     py, px = fast_fft_size(ny + 8, even=True), fast_fft_size(nx + 8, even=True)
-    ky = torch.fft.fftfreq(py, dtype=torch.float64, device=view.device)[:, None]
-    kx = torch.fft.rfftfreq(px, dtype=torch.float64, device=view.device)[None, :]
-    t = lambda k: torch.sinc(k) ** 2  # noqa: E731  (bilinear / linear interpolation's transfer)
-    compensation = t(kx) * t(ky) / (t(kx / s) * t(ky / s) * t((kx * e[0] + ky * e[1]) / s))
-    spectrum = torch.fft.rfft2(view.to(torch.float32), s=(py, px)) * compensation.to(torch.float32)
-    spectrum[py // 2] *= 0.5  # the Nyquist row and column: half at +N/2, half at -N/2
-    spectrum[:, px // 2] *= 0.5
-    fine = torch.zeros((s * py, s * px // 2 + 1), dtype=spectrum.dtype, device=view.device)
-    fine[:py // 2 + 1, :px // 2 + 1] = spectrum[:py // 2 + 1]
-    fine[s * py - py // 2:, :px // 2 + 1] = spectrum[py // 2:]
+    ky = torch.fft.fftfreq(py, dtype=torch.float64, device=views.device)[None, :, None]
+    kx = torch.fft.rfftfreq(px, dtype=torch.float64, device=views.device)[None, None, :]
+    t = lambda q: torch.sinc(q) ** 2  # noqa: E731  (bilinear / linear interpolation's transfer)
+    along_e = (kx * e[:, 0, None, None] + ky * e[:, 1, None, None]) / s
+    compensation = (t(kx) * t(ky) / (t(kx / s) * t(ky / s) * t(along_e))).to(torch.float32)
+    spectrum = torch.fft.rfft2(views.to(torch.float32), s=(py, px)) * compensation
+    spectrum[:, py // 2] *= 0.5  # the Nyquist row and column: half at +N/2, half at -N/2
+    spectrum[:, :, px // 2] *= 0.5
+    fine = torch.zeros((k, s * py, s * px // 2 + 1), dtype=spectrum.dtype, device=views.device)
+    fine[:, :py // 2 + 1, :px // 2 + 1] = spectrum[:, :py // 2 + 1]
+    fine[:, s * py - py // 2:, :px // 2 + 1] = spectrum[:, py // 2:]
     return torch.fft.irfft2(fine, s=(s * py, s * px)).mul_(s * s)
 
 
-def _view_lines(filtered, m, t, e, xs, zs, ys, s: int, compiled: bool):
+def _view_lines(filtered, m, t, e, xs, zs, ys, s: int, compiled: bool, memory_budget_bytes: int):
     """Per view its line through every volume row, sampled at spacing 1/s pixel: ``lines [n, L,
     ny]`` (float32, y last) and per view ``cx, cz, a0`` [n]: voxel (x, y, z) lies on line y at
     sample ``s·(cx·x + cz·z - a0)`` (``cx, cz``: M's x and z columns along ``e``).
 
     Sample j of line y of view k is at ``N//2 + t + y·M[:, 1] + (a0 + j/s)·e`` in the view, read
-    bilinearly from :func:`_upsampled_view` (numba or ``grid_sample``, zeros outside); two zero
-    samples pad both ends. Memory: ``n·ny·L·4`` bytes, L ≈ s·(width·|cos| + thickness·|sin|)."""
+    bilinearly from :func:`_upsampled_views` (numba or ``grid_sample``, zeros outside; views
+    upsampled in chunks within ``memory_budget_bytes``); two zero samples pad both ends. Memory:
+    ``n·ny·L·4`` bytes, L ≈ s·(width·|cos| + thickness·|sin|)."""
     n, ny_img, nx_img = filtered.shape
     device = filtered.device
     cx = (m[:, :, 0] * e).sum(1)
@@ -524,8 +527,12 @@ def _view_lines(filtered, m, t, e, xs, zs, ys, s: int, compiled: bool):
     lines = torch.empty((n, length, len(ys)), dtype=torch.float32, device=device)
     centre = torch.tensor([nx_img // 2, ny_img // 2], dtype=torch.float64, device=device)
     j = torch.arange(length, device=device, dtype=torch.float64)
+    fine_bytes = 12 * s * s * (ny_img + 16) * (nx_img + 16)  # a fine view, its spectrum and slack
+    chunk = max(1, min(n, memory_budget_bytes // fine_bytes))
     for k in range(n):
-        fine = _upsampled_view(filtered[k], s, e[k])
+        if k % chunk == 0:
+            fine_views = _upsampled_views(filtered[k:k + chunk], s, e[k:k + chunk])
+        fine = fine_views[k % chunk]
         base, step_y, step_j = s * (centre + t[k] + a0[k] * e[k]), s * m[k, :, 1], e[k]
         if compiled:
             _sample_lines_numba(fine.numpy(), base.numpy(), step_y.numpy(), step_j.numpy(), ys.numpy(),
@@ -552,7 +559,7 @@ def _iter_line_slabs(filtered, m, t, e, volume_shape, params: ReconstructionPara
     xs = torch.arange(nx, device=device, dtype=torch.float64) - nx // 2 - params.shift_x_px
     zs = torch.arange(nz, device=device, dtype=torch.float64) - nz // 2 - params.shift_z_px
     ys_all = torch.arange(ny, device=device, dtype=torch.float64) - ny // 2
-    lines, cx, cz, a0 = _view_lines(filtered, m, t, e, xs, zs, ys_all, s, compiled)
+    lines, cx, cz, a0 = _view_lines(filtered, m, t, e, xs, zs, ys_all, s, compiled, params.memory_budget_bytes)
     length = lines.shape[1]
     rows = int(params.slab_rows) or _auto_slab_rows(n, nz, nx, params.memory_budget_bytes, compiled)
     rows = max(1, min(rows, ny))

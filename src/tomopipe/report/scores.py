@@ -105,13 +105,15 @@ class Goal:
     relation: str  # "at most", "at least", "equal to"
     target: float | str
 
-    def met(self, value) -> bool:
+    def met(self, value, slack: float = 0.0) -> bool:
+        """Whether ``value`` meets the goal; ``slack`` (a fraction) loosens a numeric target by that
+        share of itself, for data sets smaller than the one the goal is set for."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
         if self.relation == "at most":
-            return float(value) <= float(self.target)
+            return float(value) <= float(self.target) * (1.0 + slack)
         if self.relation == "at least":
-            return float(value) >= float(self.target)
+            return float(value) >= float(self.target) * (1.0 - slack)
         return value == self.target
 
     def text(self, unit: str) -> str:

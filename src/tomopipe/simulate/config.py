@@ -14,7 +14,8 @@ X-ray hits have a realistic spectrum (spots up to 8 px, streaks, counts from the
 Presets (:data:`PRESETS`) only change sizes: ``tiny`` (unit tests: one tilt series of five
 tilts, 256² px at 3.16 Å, six particles; ~2 s), ``small`` (the seed's small data set: two tilt
 series of 41 tilts at 0.79 Å/px on a 1920 × 1440 detector, 8 frames, 150 particles each in 800 Å
-of ice; ~3 min on 2 CPU cores), ``tutorial`` (EMPIAR-10491 size: five tilt series on a K3
+of ice; ~3 min on 2 CPU cores), ``reduced`` (the small data set cut down for CI: one tilt series
+of 21 tilts in 4° steps, 6 frames; the same field, pixel size and particles), ``tutorial`` (EMPIAR-10491 size: five tilt series on a K3
 5760 × 4092, 10 frames, 400 particles each in 1000 Å of ice, projector padding 4; for a GPU
 machine).
 """
@@ -336,6 +337,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_height_px=1440,
         pixel_size_A=0.79,
         frames_per_tilt=8,
+        particles_per_tilt_series=150,
+        ice_thickness_A=800.0,
+        ice_sublayers=2,
+    ),
+    "reduced": dict(
+        n_tilt_series=1,
+        image_width_px=1920,
+        image_height_px=1440,
+        pixel_size_A=0.79,
+        frames_per_tilt=6,
+        tilt_step_deg=4.0,
         particles_per_tilt_series=150,
         ice_thickness_A=800.0,
         ice_sublayers=2,
