@@ -33,7 +33,7 @@ from _report import report  # noqa: E402
 
 from tomopipe.algorithms.align import AlignOptions, align_images  # noqa: E402
 from tomopipe.algorithms.align_fit import projected_shift_error_px  # noqa: E402
-from tomopipe.algorithms.align_synthetic import blob_tilt_series  # noqa: E402
+from tomopipe.simulate.blob_tilt_series import blob_tilt_series  # noqa: E402
 
 PIXEL_A, AXIS_DEG, OFFSET_DEG = 7.9, -85.6, 1.2
 

@@ -15,8 +15,8 @@ from tomopipe.algorithms.align import (AlignOptions, align_images, aligned_views
 from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, fit_projection_model, projected_shift_error_px,
                                            transmission_tilt_offset)
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset
-from tomopipe.algorithms.align_synthetic import blob_tilt_series
 from tomopipe.algorithms.geometry import project_points, projection_rotations
+from tomopipe.simulate.blob_tilt_series import blob_tilt_series
 
 AXIS_DEG = -85.6
 TILTS_40 = torch.arange(-40.0, 40.1, 2.0, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Tests of the CTF model conventions (shared/notes/conventions.md §4, §8 T8/T9)."""
+"""Tests of the CTF model conventions (docs/conventions.md §4, §8 T8/T9)."""
 
 from __future__ import annotations
 

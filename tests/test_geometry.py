@@ -1,4 +1,4 @@
-"""Round-trip tests of the geometry conventions (shared/notes/conventions.md §8: T1, T2, T3, T6, T7).
+"""Round-trip tests of the geometry conventions (docs/conventions.md §8: T1, T2, T3, T6, T7).
 
 Expected numbers are the worked examples of the conventions sheet (computed there independently),
 not outputs of this package.

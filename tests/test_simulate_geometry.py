@@ -1,4 +1,4 @@
-"""The simulator's geometry against the conventions sheet (``shared/notes/conventions.md``),
+"""The simulator's geometry against the conventions sheet (``docs/conventions.md``),
 not against the pipeline, so that an error cannot cancel itself out between the two.
 
 Worked examples used: §2b/§3b (α = 85.3°, .xf d = (12, −7), θ = +30°, point (100, 50, 20) px ->

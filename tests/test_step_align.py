@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tomopipe.algorithms.align_fit import projected_shift_error_px
-from tomopipe.algorithms.align_synthetic import blob_tilt_series
 from tomopipe.algorithms.geometry import alignment_from_xf
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
@@ -21,6 +20,7 @@ from tomopipe.engine.workflow import load_workflow
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.mrc import read_mrc, write_mrc
 from tomopipe.project.store import Project
+from tomopipe.simulate.blob_tilt_series import blob_tilt_series
 from tomopipe.steps.base import REGISTRY, Param, Port, Step, register
 
 PIXEL_A = 8.0

@@ -105,7 +105,7 @@ def simulate_once(data_dir: Path, preset: str, seed: int, device: str = "cpu") -
     return time.perf_counter() - start
 
 
-def run_demo(out: Path, preset: str = "small", seed: int = 1, jobs: int = 1, until: str | None = None,
+def run_demo(out: Path, preset: str = "small", seed: int = 4, jobs: int = 1, until: str | None = None,
              overrides: list[str] = (), simulate_device: str = "cpu") -> int:
     out = Path(out)
     data_dir = out / "data"

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, FitResult, fit_projection_model,
                                             projected_shift_error_px, usable_contours)
+from tomopipe.algorithms.fourier import cosine_edge_taper
 from tomopipe.algorithms.geometry import fft_centre, projection_rotations, rotation_2d
+from tomopipe.algorithms.peaks import parabolic_offset
 
 __all__ = ["bandpass_images", "stretch_matrices", "coarse_align", "track_patches", "CoarseAlignment", "PatchTracks",
            "zero_tilt_index", "patch_grid", "aligned_frame_size", "aligned_views", "aligned_to_raw",
@@ -98,15 +100,6 @@ def _sample(images: torch.Tensor, coords_px: torch.Tensor) -> torch.Tensor:
     return out[:, 0]
 
 
-def _taper(shape, edge_px: float, device) -> torch.Tensor:
-    """Separable window: 1 inside, cosine fall-off to 0 over ``edge_px`` pixels at every border."""
-    def one(n):
-        i = torch.arange(n, dtype=torch.float32, device=device)
-        d = torch.minimum(i + 0.5, n - 0.5 - i)
-        return torch.where(d >= edge_px, torch.ones_like(d), 0.5 - 0.5 * torch.cos(math.pi * d / edge_px))
-    return one(shape[0])[:, None] * one(shape[1])[None, :]
-
-
 def _correlate(target: torch.Tensor, reference: torch.Tensor, window: torch.Tensor):
     """Normalised circular cross-correlation of windowed, mean-free images ``[b, h, w]``: ``cc[d]`` is
     high where ``target(x) ≈ reference(x - d)``; the map is fft-shifted (zero shift at ``N//2``)."""
@@ -144,14 +137,8 @@ def _find_peak(cc: torch.Tensor, max_shift_px: float | None = None, exclude_px: 
     value, index = flat.max(dim=1)
     iy, ix = index // w, index % w
     rows = torch.arange(b, device=cc.device)
-
-    def parabola(minus, centre, plus):
-        denominator = minus - 2 * centre + plus
-        offset = torch.where(denominator < 0, 0.5 * (minus - plus) / denominator, torch.zeros_like(centre))
-        return offset.clamp(-0.5, 0.5)
-
-    dx = parabola(cc[rows, iy, (ix - 1) % w], value, cc[rows, iy, (ix + 1) % w])
-    dy = parabola(cc[rows, (iy - 1) % h, ix], value, cc[rows, (iy + 1) % h, ix])
+    dx = parabolic_offset(cc[rows, iy, (ix - 1) % w], value, cc[rows, iy, (ix + 1) % w])
+    dy = parabolic_offset(cc[rows, (iy - 1) % h, ix], value, cc[rows, (iy + 1) % h, ix])
     shift = torch.stack([(ix - cx).to(torch.float64) + dx.double(), (iy - cy).to(torch.float64) + dy.double()], -1)
     background = ((yy[None] - (iy - cy)[:, None, None]).square() + (xx[None] - (ix - cx)[:, None, None]).square()
                   > exclude_px * exclude_px)
@@ -200,7 +187,7 @@ def _neighbour_peak(images: torch.Tensor, refs, t: int, shifts_px: torch.Tensor,
     the peak is view t's specimen shift (of z = 0 features). Fields on the CPU, ``[1]``-sized."""
     _, ny, nx = images.shape
     device = images.device
-    window = _taper((ny, nx), edge_fraction * min(nx, ny), device)
+    window = cosine_edge_taper((ny, nx), edge_fraction * min(nx, ny), device=device)
     centre = torch.tensor([fft_centre(nx), fft_centre(ny)], dtype=torch.float64)
     yy, xx = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
     rel = torch.stack([xx, yy], -1) - centre  # [ny, nx, 2] output pixel positions from the centre
@@ -265,7 +252,7 @@ def track_patches(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, s
     correlation = torch.full((m, n), math.nan, dtype=torch.float64)
     positions[:, i0] = starts + shifts_px[i0]
     correlation[:, i0] = 1.0
-    window = _taper((size, size), size / 4.0, device)
+    window = cosine_edge_taper((size, size), size / 4.0, device=device)
     g = torch.arange(size, dtype=torch.float64) - size // 2
     gy, gx = torch.meshgrid(g, g, indexing="ij")
     grid = torch.stack([gx, gy], -1)  # [size, size, 2] offsets from the patch centre
@@ -470,7 +457,7 @@ def track_points(views: torch.Tensor, coverage: torch.Tensor, tilt_angles_deg, p
     g = torch.arange(w, dtype=torch.float64) - half
     gy, gx = torch.meshgrid(g, g, indexing="ij")
     grid = torch.stack([gx, gy], -1)  # [w, w, 2]
-    window = _taper((w, w), w / 4.0, device)
+    window = cosine_edge_taper((w, w), w / 4.0, device=device)
     limit = max_shift_px if max_shift_px is not None else w / 4.0
     centre = torch.tensor([fft_centre(nx), fft_centre(ny)], dtype=torch.float64)
     positions = torch.full((m, n, 2), math.nan, dtype=torch.float64)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tomopipe.algorithms.geometry import projection_rotations
+from tomopipe.algorithms.peaks import parabolic_offset
 from tomopipe.errors import TomopipeError
 
 __all__ = ["AlignmentError", "FitOptions", "FitResult", "fit_projection_model", "usable_contours",
@@ -418,7 +419,7 @@ def transmission_tilt_offset(tilt_angles_deg, mean_intensity, dose_e_per_A2=None
         raise AlignmentError(f"the transmission fit has no minimum within ±{max_offset_deg} deg of the nominal tilts "
                              f"(best at {float(grid[k]):+.2f} deg)")
     a, b, c = float(sse[k - 1]), float(sse[k]), float(sse[k + 1])
-    delta = float(grid[k]) + (0.5 * step * (a - c) / (a - 2 * b + c) if a - 2 * b + c > 0 else 0.0)
+    delta = float(grid[k]) + step * float(parabolic_offset(-a, -b, -c))  # vertex of the minimum
     best_sse, best = misfit(torch.tensor([delta], dtype=torch.float64))
     log_i0, tau = float(best[0, 0]), float(best[0, 1])
     rms = math.sqrt(float(best_sse[0]) / theta.numel())

@@ -1,4 +1,4 @@
-"""The contrast transfer function (CTF) model of tomopipe (``shared/notes/conventions.md`` §4, §7).
+"""The contrast transfer function (CTF) model of tomopipe (``docs/conventions.md`` §4, §7).
 
 Conventions:
 
@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from tomopipe.algorithms._tensor import as_f64, out_dtype, tensor_device
+
 __all__ = [
     "electron_wavelength_A",
     "amplitude_contrast_phase_rad",
@@ -44,24 +46,6 @@ _SPEED_OF_LIGHT_M_S = 299792458.0
 _SIGN = {"relion": 1.0, "warp": 1.0, "ctffind": -1.0}
 
 
-def _out_dtype(*values) -> torch.dtype:
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.dtype
-    return torch.get_default_dtype()
-
-
-def _device(*values) -> torch.device:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return torch.device("cpu")
-
-
-def _f64(value, device) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float64, device=device)
-
-
 def _sign(convention: str) -> float:
     try:
         return _SIGN[convention.lower()]
@@ -71,8 +55,8 @@ def _sign(convention: str) -> float:
 
 def electron_wavelength_A(voltage_kV) -> torch.Tensor:
     """Relativistic electron wavelength in Å: ``h / sqrt(2·m·e·V·(1 + e·V / (2·m·c²)))`` (300 kV -> 0.019687)."""
-    dtype, device = _out_dtype(voltage_kV), _device(voltage_kV)
-    v = _f64(voltage_kV, device) * 1e3
+    dtype, device = out_dtype(voltage_kV), tensor_device(voltage_kV)
+    v = as_f64(voltage_kV, device) * 1e3
     if bool((v <= 0).any()):
         raise ValueError(f"electron_wavelength_A: voltage_kV must be > 0, got {voltage_kV!r}")
     m, e, c, h = _ELECTRON_MASS_KG, _ELEMENTARY_CHARGE_C, _SPEED_OF_LIGHT_M_S, _PLANCK_J_S
@@ -82,8 +66,8 @@ def electron_wavelength_A(voltage_kV) -> torch.Tensor:
 
 def amplitude_contrast_phase_rad(amplitude_contrast) -> torch.Tensor:
     """Phase ``atan(w / sqrt(1 − w²))`` (= asin w) that puts an amplitude-contrast fraction w into χ."""
-    dtype, device = _out_dtype(amplitude_contrast), _device(amplitude_contrast)
-    w = _f64(amplitude_contrast, device)
+    dtype, device = out_dtype(amplitude_contrast), tensor_device(amplitude_contrast)
+    w = as_f64(amplitude_contrast, device)
     if bool(((w < 0) | (w >= 1)).any()):
         raise ValueError(f"amplitude_contrast must be in [0, 1), got {amplitude_contrast!r}")
     return torch.atan(w / torch.sqrt(1.0 - w * w)).to(dtype)
@@ -91,10 +75,10 @@ def amplitude_contrast_phase_rad(amplitude_contrast) -> torch.Tensor:
 
 def defocus_at_azimuth_A(defocus_u_A, defocus_v_A, astigmatism_angle_deg, azimuth_deg) -> torch.Tensor:
     """Defocus along an azimuth: ``½[U + V + (U − V)·cos 2(φ − angle)]`` (CTFFIND ``DefocusGivenAzimuth``)."""
-    dtype = _out_dtype(defocus_u_A, defocus_v_A, azimuth_deg)
-    device = _device(defocus_u_A, defocus_v_A, astigmatism_angle_deg, azimuth_deg)
-    u, v = _f64(defocus_u_A, device), _f64(defocus_v_A, device)
-    phi = torch.deg2rad(_f64(azimuth_deg, device) - _f64(astigmatism_angle_deg, device))
+    dtype = out_dtype(defocus_u_A, defocus_v_A, azimuth_deg)
+    device = tensor_device(defocus_u_A, defocus_v_A, astigmatism_angle_deg, azimuth_deg)
+    u, v = as_f64(defocus_u_A, device), as_f64(defocus_v_A, device)
+    phi = torch.deg2rad(as_f64(azimuth_deg, device) - as_f64(astigmatism_angle_deg, device))
     return (0.5 * (u + v + (u - v) * torch.cos(2.0 * phi))).to(dtype)
 
 
@@ -104,10 +88,10 @@ def _chi(k2, defocus_A, lam, cs_A, phase0):
 
 
 def _params(device, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg):
-    lam = electron_wavelength_A(_f64(voltage_kV, device))
-    cs_A = _f64(cs_mm, device) * 1e7
-    phase0 = amplitude_contrast_phase_rad(_f64(amplitude_contrast, device)) + torch.deg2rad(
-        _f64(phase_shift_deg, device)
+    lam = electron_wavelength_A(as_f64(voltage_kV, device))
+    cs_A = as_f64(cs_mm, device) * 1e7
+    phase0 = amplitude_contrast_phase_rad(as_f64(amplitude_contrast, device)) + torch.deg2rad(
+        as_f64(phase_shift_deg, device)
     )
     return lam, cs_A, phase0
 
@@ -124,13 +108,13 @@ def ctf_1d(
     convention: str = "relion",
 ) -> torch.Tensor:
     """Radial CTF at spatial frequencies ``frequency_per_A`` (cycles/Å); all arguments broadcast."""
-    dtype = _out_dtype(frequency_per_A, defocus_A)
-    device = _device(frequency_per_A, defocus_A, voltage_kV, cs_mm, amplitude_contrast)
-    k = _f64(frequency_per_A, device)
+    dtype = out_dtype(frequency_per_A, defocus_A)
+    device = tensor_device(frequency_per_A, defocus_A, voltage_kV, cs_mm, amplitude_contrast)
+    k = as_f64(frequency_per_A, device)
     lam, cs_A, phase0 = _params(device, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg)
     k2 = k * k
-    out = _sign(convention) * torch.sin(_chi(k2, _f64(defocus_A, device), lam, cs_A, phase0))
-    out = out * torch.exp(-0.25 * _f64(b_factor_A2, device) * k2)
+    out = _sign(convention) * torch.sin(_chi(k2, as_f64(defocus_A, device), lam, cs_A, phase0))
+    out = out * torch.exp(-0.25 * as_f64(b_factor_A2, device) * k2)
     return out.to(dtype)
 
 
@@ -145,7 +129,7 @@ def _frequency_grid_2d(image_shape, pixel_size_A, rfft: bool, fftshift: bool, de
         ky = torch.fft.fftshift(ky)
         if not rfft:
             kx = torch.fft.fftshift(kx)
-    p = _f64(pixel_size_A, device)
+    p = as_f64(pixel_size_A, device)
     if bool((p <= 0).any()):
         raise ValueError(f"pixel_size_A must be > 0, got {pixel_size_A!r}")
     p = p[..., None, None]
@@ -174,10 +158,10 @@ def ctf_2d(
     ``rfftfreq(w)/pixel`` (``fftshift`` shifts the full axes, so the DC sits at ``h // 2``).
     DefocusU lies along ``astigmatism_angle_deg`` from +x toward +y (+y = increasing row index).
     """
-    dtype = _out_dtype(defocus_u_A, defocus_v_A, pixel_size_A)
-    device = _device(defocus_u_A, defocus_v_A, astigmatism_angle_deg, pixel_size_A, voltage_kV)
+    dtype = out_dtype(defocus_u_A, defocus_v_A, pixel_size_A)
+    device = tensor_device(defocus_u_A, defocus_v_A, astigmatism_angle_deg, pixel_size_A, voltage_kV)
     params = [
-        _f64(x, device)
+        as_f64(x, device)
         for x in (pixel_size_A, defocus_u_A, defocus_v_A, astigmatism_angle_deg, voltage_kV, cs_mm,
                   amplitude_contrast, phase_shift_deg, b_factor_A2)
     ]
@@ -206,9 +190,9 @@ def ctf_zero_frequencies_per_A(
     """
     if n_zeros < 1:
         raise ValueError(f"n_zeros must be >= 1, got {n_zeros}")
-    dtype = _out_dtype(defocus_A)
-    device = _device(defocus_A, voltage_kV, cs_mm, amplitude_contrast)
-    df = _f64(defocus_A, device)
+    dtype = out_dtype(defocus_A)
+    device = tensor_device(defocus_A, voltage_kV, cs_mm, amplitude_contrast)
+    df = as_f64(defocus_A, device)
     if bool((df <= 0).any()):
         raise ValueError(f"ctf_zero_frequencies_per_A: defocus_A must be > 0 (underfocus), got {defocus_A!r}")
     lam, cs_A, phase0 = _params(device, voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg)
@@ -227,9 +211,9 @@ def enforce_ctffind_convention(defocus_u_A, defocus_v_A, angle_deg):
 
     Swapping U and V turns the angle by 90°; the defocus at every azimuth is unchanged.
     """
-    dtype = _out_dtype(defocus_u_A, defocus_v_A, angle_deg)
-    device = _device(defocus_u_A, defocus_v_A, angle_deg)
-    u, v, a = torch.broadcast_tensors(_f64(defocus_u_A, device), _f64(defocus_v_A, device), _f64(angle_deg, device))
+    dtype = out_dtype(defocus_u_A, defocus_v_A, angle_deg)
+    device = tensor_device(defocus_u_A, defocus_v_A, angle_deg)
+    u, v, a = torch.broadcast_tensors(as_f64(defocus_u_A, device), as_f64(defocus_v_A, device), as_f64(angle_deg, device))
     swap = u < v
     u2, v2 = torch.where(swap, v, u), torch.where(swap, u, v)
     a2 = torch.where(swap, a + 90.0, a)
@@ -247,9 +231,9 @@ def defocus_with_handedness(defocus_centre_A, depth_A, hand: int) -> torch.Tenso
     """
     if hand not in (-1, 1):
         raise ValueError(f"defocus handedness must be -1 or +1, got {hand!r}")
-    dtype = _out_dtype(defocus_centre_A, depth_A)
-    device = _device(defocus_centre_A, depth_A)
-    return (_f64(defocus_centre_A, device) + hand * _f64(depth_A, device)).to(dtype)
+    dtype = out_dtype(defocus_centre_A, depth_A)
+    device = tensor_device(defocus_centre_A, depth_A)
+    return (as_f64(defocus_centre_A, device) + hand * as_f64(depth_A, device)).to(dtype)
 
 
 def phase_flip(images_fft: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:

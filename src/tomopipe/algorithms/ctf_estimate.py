@@ -1,6 +1,6 @@
 """Tilt-aware per-tilt CTF estimation (issue 4): defocus U/V/angle, phase shift, fit resolution.
 
-Conventions (``shared/notes/conventions.md`` §4, §7): defocus in Å, underfocus positive;
+Conventions (``docs/conventions.md`` §4, §7): defocus in Å, underfocus positive;
 DefocusU along ``defocus_angle_deg`` measured from +x toward +y (index space, +y = increasing
 row index), reported CTFFIND-style with U ≥ V and angle in (−90, 90]; the defocus of a point
 is ``Δf = Δf_centre + hand·z_P`` (RELION ``rlnTomoHand``), z_P = depth of the point after the
@@ -81,7 +81,9 @@ from scipy.stats import binomtest
 from scipy.stats import t as student_t
 
 from tomopipe.algorithms.ctf import ctf_1d, electron_wavelength_A, enforce_ctffind_convention
+from tomopipe.algorithms.fourier import cosine_edge_taper
 from tomopipe.algorithms.geometry import projection_rotations
+from tomopipe.algorithms.peaks import parabolic_offset
 from tomopipe.errors import TomopipeError
 
 __all__ = [
@@ -135,17 +137,6 @@ def tile_origins_px(size_px: int, window_px: int, overlap: float = 0.5) -> list[
     return [round(i * (size_px - window_px) / (n - 1)) for i in range(n)]
 
 
-def _taper(window_px: int, edge_px: int, device) -> torch.Tensor:
-    """Separable 2-D window: 1 inside, raised-cosine edges of ``edge_px``."""
-    ramp = torch.ones(window_px, dtype=torch.float32, device=device)
-    if edge_px > 0:
-        x = (torch.arange(edge_px, dtype=torch.float32, device=device) + 0.5) / edge_px
-        edge = 0.5 - 0.5 * torch.cos(math.pi * x)
-        ramp[:edge_px] = edge
-        ramp[-edge_px:] = edge.flip(0)
-    return ramp[:, None] * ramp[None, :]
-
-
 def power_spectrum_tiles(image: torch.Tensor, window_px: int = 512, overlap: float = 0.5,
                          edge_taper_px: int | None = None):
     """Periodograms of overlapping windows of one image (or of the frames of one movie).
@@ -166,7 +157,8 @@ def power_spectrum_tiles(image: torch.Tensor, window_px: int = 512, overlap: flo
     if window_px > min(h, w):
         raise CtfEstimationError(f"window of {window_px} px is larger than the image ({w} x {h} px)")
     oy, ox = tile_origins_px(h, window_px, overlap), tile_origins_px(w, window_px, overlap)
-    taper = _taper(window_px, window_px // 16 if edge_taper_px is None else int(edge_taper_px), img.device)
+    taper = cosine_edge_taper((window_px, window_px), window_px // 16 if edge_taper_px is None else int(edge_taper_px),
+                              device=img.device)
     norm = float((taper * taper).sum())
     spectra, centres = [], []
     for y0 in oy:
@@ -679,10 +671,7 @@ def _local_defocus(rows: _Rows, setup: _Setup, mfit: torch.Tensor, hand: int, fi
     i = int(torch.argmax(score))
     shift = 0.0
     if 0 < i < len(score) - 1:
-        y0, y1, y2 = (float(score[i + d]) for d in (-1, 0, 1))
-        curv = y0 - 2 * y1 + y2
-        if curv < 0:
-            shift = 0.5 * (y0 - y2) / curv
+        shift = float(parabolic_offset(*(float(score[i + d]) for d in (-1, 0, 1))))
     return float(setup.table_defocus_A[lo + i]) + shift * setup.step_A, float(score[i])
 
 
@@ -913,9 +902,7 @@ def fit_ctf_1d(power_profile, frequency_per_A, voltage_kV, cs_mm, amplitude_cont
     i = int(torch.argmax(scores))
     shift = 0.0
     if 0 < i < len(grid) - 1:
-        y0, y1, y2 = (float(scores[i + d]) for d in (-1, 0, 1))
-        if y0 - 2 * y1 + y2 < 0:
-            shift = 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)
+        shift = float(parabolic_offset(*(float(scores[i + d]) for d in (-1, 0, 1))))
     return {"defocus_A": float(grid[i]) + shift * step_A, "score": float(scores[i]),
             "defocus_grid_A": grid, "scores": scores}
 

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from tomopipe.algorithms._tensor import as_f64, out_dtype, tensor_device
+
 __all__ = [
     "fast_fft_size",
     "frequency_grid",
@@ -27,24 +29,6 @@ __all__ = [
 _NE_A, _NE_B, _NE_C = 0.245, -1.665, 2.81
 # critical exposure scale with voltage (Grant & Grigorieff 2015; cisTEM ElectronDose): lower kV, more damage
 _NE_VOLTAGE_SCALE = {300.0: 1.0, 200.0: 0.8, 100.0: 0.532}
-
-
-def _out_dtype(*values) -> torch.dtype:
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.dtype
-    return torch.get_default_dtype()
-
-
-def _device(*values) -> torch.device:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return torch.device("cpu")
-
-
-def _f64(value, device) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float64, device=device)
 
 
 def fast_fft_size(n: int, even: bool = False) -> int:
@@ -70,8 +54,8 @@ def frequency_grid(shape, pixel_size_A, rfft: bool = True, device=None) -> list[
     shape = tuple(int(s) for s in shape)
     if not shape or min(shape) < 1:
         raise ValueError(f"frequency_grid: shape must be positive, got {shape!r}")
-    device = device if device is not None else _device(pixel_size_A)
-    pix = _f64(pixel_size_A, device)
+    device = device if device is not None else tensor_device(pixel_size_A)
+    pix = as_f64(pixel_size_A, device)
     if bool((pix <= 0).any()):
         raise ValueError(f"frequency_grid: pixel_size_A must be > 0, got {pixel_size_A!r}")
     pix = pix.reshape(pix.shape + (1,) * len(shape))
@@ -90,7 +74,7 @@ def radial_frequency_grid(shape, pixel_size_A, rfft: bool = True) -> torch.Tenso
 
     Output ``[*pixel_size_A.shape, *grid]`` with grid = ``shape`` (last dim ``n // 2 + 1`` if ``rfft``).
     """
-    dtype = _out_dtype(pixel_size_A)
+    dtype = out_dtype(pixel_size_A)
     grids = frequency_grid(shape, pixel_size_A, rfft)
     k2 = grids[0] ** 2
     for gk in grids[1:]:
@@ -99,7 +83,7 @@ def radial_frequency_grid(shape, pixel_size_A, rfft: bool = True) -> torch.Tenso
 
 
 def _voltage_scale(voltage_kV, device) -> torch.Tensor:
-    v = _f64(voltage_kV, device)
+    v = as_f64(voltage_kV, device)
     scale = torch.full_like(v, float("nan"))
     for kv, s in _NE_VOLTAGE_SCALE.items():
         scale = torch.where((v - kv).abs() <= 1.0, torch.full_like(v, s), scale)
@@ -116,8 +100,8 @@ def critical_exposure_e_per_A2(frequency_per_A, voltage_kV=300.0) -> torch.Tenso
 
     Infinite at k = 0 (the DC component is not damaged).
     """
-    dtype, device = _out_dtype(frequency_per_A), _device(frequency_per_A, voltage_kV)
-    k = _f64(frequency_per_A, device).abs()
+    dtype, device = out_dtype(frequency_per_A), tensor_device(frequency_per_A, voltage_kV)
+    k = as_f64(frequency_per_A, device).abs()
     ne = (_NE_A * torch.pow(k, _NE_B) + _NE_C) * _voltage_scale(voltage_kV, device)
     return ne.to(dtype)
 
@@ -127,12 +111,12 @@ def exposure_filter(frequency_per_A, accumulated_dose_e_per_A2, voltage_kV=300.0
 
     ``accumulated_dose_e_per_A2`` (N) and ``frequency_per_A`` broadcast; 1 at k = 0 and N = 0.
     """
-    dtype = _out_dtype(frequency_per_A, accumulated_dose_e_per_A2)
-    device = _device(frequency_per_A, accumulated_dose_e_per_A2, voltage_kV)
-    dose = _f64(accumulated_dose_e_per_A2, device)
+    dtype = out_dtype(frequency_per_A, accumulated_dose_e_per_A2)
+    device = tensor_device(frequency_per_A, accumulated_dose_e_per_A2, voltage_kV)
+    dose = as_f64(accumulated_dose_e_per_A2, device)
     if bool((dose < 0).any()):
         raise ValueError(f"exposure_filter: accumulated dose must be >= 0 e/Å², got {accumulated_dose_e_per_A2!r}")
-    ne = critical_exposure_e_per_A2(_f64(frequency_per_A, device), voltage_kV)
+    ne = critical_exposure_e_per_A2(as_f64(frequency_per_A, device), voltage_kV)
     return torch.exp(-dose / (2.0 * ne)).to(dtype)
 
 
@@ -144,10 +128,10 @@ def dose_weights(frequency_per_A, accumulated_dose_e_per_A2, voltage_kV=300.0, n
     ``normalise="sum"``: weights sum to 1 (a weighted average; RELION); ``"power"``: the sum of
     squares is 1 (unblur's noise-power restoration).
     """
-    dtype = _out_dtype(frequency_per_A, accumulated_dose_e_per_A2)
-    device = _device(frequency_per_A, accumulated_dose_e_per_A2)
-    dose = _f64(accumulated_dose_e_per_A2, device).reshape(-1)
-    k = _f64(frequency_per_A, device)
+    dtype = out_dtype(frequency_per_A, accumulated_dose_e_per_A2)
+    device = tensor_device(frequency_per_A, accumulated_dose_e_per_A2)
+    dose = as_f64(accumulated_dose_e_per_A2, device).reshape(-1)
+    k = as_f64(frequency_per_A, device)
     q = exposure_filter(k[None], dose.reshape((-1,) + (1,) * k.ndim), voltage_kV)
     if normalise == "sum":
         q = q / q.sum(0, keepdim=True)

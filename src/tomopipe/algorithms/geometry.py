@@ -1,6 +1,6 @@
 """Geometry conventions of tomopipe — the one place where they are written down in code.
 
-Conventions (``shared/notes/conventions.md`` §7):
+Conventions (``docs/conventions.md`` §7):
 
 * Index space: x = fast axis (MRC column), y = slow axis (row), z = section; right-handed,
   0-based, pixel centres on integers; angles counter-clockwise with +y drawn upward (3dmod).
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import torch
+
+from tomopipe.algorithms._tensor import as_f64, out_dtype, tensor_device
 
 __all__ = [
     "rotation_x",
@@ -50,33 +52,13 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- helpers
-def _out_dtype(*values) -> torch.dtype:
-    """Floating dtype of the first floating tensor among ``values``, else the default dtype."""
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.dtype
-    return torch.get_default_dtype()
-
-
-def _device(*values) -> torch.device:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return torch.device("cpu")
-
-
-def _f64(value, device: torch.device) -> torch.Tensor:
-    """``value`` as a float64 tensor on ``device``."""
-    return torch.as_tensor(value, dtype=torch.float64, device=device)
-
-
 def _radians(angle_deg, device) -> torch.Tensor:
-    return torch.deg2rad(_f64(angle_deg, device))
+    return torch.deg2rad(as_f64(angle_deg, device))
 
 
 # ----------------------------------------------------------------------------- rotations
 def _rotation(angle_deg, axis: int) -> torch.Tensor:
-    dtype, device = _out_dtype(angle_deg), _device(angle_deg)
+    dtype, device = out_dtype(angle_deg), tensor_device(angle_deg)
     a = _radians(angle_deg, device)
     c, s = torch.cos(a), torch.sin(a)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
@@ -112,8 +94,8 @@ def rotation_2d(angle_deg) -> torch.Tensor:
 
 def wrap_angle_deg(angle_deg) -> torch.Tensor:
     """Angle wrapped into (-180, 180] degrees."""
-    dtype, device = _out_dtype(angle_deg), _device(angle_deg)
-    a = _f64(angle_deg, device)
+    dtype, device = out_dtype(angle_deg), tensor_device(angle_deg)
+    a = as_f64(angle_deg, device)
     return (a - 360.0 * torch.ceil((a - 180.0) / 360.0)).to(dtype)
 
 
@@ -123,8 +105,8 @@ def tilt_axis_from_rotation_angle(rotation_angle_deg) -> torch.Tensor:
     ``alpha = RotationAngle - 90`` (SerialEM help, "in a system with no axis inversions"),
     wrapped into (-180, 180].
     """
-    dtype, device = _out_dtype(rotation_angle_deg), _device(rotation_angle_deg)
-    return wrap_angle_deg(_f64(rotation_angle_deg, device) - 90.0).to(dtype)
+    dtype, device = out_dtype(rotation_angle_deg), tensor_device(rotation_angle_deg)
+    return wrap_angle_deg(as_f64(rotation_angle_deg, device) - 90.0).to(dtype)
 
 
 # ----------------------------------------------------------------------------- projection
@@ -135,12 +117,12 @@ def projection_rotations(tilt_axis_angle_deg, tilt_angles_deg, x_tilt_deg=0.0) -
     measured from +y, CCW; the tilt angle has the IMOD/SerialEM sign. Each argument may be a
     scalar or have one value per tilt; they are broadcast to a common length n.
     """
-    dtype, device = _out_dtype(tilt_angles_deg, tilt_axis_angle_deg, x_tilt_deg), _device(
+    dtype, device = out_dtype(tilt_angles_deg, tilt_axis_angle_deg, x_tilt_deg), tensor_device(
         tilt_angles_deg, tilt_axis_angle_deg, x_tilt_deg
     )
-    axis = _f64(tilt_axis_angle_deg, device).reshape(-1)
-    tilt = _f64(tilt_angles_deg, device).reshape(-1)
-    xtilt = _f64(x_tilt_deg, device).reshape(-1)
+    axis = as_f64(tilt_axis_angle_deg, device).reshape(-1)
+    tilt = as_f64(tilt_angles_deg, device).reshape(-1)
+    xtilt = as_f64(x_tilt_deg, device).reshape(-1)
     try:
         axis, tilt, xtilt = torch.broadcast_tensors(axis, tilt, xtilt)
     except RuntimeError as exc:
@@ -161,9 +143,9 @@ def project_points(points_A, rotations, shifts_A=None) -> torch.Tensor:
     ``rlnTomoXShiftAngst/YShiftAngst``). Output columns 0-1: image position in Å from the image
     centre; column 2: the depth z_P in Å (not shifted) used for the per-particle defocus.
     """
-    dtype, device = _out_dtype(points_A, rotations), _device(points_A, rotations)
-    p = _f64(points_A, device)
-    r = _f64(rotations, device)
+    dtype, device = out_dtype(points_A, rotations), tensor_device(points_A, rotations)
+    p = as_f64(points_A, device)
+    r = as_f64(rotations, device)
     if p.ndim != 2 or p.shape[-1] != 3:
         raise ValueError(f"project_points: points_A must have shape [m, 3], got {tuple(p.shape)}")
     if r.ndim == 2:
@@ -172,7 +154,7 @@ def project_points(points_A, rotations, shifts_A=None) -> torch.Tensor:
         raise ValueError(f"project_points: rotations must have shape [n, 3, 3], got {tuple(r.shape)}")
     out = torch.einsum("nij,mj->nmi", r, p)
     if shifts_A is not None:
-        s = _f64(shifts_A, device).reshape(-1, 2)
+        s = as_f64(shifts_A, device).reshape(-1, 2)
         if s.shape[0] not in (1, r.shape[0]):
             raise ValueError(
                 f"project_points: shifts_A must have shape [n, 2] with n = {r.shape[0]}, got {tuple(s.shape)}"
@@ -190,10 +172,10 @@ def xf_from_alignment(rot_z_deg, specimen_shifts_px, magnification=1.0):
     ``d = -A · shift``, the inverse of :func:`alignment_from_xf`. Shifts are in pixels of the
     aligned stack.
     """
-    dtype, device = _out_dtype(rot_z_deg, specimen_shifts_px), _device(rot_z_deg, specimen_shifts_px)
-    rot = _f64(rot_z_deg, device).reshape(-1)
-    shifts = _f64(specimen_shifts_px, device).reshape(-1, 2)
-    mag = _f64(magnification, device).reshape(-1)
+    dtype, device = out_dtype(rot_z_deg, specimen_shifts_px), tensor_device(rot_z_deg, specimen_shifts_px)
+    rot = as_f64(rot_z_deg, device).reshape(-1)
+    shifts = as_f64(specimen_shifts_px, device).reshape(-1, 2)
+    mag = as_f64(magnification, device).reshape(-1)
     n = max(rot.shape[0], shifts.shape[0], mag.shape[0])
     rot, mag = rot.expand(n) if rot.shape[0] == 1 else rot, mag.expand(n) if mag.shape[0] == 1 else mag
     shifts = shifts.expand(n, 2) if shifts.shape[0] == 1 else shifts
@@ -211,8 +193,8 @@ def xf_scale_and_distortion(A):
     ``distortion = (|A11 - A22| + |A12 + A21|) / (2·magnification)`` (0 for a pure scaled
     rotation; stretch, skew or a mirror give > 0, a mirror gives NaN magnification).
     """
-    dtype, device = _out_dtype(A), _device(A)
-    a = _f64(A, device).reshape(-1, 2, 2)
+    dtype, device = out_dtype(A), tensor_device(A)
+    a = as_f64(A, device).reshape(-1, 2, 2)
     det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
     mag = torch.sqrt(det)
     dist = ((a[:, 0, 0] - a[:, 1, 1]).abs() + (a[:, 0, 1] + a[:, 1, 0]).abs()) / (2.0 * mag)
@@ -228,9 +210,9 @@ def alignment_from_xf(A, d, max_distortion: float = 0.02):
     ``max_distortion`` (or that mirrors) raises ``ValueError``. A uniform magnification is
     accepted and folded into the shifts.
     """
-    dtype, device = _out_dtype(A, d), _device(A, d)
-    a = _f64(A, device).reshape(-1, 2, 2)
-    dd = _f64(d, device).reshape(-1, 2)
+    dtype, device = out_dtype(A, d), tensor_device(A, d)
+    a = as_f64(A, device).reshape(-1, 2, 2)
+    dd = as_f64(d, device).reshape(-1, 2)
     if a.shape[0] != dd.shape[0]:
         raise ValueError(f"alignment_from_xf: {a.shape[0]} matrices but {dd.shape[0]} shift vectors")
     mag, dist = xf_scale_and_distortion(a)
@@ -249,15 +231,15 @@ def alignment_from_xf(A, d, max_distortion: float = 0.02):
 
 def xf_invert(A, d):
     """Inverse ``.xf`` transform (aligned -> raw): ``(A^-1, -A^-1·d)``."""
-    dtype, device = _out_dtype(A, d), _device(A, d)
-    a = _f64(A, device)
-    dd = _f64(d, device)
+    dtype, device = out_dtype(A, d), tensor_device(A, d)
+    a = as_f64(A, device)
+    dd = as_f64(d, device)
     ainv = torch.linalg.inv(a)
     return ainv.to(dtype), (-(ainv @ dd[..., None])[..., 0]).to(dtype)
 
 
 def _size_xy(size, device) -> torch.Tensor:
-    s = _f64(size, device).reshape(-1)
+    s = as_f64(size, device).reshape(-1)
     if s.numel() == 1:
         s = s.expand(2)
     if s.numel() != 2:
@@ -274,8 +256,8 @@ def xf_apply(A, d, points_px, size_in, size_out=None) -> torch.Tensor:
     (``size_out`` defaults to ``size_in``). Use :func:`xf_invert` (and swap the sizes) for
     aligned -> raw.
     """
-    dtype, device = _out_dtype(points_px, A, d), _device(points_px, A, d)
-    a, dd, p = _f64(A, device), _f64(d, device), _f64(points_px, device)
+    dtype, device = out_dtype(points_px, A, d), tensor_device(points_px, A, d)
+    a, dd, p = as_f64(A, device), as_f64(d, device), as_f64(points_px, device)
     c_in = imod_centre(_size_xy(size_in, device))
     c_out = imod_centre(_size_xy(size_in if size_out is None else size_out, device))
     out = torch.einsum("...ij,...mj->...mi", a, p - c_in) + dd[..., None, :] + c_out
@@ -300,9 +282,9 @@ def relion_coordinate_centre(n):
 
 def _centre_vector(size_px, centre_px, device, ndim: int) -> torch.Tensor:
     if centre_px is not None:
-        c = _f64(centre_px, device)
+        c = as_f64(centre_px, device)
     else:
-        c = relion_coordinate_centre(_f64(size_px, device))
+        c = relion_coordinate_centre(as_f64(size_px, device))
     if c.ndim == 0:
         c = c.expand(ndim)
     return c
@@ -315,20 +297,20 @@ def centred_A_to_pixels(coords_A, size_px, pixel_size_A, centre_px=None) -> torc
     at the binning of ``pixel_size_A``). ``centre_px`` overrides the centre (e.g. ``N/2 - 1``
     written by RELION 5's Python picker).
     """
-    dtype, device = _out_dtype(coords_A), _device(coords_A)
-    c = _f64(coords_A, device)
+    dtype, device = out_dtype(coords_A), tensor_device(coords_A)
+    c = as_f64(coords_A, device)
     if float(torch.as_tensor(pixel_size_A).min()) <= 0:
         raise ValueError(f"centred_A_to_pixels: pixel_size_A must be > 0, got {pixel_size_A!r}")
-    return (c / _f64(pixel_size_A, device) + _centre_vector(size_px, centre_px, device, c.shape[-1])).to(dtype)
+    return (c / as_f64(pixel_size_A, device) + _centre_vector(size_px, centre_px, device, c.shape[-1])).to(dtype)
 
 
 def pixels_to_centred_A(coords_px, size_px, pixel_size_A, centre_px=None) -> torch.Tensor:
     """Pixels -> RELION 5 centred Å: ``(pixel - N / 2.0) · pixel_size_A``; inverse of :func:`centred_A_to_pixels`."""
-    dtype, device = _out_dtype(coords_px), _device(coords_px)
-    p = _f64(coords_px, device)
+    dtype, device = out_dtype(coords_px), tensor_device(coords_px)
+    p = as_f64(coords_px, device)
     if float(torch.as_tensor(pixel_size_A).min()) <= 0:
         raise ValueError(f"pixels_to_centred_A: pixel_size_A must be > 0, got {pixel_size_A!r}")
-    return ((p - _centre_vector(size_px, centre_px, device, p.shape[-1])) * _f64(pixel_size_A, device)).to(dtype)
+    return ((p - _centre_vector(size_px, centre_px, device, p.shape[-1])) * as_f64(pixel_size_A, device)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- Euler angles
@@ -337,8 +319,8 @@ def euler_relion_to_matrix(rot_deg, tilt_deg, psi_deg) -> torch.Tensor:
 
     Equals scipy ``Rotation.from_euler('ZYZ', [rot, tilt, psi], degrees=True).as_matrix().T``.
     """
-    dtype, device = _out_dtype(rot_deg, tilt_deg, psi_deg), _device(rot_deg, tilt_deg, psi_deg)
-    rot, tilt, psi = torch.broadcast_tensors(_f64(rot_deg, device), _f64(tilt_deg, device), _f64(psi_deg, device))
+    dtype, device = out_dtype(rot_deg, tilt_deg, psi_deg), tensor_device(rot_deg, tilt_deg, psi_deg)
+    rot, tilt, psi = torch.broadcast_tensors(as_f64(rot_deg, device), as_f64(tilt_deg, device), as_f64(psi_deg, device))
     m = rotation_z(rot) @ rotation_y(tilt) @ rotation_z(psi)
     return m.transpose(-1, -2).to(dtype)
 
@@ -349,8 +331,8 @@ def matrix_to_euler_relion(matrix):
     ``tilt`` in [0, 180], ``rot`` and ``psi`` in (-180, 180]. At tilt = 0 or 180 only
     ``rot ± psi`` is defined: psi is set to 0 and rot carries the whole in-plane angle.
     """
-    dtype, device = _out_dtype(matrix), _device(matrix)
-    a = _f64(matrix, device)
+    dtype, device = out_dtype(matrix), tensor_device(matrix)
+    a = as_f64(matrix, device)
     if a.shape[-2:] != (3, 3):
         raise ValueError(f"matrix_to_euler_relion: expected [..., 3, 3], got {tuple(a.shape)}")
     r = a.transpose(-1, -2)  # Rz(rot) Ry(tilt) Rz(psi)

@@ -44,6 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from tomopipe.algorithms.filters import critical_exposure_e_per_A2, fourier_crop_bin, fourier_crop_shape
+from tomopipe.algorithms.fourier import (cosine_edge_taper, crop_rfft2, fourier_shift_2d, frequencies_rfft2_px,
+                                        phase_ramp_2d)
+from tomopipe.algorithms.peaks import parabolic_offset
 
 __all__ = [
     "MotionModel",
@@ -270,46 +273,9 @@ def apply_gain(movie: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     return movie * gain
 
 
-def _frequencies_px(shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ky [h, 1], kx [1, w//2+1]) in cycles/px for an rfft2 of a real ``shape`` (h, w)."""
-    h, w = shape
-    ky = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
-    kx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
-    return ky, kx
-
-
-def _phase_ramp(shifts_px: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``exp(-2πi (kx·sx + ky·sy))`` ``[..., h, w//2+1]`` (complex64) for shifts ``[..., 2]`` (x, y) px:
-    multiplying a spectrum by it moves the content by ``+shift``."""
-    ky, kx = _frequencies_px(shape, shifts_px.device)
-    s = shifts_px.to(torch.float64)
-    # separable: the phases are computed in float64 (large shifts), the outer product in complex64
-    angle_y = -_TWO_PI * ky * s[..., 1, None, None]
-    angle_x = -_TWO_PI * kx * s[..., 0, None, None]
-    phase_y = torch.polar(torch.ones_like(angle_y), angle_y).to(torch.complex64)
-    phase_x = torch.polar(torch.ones_like(angle_x), angle_x).to(torch.complex64)
-    return phase_y * phase_x
-
-
-def fourier_shift_2d(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
-    """Move the content of ``images`` ``[..., y, x]`` by ``shifts_px`` ``[..., 2]`` (x, y) pixels,
-    sub-pixel, periodic (Fourier phase ramp). Returns float32."""
-    shape = tuple(images.shape[-2:])
-    spectrum = torch.fft.rfft2(images.to(torch.float32))
-    return torch.fft.irfft2(spectrum * _phase_ramp(shifts_px.to(images.device), shape), s=shape)
-
-
-def _taper(shape: tuple[int, int], width_px: int, device) -> torch.Tensor:
-    """Separable raised-cosine edge taper [h, w]: 0 at the border, 1 inside ``width_px`` from it."""
-    out = []
-    for n in shape:
-        ramp = torch.ones(n, dtype=torch.float32, device=device)
-        width = max(1, min(int(width_px), n // 4))
-        edge = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width)
-        ramp[:width] = edge
-        ramp[n - width:] = edge.flip(0)
-        out.append(ramp)
-    return out[0][:, None] * out[1][None, :]
+def _edge_taper(shape: tuple[int, int], width_px: float, device) -> torch.Tensor:
+    """Raised-cosine edge taper [h, w] of ``width_px`` (at least 1, at most a quarter of the axis)."""
+    return cosine_edge_taper(shape, max(1, int(width_px)), max_edge_fraction=0.25, device=device)
 
 
 def _fixed_pattern_mask(movie: torch.Tensor, n_sigma: float = 6.0) -> torch.Tensor:
@@ -323,13 +289,6 @@ def _fixed_pattern_mask(movie: torch.Tensor, n_sigma: float = 6.0) -> torch.Tens
     return mask
 
 
-def _crop_rfft2(spectrum: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Keep the frequencies of an rfft2 ``[..., H, W//2+1]`` that an rfft2 of ``shape`` (h, w) holds."""
-    h, w = shape
-    rows = torch.cat([spectrum[..., : (h + 1) // 2, :], spectrum[..., spectrum.shape[-2] - h // 2:, :]], dim=-2)
-    return rows[..., : w // 2 + 1]
-
-
 def _prepare_for_alignment(frame: torch.Tensor, defects: torch.Tensor, taper: torch.Tensor,
                            small_shape: tuple[int, int]) -> torch.Tensor:
     """Spectrum (rfft2, ``small_shape``) of a frame for the estimation: defects and outliers (X-ray
@@ -339,14 +298,14 @@ def _prepare_for_alignment(frame: torch.Tensor, defects: torch.Tensor, taper: to
     bad = defects | (frame > mean + 8.0 * std)
     clean = torch.where(bad, frame[~bad].mean(), frame)
     clean = (clean - clean.mean()) * taper
-    return _crop_rfft2(torch.fft.rfft2(clean), small_shape)
+    return crop_rfft2(torch.fft.rfft2(clean), small_shape)
 
 
 def _correlation_weight(shape: tuple[int, int], pixel_size_yx_A: tuple[float, float], low_A: float, high_A: float,
                         b_factor_A2: float, device) -> torch.Tensor:
     """Weight of the cross-power spectrum ``[h, w//2+1]``: raised-cosine band ``low_A..high_A`` times
     ``exp(B k²/4)`` (k in 1/Å)."""
-    ky, kx = _frequencies_px(shape, device)
+    ky, kx = frequencies_rfft2_px(shape, device)
     ky = ky / pixel_size_yx_A[0]
     kx = kx / pixel_size_yx_A[1]
     k = torch.sqrt(ky**2 + kx**2)
@@ -380,15 +339,8 @@ def _subpixel_peaks(cc: torch.Tensor, radius_px: float) -> torch.Tensor:
         return flat[batch, (py + dy) % h, (px + dx) % w].to(torch.float64)
 
     c0 = value(0, 0)
-
-    def refine(minus, plus):
-        den = minus - 2.0 * c0 + plus
-        delta = torch.where(den < 0, 0.5 * (minus - plus) / den.where(den != 0, torch.ones_like(den)),
-                            torch.zeros_like(den))
-        return delta.clamp(-0.5, 0.5)
-
-    dy = refine(value(-1, 0), value(1, 0))
-    dx = refine(value(0, -1), value(0, 1))
+    dy = parabolic_offset(value(-1, 0), c0, value(1, 0))
+    dx = parabolic_offset(value(0, -1), c0, value(0, 1))
     y = iy[py].to(torch.float64) + dy
     x = ix[px].to(torch.float64) + dx
     return torch.stack([x, y], dim=-1).reshape(*lead, 2)
@@ -438,7 +390,7 @@ def _align_stacks(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.T
     raw = shifts.clone()
     iterations = 0
     for iterations in range(1, max_iterations + 1):
-        aligned = spectra * _phase_ramp(-shifts, shape)
+        aligned = spectra * phase_ramp_2d(-shifts, shape)
         reference = aligned.sum(dim=1, keepdim=True) - aligned
         cc = torch.fft.irfft2(aligned * reference.conj() * weight, s=shape)
         raw = shifts + _subpixel_peaks(cc, min(step_px, radius_px))
@@ -451,7 +403,7 @@ def _align_stacks(spectra: torch.Tensor, shape: tuple[int, int], weight: torch.T
         if change < tolerance_px:
             break
     raw = raw - raw.mean(dim=1, keepdim=True)
-    aligned = spectra * _phase_ramp(-raw, shape)
+    aligned = spectra * phase_ramp_2d(-raw, shape)
     variance = _shift_variance_px2(aligned, aligned.sum(dim=1, keepdim=True) - aligned, weight, shape)
     variance = torch.where(signal[:, None, None], variance, float("inf"))  # too little signal: no evidence
     return shifts, raw, iterations, variance
@@ -466,7 +418,7 @@ def _shift_variance_px2(aligned: torch.Tensor, reference: torch.Tensor, weight: 
     ``Σ (2πk)² W² |A|² |R|² / 2`` (conservative: the signal counts as noise), its curvature is
     ``Σ (2πk)² W Re(A·R*)``; variance = slope noise / curvature².
     """
-    ky, kx = _frequencies_px(shape, aligned.device)
+    ky, kx = frequencies_rfft2_px(shape, aligned.device)
     product = aligned * reference.conj()
     power = (product.real**2 + product.imag**2).to(torch.float64)
     real = product.real.to(torch.float64)
@@ -556,7 +508,7 @@ def estimate_motion(
         small_shape = fourier_crop_shape((ny, nx), factor)
     pix_yx = (pixel_size_A * ny / small_shape[0], pixel_size_A * nx / small_shape[1])
     taper_px = max(4, min(ny, nx) // 20)
-    taper = _taper((ny, nx), taper_px, device)
+    taper = _edge_taper((ny, nx), taper_px, device)
     defects = _fixed_pattern_mask(movie)
     spectra = torch.stack([_prepare_for_alignment(movie[f].to(torch.float32), defects, taper, small_shape)
                            for f in range(n_frames)])
@@ -597,7 +549,7 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
     grid_x, grid_y, temporal = grid
     h, w = small_shape
     ny, nx = full_shape
-    aligned = torch.fft.irfft2(spectra * _phase_ramp(-global_px, small_shape), s=small_shape)  # [F, h, w]
+    aligned = torch.fft.irfft2(spectra * phase_ramp_2d(-global_px, small_shape), s=small_shape)  # [F, h, w]
     # keep patches off the border: the frame edge and its taper stay put on the detector while the
     # content moves, which would pull the outer patches towards the detector's frame
     margin = int(math.ceil(frame_taper_px * max(h / ny, w / nx) + float(global_px.abs().max()))) + 1
@@ -605,7 +557,7 @@ def _estimate_local(spectra, small_shape, pix_yx, global_px, grid, low_A, high_A
     size_x, starts_x = _patch_layout(w - 2 * margin, grid_x, min_patch_px)
     starts_y = [margin + y0 for y0 in starts_y]
     starts_x = [margin + x0 for x0 in starts_x]
-    taper = _taper((size_y, size_x), max(2, min(size_y, size_x) // 8), aligned.device)
+    taper = _edge_taper((size_y, size_x), max(2, min(size_y, size_x) // 8), aligned.device)
     patches = torch.stack([aligned[:, y0:y0 + size_y, x0:x0 + size_x] for y0 in starts_y for x0 in starts_x])
     patches = (patches - patches.mean(dim=(-2, -1), keepdim=True)) * taper  # [P, F, sy, sx]
     patch_spectra = torch.fft.rfft2(patches)
@@ -721,7 +673,7 @@ def align_and_sum(
             raise ValueError(f"align_and_sum: {len(doses)} frame doses for {n_frames} frames")
         if min(doses) < 0:
             raise ValueError(f"align_and_sum: frame doses must be >= 0 e/Å², got {doses}")
-        ky, kx = _frequencies_px(shape, device)
+        ky, kx = frequencies_rfft2_px(shape, device)
         k_per_A = (torch.sqrt(ky**2 + kx**2) / pixel_size_A).to(torch.float32)
         # exposure_filter's q = exp(-N / 2Ne(k)), with Ne(k) computed once for all frames (float32:
         # a 4k frame's grid in float64 per frame costs more than the FFTs)
@@ -743,7 +695,7 @@ def align_and_sum(
     kept = []
     for f in range(n_frames):
         spectrum = torch.fft.rfft2(movie[f].to(torch.float32))
-        spectrum = spectrum * _phase_ramp(-shifts_px[f], shape)
+        spectrum = spectrum * phase_ramp_2d(-shifts_px[f], shape)
         field = motion.local_field_A(f)
         if field is not None:
             image = _warp_local(torch.fft.irfft2(spectrum, s=shape), field.to(device), pixel_size_A)

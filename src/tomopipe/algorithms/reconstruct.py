@@ -1,7 +1,7 @@
 """Tomogram reconstruction: weighted back projection (WBP) with IMOD's radial filter and a
 SIRT-like filter, straight from the tilt images and their RELION 5 alignment.
 
-Geometry (``shared/notes/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorithms.geometry`):
+Geometry (``docs/conventions.md`` §2c, §3, §7; :mod:`tomopipe.algorithms.geometry`):
 
 * Output volume ``[z, y, x]``: z = thickness, **+z toward the electron source**; x, y as the
   aligned image (tilt axis along +y). Voxel (i_z, i_y, i_x) sits at the specimen point
@@ -51,7 +51,6 @@ super-sampled lines, the read position is shared by all rows of a voxel column),
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -60,16 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # numba's workqueue layer: OpenMP's spinning workers would take the shared cores from the FFTs
-    import numba
-
-    HAVE_NUMBA = True
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
-except ImportError:  # pragma: no cover - numba is a dependency; kept for stripped environments
-    numba = None
-    HAVE_NUMBA = False
-
+from tomopipe.algorithms._numba import HAVE_NUMBA, numba
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, phase_flip
 from tomopipe.algorithms.filters import exposure_filter, fast_fft_size, fourier_crop_bin
 from tomopipe.algorithms.geometry import projection_rotations

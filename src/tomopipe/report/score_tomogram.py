@@ -52,8 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from tomopipe.algorithms.filters import bandpass, fast_fft_size
+from tomopipe.algorithms.fourier import cosine_edge_taper
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A, shell_frequencies_per_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix, rotation_y
+from tomopipe.algorithms.peaks import parabolic_offset
 from tomopipe.errors import TomopipeError
 
 __all__ = [
@@ -195,22 +197,6 @@ class TomogramScore:
         return {k: v for k, v in asdict(self).items() if not k.endswith(("curve", "per_A"))}
 
 
-def _taper(shape, edge_px: int, device) -> torch.Tensor:
-    """Box mask: 1 inside, a raised cosine over ``edge_px`` voxels at every face, float32."""
-    mask = torch.ones(shape, dtype=torch.float32, device=device)
-    for d, n in enumerate(shape):
-        w = min(int(edge_px), n // 4)
-        if w < 1:
-            continue
-        i = torch.arange(n, dtype=torch.float32, device=device)
-        ramp = torch.clamp(torch.minimum(i + 0.5, n - 0.5 - i) / w, max=1.0)
-        profile = 0.5 - 0.5 * torch.cos(math.pi * ramp)
-        view = [1, 1, 1]
-        view[d] = n
-        mask = mask * profile.reshape(view)
-    return mask
-
-
 def _padded(volume: torch.Tensor, shape) -> torch.Tensor:
     out = torch.zeros(shape, dtype=torch.float32, device=volume.device)
     nz, ny, nx = volume.shape
@@ -249,11 +235,8 @@ def _find_translation(cc: torch.Tensor, limits) -> tuple[float, float, float]:
         for step in (-1, 0, 1):
             at[d] = (peak[d] + step) % n
             values.append(float(cc[at[0], at[1], at[2]]))
-        c_minus, c0, c_plus = values
-        denom = c_minus - 2.0 * c0 + c_plus
-        frac = 0.5 * (c_minus - c_plus) / denom if denom < 0 else 0.0
         signed = peak[d] if peak[d] <= n // 2 else peak[d] - n
-        out.append(signed + max(-0.5, min(0.5, frac)))
+        out.append(signed + float(parabolic_offset(*values)))
     return tuple(out)
 
 
@@ -278,7 +261,7 @@ def _score_one(tomogram, truth, voxel_size_A, resolution_A, max_shift_vox, edge_
     """(translation (x, y, z) Å, correlation, FSC curve or None, cube edge) of one tomogram."""
     shape = tuple(tomogram.shape)
     device = tomogram.device
-    mask = _taper(shape, edge_px, device)
+    mask = cosine_edge_taper(shape, int(edge_px), max_edge_fraction=0.25, device=device)
     padded_shape = tuple(fast_fft_size(n + int(math.ceil(m)) + 1, even=True) for n, m in zip(shape, max_shift_vox))
     lowpass = bandpass(padded_shape, voxel_size_A, high_A=resolution_A).to(device=device, dtype=torch.float32)
     f_tomo = torch.fft.rfftn(_padded(tomogram * mask, padded_shape))
@@ -438,10 +421,7 @@ def score_tomogram_against_truth(tomogram: torch.Tensor, voxel_size_A: float, tr
         i = int(np.argmax(values))
         best = grid[i]
         if 0 < i < len(grid) - 1:
-            c_minus, c0, c_plus = values[i - 1], values[i], values[i + 1]
-            denom = c_minus - 2.0 * c0 + c_plus
-            if denom < 0:
-                best = grid[i] + tilt_offset_step_deg * max(-0.5, min(0.5, 0.5 * (c_minus - c_plus) / denom))
+            best = grid[i] + tilt_offset_step_deg * float(parabolic_offset(values[i - 1], values[i], values[i + 1]))
     true_volume = true_specimen_for_tomogram(truth, ts_id, shape, voxel_size_A, best, tomogram.device)
     score = score_tomogram(tomogram, true_volume, voxel_size_A, resolution_A, contrast_sign, max_shift_A)
     return replace(score, tilt_offset_deg=round(float(best), 3))

@@ -5,7 +5,7 @@ thickness toward the source; uniform random orientations as RELION matrices
 ``A = (Rz(rot)Ry(tilt)Rz(psi))ᵀ``, reference -> particle), the tilt order, the stage errors, the
 defocus and astigmatism of every tilt, and the motion of every frame.
 
-Geometry of tilt j (RELION 5 projection model, ``shared/notes/conventions.md`` §7, plus a
+Geometry of tilt j (RELION 5 projection model, ``docs/conventions.md`` §7, plus a
 magnification): a point X of the specimen appears in the raw tilt image (the movie arrays as
 tomopipe reads them, +y = increasing row) at ``x = m_j·[Rz(axis)·Ry(θ_j)·X]_xy + s_j`` Å from the
 image centre ``(W//2, H//2)`` px, at depth ``z_P = [Rz·Ry·X]_z``; its defocus is

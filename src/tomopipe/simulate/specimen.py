@@ -66,16 +66,13 @@ def _scattering(symbol: str, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sinc(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x.abs() < 1e-8, torch.ones_like(x), torch.sin(x) / torch.where(x.abs() < 1e-8, torch.ones_like(x), x))
-
-
 def water_form_factor_sq_A2(q_per_A: torch.Tensor) -> torch.Tensor:
     """Orientation-averaged |F_w(q)|² (Å²) of one water molecule (Debye formula), q = 1/d in 1/Å."""
     q = q_per_A.double()
     fo, fh = _scattering("O", q), _scattering("H", q)
-    x_oh, x_hh = 2 * math.pi * q * _D_OH_A, 2 * math.pi * q * _D_HH_A
-    return fo * fo + 2 * fh * fh + 4 * fo * fh * _sinc(x_oh) + 2 * fh * fh * _sinc(x_hh)
+    # Debye: sin(2πqd) / (2πqd) = torch.sinc(2qd) (torch.sinc is the normalised sinc)
+    x_oh, x_hh = 2 * q * _D_OH_A, 2 * q * _D_HH_A
+    return fo * fo + 2 * fh * fh + 4 * fo * fh * torch.sinc(x_oh) + 2 * fh * fh * torch.sinc(x_hh)
 
 
 def ice_mean_potential_V(density_g_per_cm3: float) -> float:

@@ -365,7 +365,7 @@ def write_global_truth(
 
 TRUTH_README = """# Ground truth of a tomopipe simulated acquisition
 
-Conventions are those of tomopipe (`shared/notes/conventions.md` §7): images `[y, x]` with x =
+Conventions are those of tomopipe (`docs/conventions.md` §7): images `[y, x]` with x =
 column (fast axis), y = row; angles counter-clockwise with +y drawn upward (3dmod); lengths in Å,
 pixel positions 0-based with pixel centres on integers; defocus in Å, underfocus positive.
 

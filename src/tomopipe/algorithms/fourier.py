@@ -1,0 +1,75 @@
+"""Fourier-space helpers shared by the algorithms: edge taper, sub-pixel shift, spectrum crop.
+
+Conventions: arrays are ``[..., y, x]`` (``[..., z, y, x]`` for volumes); shifts are (x, y) in px
+and move the content by ``+shift``; spectra are ``torch.fft.rfft2`` layouts (DC at index 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["cosine_edge_taper", "crop_rfft2", "fourier_shift_2d", "frequencies_rfft2_px", "phase_ramp_2d"]
+
+
+def cosine_edge_taper(shape: Sequence[int], edge_px: float, *, max_edge_fraction: float | None = None,
+                      device=None) -> torch.Tensor:
+    """Separable raised-cosine window ``shape`` (any number of axes), float32.
+
+    Along an axis of n samples the distance to the border is ``d = min(i + 0.5, n - 0.5 - i)``
+    and the window is ``0.5 - 0.5·cos(π·min(d / w, 1))``: about 0 at the border, 1 from ``w``
+    px inwards. ``w = edge_px``, capped at ``floor(n · max_edge_fraction)`` when that is given;
+    an axis with ``w <= 0`` is not tapered.
+    """
+    window = torch.ones(tuple(int(n) for n in shape), dtype=torch.float32, device=device)
+    for axis, n in enumerate(window.shape):
+        width = float(edge_px)
+        if max_edge_fraction is not None:
+            width = min(width, math.floor(n * max_edge_fraction))
+        if width <= 0:
+            continue
+        i = torch.arange(n, dtype=torch.float32, device=device)
+        ramp = torch.clamp(torch.minimum(i + 0.5, n - 0.5 - i) / width, max=1.0)
+        view = [1] * window.ndim
+        view[axis] = n
+        window = window * (0.5 - 0.5 * torch.cos(math.pi * ramp)).reshape(view)
+    return window
+
+
+def frequencies_rfft2_px(shape: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ky ``[h, 1]``, kx ``[1, w//2+1]``) in cycles/px (float64) of an rfft2 of a real ``shape`` (h, w)."""
+    h, w = shape
+    ky = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
+    return ky, kx
+
+
+def phase_ramp_2d(shifts_px: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``exp(-2πi (kx·sx + ky·sy))`` ``[..., h, w//2+1]`` (complex64) for shifts ``[..., 2]`` (x, y) px:
+    multiplying an rfft2 spectrum of ``shape`` (h, w) by it moves the content by ``+shift``."""
+    ky, kx = frequencies_rfft2_px(shape, shifts_px.device)
+    s = shifts_px.to(torch.float64)
+    # separable: the phases are computed in float64 (large shifts), the outer product in complex64
+    angle_y = -2.0 * math.pi * ky * s[..., 1, None, None]
+    angle_x = -2.0 * math.pi * kx * s[..., 0, None, None]
+    phase_y = torch.polar(torch.ones_like(angle_y), angle_y).to(torch.complex64)
+    phase_x = torch.polar(torch.ones_like(angle_x), angle_x).to(torch.complex64)
+    return phase_y * phase_x
+
+
+def fourier_shift_2d(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Move the content of ``images`` ``[..., y, x]`` by ``shifts_px`` ``[..., 2]`` (x, y) pixels,
+    sub-pixel, periodic (Fourier phase ramp). Returns float32."""
+    shape = tuple(images.shape[-2:])
+    spectrum = torch.fft.rfft2(images.to(torch.float32))
+    return torch.fft.irfft2(spectrum * phase_ramp_2d(shifts_px.to(images.device), shape), s=shape)
+
+
+def crop_rfft2(spectrum: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Keep the frequencies of an rfft2 ``[..., H, W//2+1]`` that an rfft2 of ``shape`` (h, w) holds
+    (plain truncation: a Fourier crop to h × w px; the values are not rescaled)."""
+    h, w = shape
+    rows = torch.cat([spectrum[..., : (h + 1) // 2, :], spectrum[..., spectrum.shape[-2] - h // 2:, :]], dim=-2)
+    return rows[..., : w // 2 + 1]
