@@ -8,7 +8,7 @@ the final (point) stage, runtime. Writes results/align.json.
 Simulated data set (``--project P --data D``): the step's own per-tilt-series function
 (``steps.align.align_tilt_series``) on the preprocessed (binned) tilt series of project P, with the
 X-ray-erased (unbinned) set as the intensity reference for the tilt-angle offset, scored against the
-truth of D (:func:`tomopipe.report.score_alignment.score_alignment`) at the alignment binning and
+truth of D (:func:`tomopipe.validate.score_alignment.score_alignment`) at the alignment binning and
 after assigning the alignment to the unbinned set (shifts in Å are copied, as ``assign_alignment``
 does). Nothing is written into P (IMOD files go to a temporary folder). ``--compare-specimen`` also
 runs without the reference (tilt offset from levelling the contour points). Writes
@@ -81,8 +81,8 @@ def preset(project_dir: str, data_dir: str, input_run: str | None, reference_run
     import pandas as pd
 
     from tomopipe.project.store import Project
-    from tomopipe.report.score_alignment import score_alignment
-    from tomopipe.report.truth import Truth
+    from tomopipe.validate.score_alignment import score_alignment
+    from tomopipe.validate.truth import Truth
     from tomopipe.steps.align import AlignTiltSeries, align_tilt_series
 
     project = Project.open(project_dir)

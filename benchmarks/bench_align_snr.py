@@ -4,7 +4,7 @@ Each row is one simulated tilt series (a 1024 A field at 2 A/px, -52..52 deg by 
 tilt without beam-induced motion so that a view is its movie; the twin's mdoc axis error, pretilt
 and cos-dependent exposure as by default) aligned at 8 A/px with
 :func:`tomopipe.algorithms.align.align_images` from the mdoc's axis, scored against the truth
-(:func:`tomopipe.report.score_alignment.score_alignment`): shift RMS (gauge-free, px at 8 A/px), axis
+(:func:`tomopipe.validate.score_alignment.score_alignment`): shift RMS (gauge-free, px at 8 A/px), axis
 error, views left to whole-view cross-correlation by the patch and the final stage; and the
 tilt-angle offset error of the two estimates that do not level contour points: the transmission
 (mean counts per dose, :func:`~tomopipe.algorithms.align_fit.transmission_tilt_offset`) and the layer
@@ -30,9 +30,9 @@ from _report import report  # noqa: E402
 from tomopipe.algorithms.align import AlignOptions, align_images  # noqa: E402
 from tomopipe.algorithms.align_fit import AlignmentError, transmission_tilt_offset  # noqa: E402
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset  # noqa: E402
-from tomopipe.report.score_alignment import score_alignment  # noqa: E402
-from tomopipe.report.truth import Truth  # noqa: E402
-from tomopipe.report.twin_views import twin_views  # noqa: E402
+from tomopipe.validate.score_alignment import score_alignment  # noqa: E402
+from tomopipe.validate.truth import Truth  # noqa: E402
+from tomopipe.validate.twin_views import twin_views  # noqa: E402
 from tomopipe.simulate.config import config_from_preset  # noqa: E402
 from tomopipe.simulate.run import simulate  # noqa: E402
 

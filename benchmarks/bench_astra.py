@@ -11,7 +11,7 @@ centre N//2 of tomopipe and the centre (N-1)/2 of ASTRA coincide) and its tilt a
 
 * ``real``: the small preset's bin-10 tilt series (``--project``, the aligned set of ``--run``),
   interpolated into the aligned frame (bicubic) from its alignment columns; scored against the
-  simulator's true specimen (:mod:`tomopipe.report.score_tomogram`, contrast -1, correlation
+  simulator's true specimen (:mod:`tomopipe.validate.tomogram`, contrast -1, correlation
   low-passed to ``--resolution-A``, best translation).
 * ``phantom``: Gaussian blobs in a slab with exact line-integral views (``bench_reconstruct``),
   ±40° in 2° steps as the small preset; scored against the blob volume (contrast +1).
@@ -225,8 +225,8 @@ def main(argv=None):
     from _report import report  # noqa: E402
 
     from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_volume
-    from tomopipe.report.score_tomogram import score_tomogram, true_specimen_for_tomogram
-    from tomopipe.report.truth import Truth
+    from tomopipe.validate.tomogram import score_tomogram, true_specimen_for_tomogram
+    from tomopipe.validate.truth import Truth
 
     n_sirt = args.sirt_iterations
     methods = [{"name": "astra_fbp", "astra": "FBP", "filter": "ram-lak", "repeats": 2},

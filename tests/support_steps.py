@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tomopipe.steps.base import REGISTRY, Param, Port, Step, register
+from tomopipe.engine.step_api import REGISTRY, Param, Port, Step, register
 
 
 def summarise(task: dict) -> dict:

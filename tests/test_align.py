@@ -282,9 +282,9 @@ def test_sparse_low_signal_field_degrades_gracefully(tmp_path):
     axis off by the twin's calibration error). Patch tracking keeps too few contours in some high
     tilts (the old alignment failed there: "fewer than 3 tracked contours"); those views are
     aligned by whole-view cross-correlation, and the point stage fits (nearly) every view."""
-    from tomopipe.report.score_alignment import score_alignment
-    from tomopipe.report.truth import Truth
-    from tomopipe.report.twin_views import twin_views
+    from tomopipe.validate.score_alignment import score_alignment
+    from tomopipe.validate.truth import Truth
+    from tomopipe.validate.twin_views import twin_views
     from tomopipe.simulate.config import config_from_preset
     from tomopipe.simulate.run import simulate
 

@@ -7,7 +7,7 @@ import json
 
 from tomopipe.cli import main
 from tomopipe.project.store import Project
-from tomopipe.report.scores import GOALS, format_score_table, score_record
+from tomopipe.validate.scores import GOALS, format_score_table, score_record
 
 
 def test_demo_on_the_tiny_preset(tmp_path, capsys):
@@ -73,3 +73,23 @@ def test_simulated_data_are_reused_whatever_device_made_them(tmp_path):
     marker.write_text(json.dumps(stored))
     assert simulate_once(data, "tiny", 3) == 0.0
     assert simulate_once(data, "tiny", 4) > 0.0
+
+
+def test_scorer_registry_by_set_kind_and_step_type():
+    """The demo's scorers come from one registry keyed by (set kind, step type): the motion step's
+    tilt series and CTF sets have their own scorers, an aligned and an assigned tilt series
+    theirs, sets without a scorer (the exclusion's subsets) none; a pair is registered once."""
+    import pytest
+
+    from tomopipe.validate.registry import scorer, scorer_for
+
+    motion_sums, ctf = scorer_for("tilt_series", "motion_ctf"), scorer_for("ctf", "motion_ctf")
+    aligned, assigned = scorer_for("tilt_series", "align_tilt_series"), scorer_for("tilt_series", "assign_alignment")
+    found = [scorer_for("tilt_series_movies", "import_movies"), motion_sums, ctf, aligned, assigned,
+             scorer_for("tomograms", "reconstruct_tomogram")]
+    assert all(callable(f) for f in found) and len(set(found)) == len(found)
+    assert scorer_for("ctf", "exclude_views") is None and scorer_for("tilt_series", "exclude_views") is None
+    with pytest.raises(ValueError, match="already registered"):
+        scorer("ctf", "motion_ctf")(lambda project, record, items, truth: [])
+    with pytest.raises(ValueError, match="name the step types"):
+        scorer("ctf")

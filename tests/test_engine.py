@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
@@ -16,7 +17,8 @@ import support_steps  # noqa: F401  (registers the test step type)
 from conftest import REPO, write_acquisition
 from tomopipe.cli import main
 from tomopipe.engine.executors import DaskExecutor, LocalExecutor
-from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.runner import run_on_outputs, run_workflow
+from tomopipe.engine.step_api import Param, params_from_fields
 from tomopipe.engine.workflow import load_workflow, parse_override
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.project.store import Project
@@ -95,6 +97,43 @@ def test_resume_skip_and_rerun(setup):
         summary = project.read_items(summary_set.id)
         assert summary["total_dose_e_per_A2"].tolist() == [30.0, 30.0]  # 5 tilts x 3 e/A2 x scale 2
         assert len(project.runs()) == 5
+
+
+def test_run_on_outputs_runs_a_step_on_a_finished_runs_sets(setup):
+    tmp_path, workflow = setup
+    project_dir = tmp_path / "project"
+    _run(project_dir, workflow)
+    with Project.open(project_dir) as project:
+        outcome, input_sets = run_on_outputs(project, "import", support_steps.DoseSummary, "tripled",
+                                             {"scale": 3.0}, LocalExecutor(1))
+        assert outcome.status == "finished" and list(input_sets) == ["movies"]
+        summary = project.read_items(project.sets_of_run(outcome.run.id)["summary"].id)
+        assert summary["total_dose_e_per_A2"].tolist() == [45.0, 45.0]  # 5 tilts x 3 e/A2 x scale 3
+        with pytest.raises(TomopipeError, match="has no tilt_series_movies output"):
+            run_on_outputs(project, "summary", support_steps.DoseSummary, "again", {}, LocalExecutor(1))
+        with pytest.raises(TomopipeError, match="unknown parameter 'scal'"):
+            run_on_outputs(project, "import", support_steps.DoseSummary, "again", {"scal": 1.0}, LocalExecutor(1))
+
+
+def test_params_from_fields_declares_each_parameter_once():
+    @dataclass(frozen=True)
+    class Options:
+        width_px: int = field(default=4, metadata={"help": "width", "min": 1, "max": 9})
+        mode: str = field(default="a", metadata={"help": "mode", "choices": ("a", "b")})
+
+    width, mode = params_from_fields(Options)
+    assert width == Param("width_px", "int", "width", default=4, min=1, max=9)
+    assert mode == Param("mode", "str", "mode", default="a", choices=("a", "b"))
+    assert width.validate("7", "s") == 7
+    with pytest.raises(TomopipeError, match="above the maximum 9"):
+        width.validate(10, "s")
+
+    @dataclass(frozen=True)
+    class Undocumented:
+        width_px: int = 4
+
+    with pytest.raises(TypeError, match="Undocumented.width_px"):
+        params_from_fields(Undocumented)
 
 
 def test_until_stops_after_the_step(setup):

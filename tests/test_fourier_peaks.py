@@ -1,4 +1,5 @@
-"""Shared primitives: the cosine edge taper, Fourier shift and crop (algorithms.fourier), the
+"""Shared primitives: the cosine edge taper, Fourier shift and crop, n-D phase ramp and zero
+padding (algorithms.fourier), the
 parabolic sub-pixel peak and non-maximum suppression (algorithms.peaks)."""
 
 from __future__ import annotations
@@ -8,7 +9,15 @@ import math
 import pytest
 import torch
 
-from tomopipe.algorithms.fourier import cosine_edge_taper, crop_rfft2, fourier_shift_2d
+from tomopipe.algorithms.fourier import (
+    cosine_edge_taper,
+    crop_rfft2,
+    embed_centered,
+    fourier_shift_2d,
+    pad_at_end,
+    phase_ramp_2d,
+    phase_ramp_rfftn,
+)
 from tomopipe.algorithms.peaks import non_maximum_suppression, parabolic_offset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +66,43 @@ def test_crop_rfft2_is_a_fourier_downsampling():
     small = torch.fft.irfft2(crop_rfft2(torch.fft.rfft2(band_limited), (h, w)), s=(h, w)) * (h * w / (ny * nx))
     assert torch.allclose(small, band_limited[::2, ::2], atol=1e-10)
     assert torch.equal(crop_rfft2(torch.fft.rfft2(band_limited), (ny, nx)), torch.fft.rfft2(band_limited))
+
+
+def test_phase_ramp_rfftn_moves_a_volume_and_matches_the_2d_ramp():
+    generator = torch.Generator().manual_seed(5)
+    volume = torch.randn((6, 8, 10), generator=generator)
+    shape = tuple(volume.shape)
+    # an integer shift (z, y, x) is a periodic roll
+    moved = torch.fft.irfftn(torch.fft.rfftn(volume) * phase_ramp_rfftn(shape, (2, -3, 4)), s=shape)
+    torch.testing.assert_close(moved, torch.roll(volume, shifts=(2, -3, 4), dims=(0, 1, 2)), atol=1e-5, rtol=0)
+    # a sub-voxel shift and its opposite round-trip; the last axis is the halved rfftn axis
+    ramp = phase_ramp_rfftn(shape, (0.3, -1.7, 2.25))
+    assert ramp.shape == (6, 8, 6) and ramp.dtype == torch.complex64
+    back = phase_ramp_rfftn(shape, (-0.3, 1.7, -2.25))
+    torch.testing.assert_close(ramp * back, torch.ones_like(ramp), atol=1e-6, rtol=0)
+    # in 2-D it is the (x, y) ramp of phase_ramp_2d with the shift given as (y, x)
+    torch.testing.assert_close(phase_ramp_rfftn((8, 10), (1.5, -0.25)),
+                               phase_ramp_2d(torch.tensor([-0.25, 1.5]), (8, 10)), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="3 axes but 2 shifts"):
+        phase_ramp_rfftn(shape, (1.0, 2.0))
+
+
+def test_pad_at_end_keeps_the_origin_and_embed_centered_keeps_the_centre():
+    volume = torch.arange(1.0, 2.0 * 3 * 5 + 1).reshape(2, 3, 5).double()
+    padded = pad_at_end(volume, (4, 6, 8))
+    assert padded.dtype == torch.float64 and padded.shape == (4, 6, 8)
+    assert torch.equal(padded[:2, :3, :5], volume) and float(padded.sum()) == float(volume.sum())
+    cube = embed_centered(volume, (8, 8, 8))
+    assert cube.shape == (8, 8, 8) and float(cube.sum()) == float(volume.sum())
+    # the centre sample N//2 of every axis lands on n//2
+    assert float(cube[4, 4, 4]) == float(volume[1, 1, 2])
+    assert torch.equal(cube[3:5, 3:6, 2:7], volume)
+    # odd into odd and even into odd sizes keep the centre too
+    assert float(embed_centered(volume, (3, 5, 7))[1, 2, 3]) == float(volume[1, 1, 2])
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_at_end(volume, (1, 6, 8))
+    with pytest.raises(ValueError, match="cannot embed"):
+        embed_centered(volume, (4, 4))
 
 
 def test_parabolic_offset_finds_the_vertex():

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tomopipe.cli import main
-from tomopipe.report.scores import GOALS, Goal
+from tomopipe.validate.scores import GOALS, Goal
 
 
 def _demo_scores(out, preset: str, seed: int) -> list[dict]:

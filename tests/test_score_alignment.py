@@ -14,8 +14,8 @@ import torch
 from tomopipe.algorithms.geometry import projection_rotations, rotation_2d
 from tomopipe.errors import TomopipeError
 from tomopipe.io.star import write_tomograms_star
-from tomopipe.report.score_alignment import score_alignment
-from tomopipe.report.truth import Truth
+from tomopipe.validate.score_alignment import score_alignment
+from tomopipe.validate.truth import Truth
 
 PIXEL_A = 10.0  # pixel size of the scored items
 AXIS_DEG = -85.6

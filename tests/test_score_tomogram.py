@@ -1,4 +1,4 @@
-"""Scoring a tomogram against the true specimen (:mod:`tomopipe.report.score_tomogram`).
+"""Scoring a tomogram against the true specimen (:mod:`tomopipe.validate.tomogram`).
 
 The placement of a rotated reference is checked against the simulator's own projector
 (:class:`tomopipe.simulate.projector.FourierSliceProjector`, which images a particle as the
@@ -21,13 +21,13 @@ from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_vo
 from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import write_mrc
 from tomopipe.io.star import write_particles_star
-from tomopipe.report.score_tomogram import (
+from tomopipe.validate.tomogram import (
     fourier_upsample,
     score_tomogram,
     score_tomogram_against_truth,
     specimen_volume,
 )
-from tomopipe.report.truth import Truth
+from tomopipe.validate.truth import Truth
 from tomopipe.simulate.projector import FourierSliceProjector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,3 +234,23 @@ def test_wrapper_reads_the_truth_files_and_finds_a_tilt_offset(tmp_path, phantom
     assert searched.mirrored_correlation < 0.6
     with pytest.raises(TomopipeError, match="TS_09"):
         score_tomogram_against_truth(tomogram, VOXEL_A, truth, "TS_09", 12.0)
+
+
+def test_register_translation_finds_a_known_sub_voxel_shift():
+    """The truth moved by the registered shift lands on the tomogram: a smooth blob moved by a known
+    (z, y, x) shift is found to a tenth of a voxel; a limit smaller than the shift stops the search."""
+    from tomopipe.algorithms.fourier import phase_ramp_rfftn
+    from tomopipe.validate.tomogram.register import register_translation
+
+    shape = (24, 32, 28)
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) - n // 2 for n in shape), indexing="ij")
+    truth = torch.exp(-(z**2 / 8 + (y - 2) ** 2 / 18 + (x + 1) ** 2 / 12)) - 0.5 * torch.exp(-((z - 3) ** 2 + y**2
+                                                                                            + (x - 4) ** 2) / 6)
+    shift = (1.5, -2.25, 3.0)
+    tomogram = torch.fft.irfftn(torch.fft.rfftn(truth) * phase_ramp_rfftn(shape, shift), s=shape)
+    found = register_translation(tomogram, truth, VOXEL_A, 3 * VOXEL_A, (6.0, 6.0, 6.0))
+    assert found.shift_zyx_vox == pytest.approx(shift, abs=0.1)
+    moved = torch.fft.irfftn(found.moved_truth_spectrum, s=found.padded_shape)[:24, :32, :28]
+    assert float((moved - tomogram).abs().max()) < 0.05 * float(truth.abs().max())
+    limited = register_translation(tomogram, truth, VOXEL_A, 3 * VOXEL_A, (6.0, 1.0, 6.0))
+    assert abs(limited.shift_zyx_vox[1]) <= 1.5

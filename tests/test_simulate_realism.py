@@ -199,7 +199,7 @@ def test_every_hit_is_in_the_truth_and_in_the_frames(tmp_path):
 
 
 def test_truth_reader_gives_the_new_fields(tmp_path):
-    from tomopipe.report.truth import Truth
+    from tomopipe.validate.truth import Truth
 
     config = small_config(tilt_min_deg=0.0, tilt_max_deg=0.0, xray_hits_per_megapixel_per_tilt=300.0, seed=12)
     simulate(config, tmp_path, progress=False)

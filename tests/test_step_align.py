@@ -16,12 +16,12 @@ from tomopipe.algorithms.align_fit import projected_shift_error_px
 from tomopipe.algorithms.geometry import alignment_from_xf
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.step_api import REGISTRY, Param, Port, Step, register
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.mrc import read_mrc, write_mrc
 from tomopipe.project.store import Project
 from tomopipe.simulate.blob_tilt_series import blob_tilt_series
-from tomopipe.steps.base import REGISTRY, Param, Port, Step, register
 
 PIXEL_A = 8.0
 AXIS_DEG = -85.6

@@ -24,13 +24,13 @@ import pytest
 from conftest import real_file
 from test_io_aretomo import ROW, WORKED
 from tomopipe.cli import main
+from tomopipe.engine.step_api import step_class
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.imod import format_tlt, read_tlt, read_xf, write_xf
 from tomopipe.io.mrc import read_mrc
 from tomopipe.io.star import read_tilt_series_star
 from tomopipe.model.alignment import ALIGNMENT_COLUMNS
 from tomopipe.project.store import Project
-from tomopipe.steps.base import step_class
 from tomopipe.steps.import_alignment import import_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")

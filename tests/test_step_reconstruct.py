@@ -19,10 +19,10 @@ from tomopipe.algorithms.geometry import projection_rotations, project_points
 from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_volume
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.step_api import REGISTRY, Param, Port, Step, register, step_class
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.io.mrc import read_mrc, read_mrc_header, write_mrc
 from tomopipe.project.store import Project
-from tomopipe.steps.base import REGISTRY, Param, Port, Step, register, step_class
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,10 +22,10 @@ from tomopipe.algorithms.normalize import bin_image, binned_geometry, scale_dens
 from tomopipe.algorithms.xray import XrayParams
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
+from tomopipe.engine.step_api import REGISTRY, Param, Port, Step, register, step_class
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.io.mrc import read_mrc, write_mrc
 from tomopipe.project.store import Project
-from tomopipe.steps.base import REGISTRY, Param, Port, Step, register, step_class
 
 PIXEL_A = 2.0
 ANGLES_IN_ACQUISITION_ORDER = (0.0, 3.0, -3.0, 6.0, -6.0)

@@ -176,23 +176,14 @@ def cmd_show(args) -> int:
 
 def cmd_exclude(args) -> int:
     from tomopipe.engine.executors import LocalExecutor
-    from tomopipe.engine.runner import run_step, step_signature
-    from tomopipe.engine.workflow import WorkflowStep
+    from tomopipe.engine.runner import run_on_outputs
     from tomopipe.project.store import Project
     from tomopipe.steps.exclude import ExcludeViews
 
     with Project.open(args.project) as project:
-        source = project.find_run(args.run)
-        if source.status != "finished":
-            raise TomopipeError(f"run {source.id} ({source.name}) is {source.status}, not finished")
-        ports = {port.name for port in ExcludeViews.inputs}
-        input_sets = {record.kind: record for record in project.sets_of_run(source.id).values() if record.kind in ports}
-        if not input_sets:
-            raise TomopipeError(f"run {source.id} ({source.name}) has no tilt_series or ctf output to subset")
-        params = ExcludeViews.validate_params(args.name, {"exclude_tilts": ";".join(args.tilts)})
-        step = WorkflowStep(args.name, ExcludeViews, params, {})
-        signature = step_signature(step, {port: f"{source.signature}:{record.name}" for port, record in input_sets.items()})
-        outcome = run_step(project, step, input_sets, signature, LocalExecutor(1), verbose=args.verbose)
+        outcome, input_sets = run_on_outputs(project, args.run, ExcludeViews, args.name,
+                                             {"exclude_tilts": ";".join(args.tilts)}, LocalExecutor(1),
+                                             verbose=args.verbose)
     if outcome.status != "finished":
         print(f"error: {outcome.message}", file=sys.stderr)
         return 1
@@ -221,7 +212,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_steps(args) -> int:
-    from tomopipe.steps.base import REGISTRY, render_step_help, step_class
+    from tomopipe.engine.step_api import REGISTRY, render_step_help, step_class
 
     if args.type:
         print(render_step_help(step_class(args.type)))

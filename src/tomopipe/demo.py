@@ -1,6 +1,6 @@
 """``tomopipe demo``: simulate the apoferritin data set, run the tutorial workflow on it, and
 print per step its time and its scores against the simulator's truth as a table (value, unit,
-goal from :data:`tomopipe.report.scores.GOALS`, met or not), written as JSON to ``OUT/scores.json``."""
+goal from :data:`tomopipe.validate.scores.GOALS`, met or not), written as JSON to ``OUT/scores.json``."""
 
 from __future__ import annotations
 
@@ -13,45 +13,15 @@ from tomopipe.engine.executors import make_executor
 from tomopipe.engine.runner import run_workflow
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.project.store import Project
-from tomopipe.project.store import SetRecord
-from tomopipe.report.score_alignment import score_alignment
-from tomopipe.report.score_tomogram import score_tomogram_set
-from tomopipe.report.scores import format_score_table, score_ctf, score_import, score_motion, score_record
-from tomopipe.report.truth import Truth
-
-
-TOMOGRAM_SCORE_RESOLUTION_A = 30.0  #: low-pass (Å) of the tomogram–truth correlation
-
-
-#: the alignment scores the demo shows: pixels of the aligned (bin-10) views for align, Å for assign
-ALIGN_SCORES = ("max_shift_rms_px", "max_shift_rms_content_px", "max_abs_axis_error_deg", "max_abs_offset_error_deg")
-ASSIGN_SCORES = ("max_shift_rms_A", "max_shift_rms_content_A")
-TOMOGRAM_SCORES = ("correlation", "fsc_0_143_A", "mirrored_correlation")
-
-
-def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> list[tuple[str, str, object]]:
-    """The scores against the truth of one output set of a step, as ``(subject, score, value)``
-    (subject: a tilt series, or empty for the whole set); empty when there are none."""
-    items = project.read_items(record.id, enabled_only=True)
-    scores: dict = {}
-    if step_type == "import_movies":
-        scores = score_import(items, record.attrs, truth)
-    elif step_type == "motion_ctf" and record.kind == "tilt_series":
-        scores = score_motion(items, project, truth)
-    elif step_type == "motion_ctf" and record.kind == "ctf":
-        scores = score_ctf(items, truth)
-    elif step_type in ("align_tilt_series", "assign_alignment") and record.kind == "tilt_series":
-        shown = ALIGN_SCORES if step_type == "align_tilt_series" else ASSIGN_SCORES
-        scores = {key: value for key, value in score_alignment(items, record.attrs, truth).items() if key in shown}
-    elif step_type == "reconstruct_tomogram" and record.kind == "tomograms":
-        per_ts = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
-        return [(ts_id, key, score[key]) for ts_id, score in per_ts.items() for key in TOMOGRAM_SCORES]
-    return [("", key, value) for key, value in scores.items()]
+from tomopipe.validate.registry import scores_of_set
+from tomopipe.validate.scores import format_score_table, score_record
+from tomopipe.validate.truth import Truth
 
 
 def collect_scores(project: Project, workflow, report, truth: Truth) -> list[dict]:
-    """The demo's score records (:func:`tomopipe.report.scores.score_record`) of a workflow run:
-    per step its status, its seconds per tilt when it reports them, and its scores against the truth."""
+    """The demo's score records (:func:`tomopipe.validate.scores.score_record`) of a workflow run:
+    per step its status, its seconds per tilt when it reports them, and its scores against the truth
+    (the scorers of :mod:`tomopipe.validate.registry`)."""
     types = {step.name: step.step.type_name for step in workflow.steps}
     records = []
     for outcome in report.outcomes:
@@ -60,7 +30,8 @@ def collect_scores(project: Project, workflow, report, truth: Truth) -> list[dic
         rows += [("", key, value) for key, value in outcome.summary.items() if key.endswith("_s_per_tilt")]
         if outcome.run is not None and outcome.status in ("finished", "skipped"):
             for record in project.sets_of_run(outcome.run.id).values():
-                rows += scores_of_set(project, record, types[outcome.name], truth)
+                rows += [(score.subject, score.name, score.value)
+                         for score in scores_of_set(project, record, types[outcome.name], truth)]
         records += [score_record(outcome.name, score, value, seconds, subject) for subject, score, value in rows]
     return records
 

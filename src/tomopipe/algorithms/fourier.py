@@ -1,7 +1,10 @@
-"""Fourier-space helpers shared by the algorithms: edge taper, sub-pixel shift, spectrum crop.
+"""Fourier-space helpers shared by the algorithms: edge taper, sub-pixel shift, spectrum crop,
+zero padding.
 
-Conventions: arrays are ``[..., y, x]`` (``[..., z, y, x]`` for volumes); shifts are (x, y) in px
-and move the content by ``+shift``; spectra are ``torch.fft.rfft2`` layouts (DC at index 0).
+Conventions: arrays are ``[..., y, x]`` (``[..., z, y, x]`` for volumes); 2-D shifts are (x, y) in
+px and move the content by ``+shift``; spectra are ``torch.fft.rfft2`` / ``rfftn`` layouts (DC at
+index 0). The n-D helpers (:func:`phase_ramp_rfftn`, :func:`pad_at_end`, :func:`embed_centered`)
+take shapes and shifts in array-axis order (``(z, y, x)`` for a volume).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["cosine_edge_taper", "crop_rfft2", "fourier_shift_2d", "frequencies_rfft2_px", "phase_ramp_2d"]
+__all__ = ["cosine_edge_taper", "crop_rfft2", "embed_centered", "fourier_shift_2d", "frequencies_rfft2_px",
+           "pad_at_end", "phase_ramp_2d", "phase_ramp_rfftn"]
 
 
 def cosine_edge_taper(shape: Sequence[int], edge_px: float, *, max_edge_fraction: float | None = None,
@@ -73,3 +77,43 @@ def crop_rfft2(spectrum: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     h, w = shape
     rows = torch.cat([spectrum[..., : (h + 1) // 2, :], spectrum[..., spectrum.shape[-2] - h // 2:, :]], dim=-2)
     return rows[..., : w // 2 + 1]
+
+
+def phase_ramp_rfftn(shape: Sequence[int], shifts_px: Sequence[float], device=None) -> torch.Tensor:
+    """``exp(-2πi Σ_d k_d·s_d)`` on the ``torch.fft.rfftn`` grid of a real array of ``shape``
+    (last axis halved: ``[..., n_last//2+1]``), complex64; ``shifts_px`` per axis in array order
+    (``(z, y, x)`` for a volume). Multiplying an rfftn spectrum by it moves the content by
+    ``+shift`` px (periodic). The phases are summed in float64."""
+    if len(shape) != len(shifts_px):
+        raise ValueError(f"phase_ramp_rfftn: {len(shape)} axes but {len(shifts_px)} shifts")
+    phase = torch.zeros((), dtype=torch.float64, device=device)
+    last = len(shape) - 1
+    for axis, (n, shift) in enumerate(zip(shape, shifts_px)):
+        frequencies = (torch.fft.rfftfreq if axis == last else torch.fft.fftfreq)(int(n), dtype=torch.float64,
+                                                                                   device=device)
+        view = [1] * len(shape)
+        view[axis] = frequencies.numel()
+        phase = phase + (-2.0 * math.pi * float(shift)) * frequencies.reshape(view)
+    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
+
+
+def pad_at_end(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad ``array`` to ``shape`` (same number of axes, each at least as large) by appending
+    zeros at the end of every axis: index 0 stays index 0, as a periodic correlation needs.
+    Same dtype and device as ``array``."""
+    if len(shape) != array.ndim or any(int(n) < s for n, s in zip(shape, array.shape)):
+        raise ValueError(f"pad_at_end: cannot pad {tuple(array.shape)} to {tuple(shape)}")
+    out = torch.zeros(tuple(int(n) for n in shape), dtype=array.dtype, device=array.device)
+    out[tuple(slice(0, s) for s in array.shape)] = array
+    return out
+
+
+def embed_centered(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad ``array`` to ``shape`` keeping its centre sample ``N//2`` on ``n//2`` along every
+    axis (the centre convention of volumes and Fourier centring). Same dtype and device."""
+    if len(shape) != array.ndim or any(int(n) < s for n, s in zip(shape, array.shape)):
+        raise ValueError(f"embed_centered: cannot embed {tuple(array.shape)} in {tuple(shape)}")
+    out = torch.zeros(tuple(int(n) for n in shape), dtype=array.dtype, device=array.device)
+    starts = [int(n) // 2 - s // 2 for n, s in zip(shape, array.shape)]
+    out[tuple(slice(start, start + s) for start, s in zip(starts, array.shape))] = array
+    return out

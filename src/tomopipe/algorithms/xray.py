@@ -70,7 +70,7 @@ Images are ``[y, x]`` tensors (any real dtype, any device). Pure torch, no files
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -84,24 +84,45 @@ _FRACTION_BIG_DIFF = 0.25  # ccderaser: big differences averaged over the most e
 
 @dataclass(frozen=True)
 class XrayParams:
-    """Criteria of the automatic X-ray search (ccderaser option names in snake case, SD = standard deviations)."""
+    """Criteria of the automatic X-ray search (ccderaser option names in snake case, SD = standard deviations).
 
-    peak_criterion_sd: float = 8.0
-    diff_criterion_sd: float = 6.0
-    grow_criterion_sd: float = 4.0
-    scan_criterion_sd: float = 3.0
-    maximum_radius_px: float = 4.2
-    giant_criterion_sd: float = 12.0  # 0 disables the extra-large peak test
-    extra_large_radius_px: float = 8.0
-    big_diff_criterion_sd: float = 19.0
-    max_pixels_in_diff_patch: int = 2
-    annulus_width_px: float = 2.0
-    xy_scan_size_px: int = 100
-    edge_exclusion_width_px: int = 4
-    border_size_px: int = 2
-    polynomial_order: int = 2
-    max_passes: int = 3
-    shot_noise_probability: float = 1e-6  # tomopipe: 0 = off (ccderaser)
+    Each field's metadata holds its ``help`` and the ``min`` / ``max`` a user may set: the
+    ``xray_eraser`` step's parameters are made from these fields."""
+
+    peak_criterion_sd: float = field(default=8.0, metadata={
+        "help": "peak criterion: SDs above the local (annulus) mean to erase a peak", "min": 0.001})
+    diff_criterion_sd: float = field(default=6.0, metadata={
+        "help": "difference criterion: SDs above the mean pixel-to-neighbours difference", "min": 0.001})
+    maximum_radius_px: float = field(default=4.2, metadata={
+        "help": "maximum radius of a peak area to erase", "min": 0.5, "max": 10})
+    big_diff_criterion_sd: float = field(default=19.0, metadata={
+        "help": "extra-large peaks are erased only if their adjacent-pixel differences exceed this many SDs",
+        "min": 0})
+    grow_criterion_sd: float = field(default=4.0, metadata={
+        "help": "SDs above the local mean to add pixels to a peak", "min": 0.001})
+    scan_criterion_sd: float = field(default=3.0, metadata={
+        "help": "SDs above the scan area's mean to look for a peak", "min": 0.001})
+    giant_criterion_sd: float = field(default=12.0, metadata={
+        "help": "SDs above the local mean to erase an extra-large peak (0: off)", "min": 0})
+    extra_large_radius_px: float = field(default=8.0, metadata={
+        "help": "maximum radius of an extra-large peak area", "min": 0.5})
+    annulus_width_px: float = field(default=2.0, metadata={
+        "help": "width of the annulus giving the local mean and SD", "min": 0.5})
+    max_pixels_in_diff_patch: int = field(default=2, metadata={
+        "help": "largest patch the difference criterion erases", "min": 1})
+    xy_scan_size_px: int = field(default=100, metadata={
+        "help": "size of the scan areas for the mean and SD", "min": 8})
+    edge_exclusion_width_px: int = field(default=4, metadata={
+        "help": "width of the border not searched, on every edge", "min": 0})
+    border_size_px: int = field(default=2, metadata={
+        "help": "width of the ring of pixels the replacement is fitted to", "min": 1, "max": 5})
+    polynomial_order: int = field(default=2, metadata={
+        "help": "order of the polynomial fitted to the ring (0: its mean)", "min": 0, "max": 3})
+    max_passes: int = field(default=3, metadata={"help": "search passes on the cleaned image, at most", "min": 1})
+    shot_noise_probability: float = field(default=1e-6, metadata={
+        "help": "tomopipe: on images of counts, replace a patch only if it is less probable than this as Poisson "
+                "shot noise (at one or two counts per pixel the SD criteria mistake noise for X-rays); 0: off, as "
+                "ccderaser", "min": 0, "max": 0.5})
 
     def __post_init__(self):
         for name in ("peak_criterion_sd", "diff_criterion_sd", "grow_criterion_sd", "scan_criterion_sd",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tomopipe.engine.context import RunContext
 from tomopipe.engine.executors import LOGGER_NAME, Executor
+from tomopipe.engine.step_api import Step
 from tomopipe.engine.workflow import Workflow, WorkflowStep
 from tomopipe.errors import TomopipeError
 from tomopipe.project.store import Project, RunRecord, SetRecord, dumps
@@ -154,3 +155,22 @@ def run_step(project: Project, step: WorkflowStep, input_sets: dict[str, SetReco
         handler.close()
         logger.setLevel(previous_level)
     return StepOutcome(step.name, "finished", run=project.get_run(run.id), summary=summary)
+
+
+def run_on_outputs(project: Project, source_run: str | int, step_type: type[Step], name: str, values: dict,
+                   executor: Executor, verbose: bool = False) -> tuple[StepOutcome, dict[str, SetRecord]]:
+    """Run one step outside a workflow, as a new run named ``name``, on the outputs of a finished
+    run (``source_run``: its id or name): each input port gets the source's output set of the
+    port's kind. Returns the outcome and the input sets (port -> set)."""
+    source = project.find_run(source_run)
+    if source.status != "finished":
+        raise TomopipeError(f"run {source.id} ({source.name}) is {source.status}, not finished")
+    kinds = {port.kind: port.name for port in step_type.inputs}
+    input_sets = {kinds[record.kind]: record for record in project.sets_of_run(source.id).values()
+                  if record.kind in kinds}
+    if not input_sets:
+        raise TomopipeError(f"run {source.id} ({source.name}) has no {' or '.join(kinds)} output for a "
+                            f"{step_type.type_name} step")
+    step = WorkflowStep(name, step_type, step_type.validate_params(name, values), {})
+    signature = step_signature(step, {port: f"{source.signature}:{record.name}" for port, record in input_sets.items()})
+    return run_step(project, step, input_sets, signature, executor, verbose=verbose), input_sets

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tomopipe.errors import InputFileError, TomopipeError
-from tomopipe.steps.base import Step, step_class
+from tomopipe.engine.step_api import Step, step_class
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,18 +60,17 @@ from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, transmissi
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset
 from tomopipe.algorithms.geometry import xf_from_alignment
 from tomopipe.algorithms.normalize import bin_image, binned_geometry
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps.assign_alignment import check_same_acquisition
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
-from tomopipe.steps.xray_eraser import read_views, tilt_series_tasks
+from tomopipe.steps._tilt_series import (TiltSeriesResult, TiltSeriesTask, View, check_same_acquisition, merge_views,
+                                         read_views, tilt_series_tasks, views_of)
+from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")
 
-ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification",
-                     "align_residual_px", "align_view_method")
 OFFSET_METHODS = ("auto", "transmission", "tomogram", "specimen")
 MEAN_FREE_PATH_RANGE_A = (1000.0, 30000.0)  #: plausible attenuation lengths (inelastic or aperture) of ice
 
@@ -105,28 +105,36 @@ def interpolate_aligned(images: torch.Tensor, rot_z_deg, shifts_px, magnificatio
     return views
 
 
-def mean_intensities(views: list[dict]) -> np.ndarray:
+@dataclass(frozen=True)
+class AlignTask(TiltSeriesTask):
+    """A tilt series to align; ``intensity_views``: the same views in the ``intensity_reference``
+    set (with ``dose_e_per_A2`` in their values), when that input is given."""
+
+    intensity_views: tuple[View, ...] | None = None
+
+
+def mean_intensities(views: list[View]) -> np.ndarray:
     """Mean value (float64) of each view's section ``image_path``/``image_section``, read section by section."""
     opened: dict[str, np.ndarray] = {}
     means = []
     for view in views:
-        path = view["image_path"]
+        path = view.image_path
         if path not in opened:
             opened[path] = read_mrc(path, mmap=True)[0]
         data = opened[path]
-        section = int(view["image_section"])
+        section = view.image_section
         if data.ndim != 3 or section >= data.shape[0]:
-            raise InputFileError(path, f"has no section {section} (tilt_index {view['tilt_index']})")
+            raise InputFileError(path, f"has no section {section} (tilt_index {view.tilt_index})")
         means.append(float(np.asarray(data[section], dtype=np.float64).mean()))
     return np.asarray(means)
 
 
-def _transmission(tilts: torch.Tensor, intensity_views: list[dict] | None, thickness_A: float | None) -> dict:
+def _transmission(tilts: torch.Tensor, intensity_views: list[View] | None, thickness_A: float | None) -> dict:
     """The transmission offset of the views (``offset_deg``, ``uncertainty_deg`` and the fit), or
     ``error``: why the intensities do not give one."""
     if intensity_views is None:
         return {"error": "no intensity_reference input"}
-    doses = [v.get("dose_e_per_A2") for v in intensity_views]
+    doses = [v.values.get("dose_e_per_A2") for v in intensity_views]
     if any(d is None or not np.isfinite(d) for d in doses):
         return {"error": "the intensity_reference set has no per-view dose (dose_e_per_A2): exposure and "
                          "transmission cannot be told apart"}
@@ -148,7 +156,7 @@ def _transmission(tilts: torch.Tensor, intensity_views: list[dict] | None, thick
 
 
 def _tilt_offset(ts_id: str, params: dict, raw: torch.Tensor, fit, tilts: torch.Tensor,
-                 intensity_views: list[dict] | None, pixel_size_A: float) -> dict:
+                 intensity_views: list[View] | None, pixel_size_A: float) -> dict:
     """How the tilt-angle offset is found (see the module docstring): ``method``, ``offset_deg``,
     ``uncertainty_deg`` and what each method tried said."""
     if not params["refine_tilt_offset"]:
@@ -188,26 +196,26 @@ def _contour_table(stage: str, positions: torch.Tensor, fit, pixel_size_A: float
                          "x_A": points_A[:, 0].numpy(), "y_A": points_A[:, 1].numpy(), "z_A": points_A[:, 2].numpy()})
 
 
-def align_tilt_series(task: dict) -> dict:
+def align_tilt_series(task: AlignTask) -> TiltSeriesResult:
     """Align one tilt series (enabled views) and write its IMOD files (and the aligned stack)."""
-    ts_id, params = task["ts_id"], task["params"]
-    folder = Path(task["folder"])
-    acquisition = task["acquisition"]
-    device = compute_device(params["device"])
-    views = [v for v in task["views"] if v["enabled"]]
+    ts_id, params = task.ts_id, task.params
+    folder = Path(task.folder)
+    acquisition = task.acquisition
+    device = compute_device(task.device)
+    views = [v for v in task.views if v.values["enabled"]]
     if len(views) < 5:
         raise TomopipeError(f"{ts_id}: {len(views)} enabled views; at least 5 are needed to align a tilt series")
-    views.sort(key=lambda v: v["tilt_angle_deg"])
+    views.sort(key=lambda v: v.values["tilt_angle_deg"])
     pixel_size_A = float(acquisition["pixel_size_A"])
     axis = acquisition.get("tilt_axis_angle_deg")
     if axis is None or not np.isfinite(float(axis)):
         raise TomopipeError(f"{ts_id}: the tilt series has no tilt-axis angle (tilt_axis_angle_deg in its "
                             "acquisition); set it at import (import_movies tilt_axis_angle_deg)")
-    tilts = torch.tensor([v["tilt_angle_deg"] for v in views], dtype=torch.float64)
+    tilts = torch.tensor([v.values["tilt_angle_deg"] for v in views], dtype=torch.float64)
     intensity_views = None
-    if task.get("intensity_views") is not None:
-        by_index = {v["tilt_index"]: v for v in task["intensity_views"]}
-        intensity_views = [by_index[v["tilt_index"]] for v in views]
+    if task.intensity_views is not None:
+        by_index = {v.tilt_index: v for v in task.intensity_views}
+        intensity_views = [by_index[v.tilt_index] for v in views]
     raw = torch.from_numpy(read_views(views, "image_path", acquisition["image_size_px"]).astype(np.float32)).to(device)
     try:
         result = align_images(raw, tilts, float(axis), align_options(params, pixel_size_A),
@@ -218,7 +226,7 @@ def align_tilt_series(task: dict) -> dict:
     fit = with_tilt_offset(result.fit, offset["offset_deg"])
     shifts_A = fit.shifts_px * pixel_size_A
     methods = result.view_method
-    per_view = [{"tilt_index": v["tilt_index"], "rot_z_deg": float(fit.rot_z_deg[i]), "rot_y_deg": float(fit.tilt_deg[i]),
+    per_view = [{"tilt_index": v.tilt_index, "rot_z_deg": float(fit.rot_z_deg[i]), "rot_y_deg": float(fit.tilt_deg[i]),
                  "rot_x_deg": 0.0, "shift_x_A": float(shifts_A[i, 0]), "shift_y_A": float(shifts_A[i, 1]),
                  "magnification": float(fit.magnification[i]), "align_residual_px": float(fit.residual_view_px[i]),
                  "align_view_method": methods[i]}
@@ -237,8 +245,9 @@ def align_tilt_series(task: dict) -> dict:
         binning = params["interpolated_binning"]
         aligned = interpolate_aligned(raw, fit.rot_z_deg, fit.shifts_px, fit.magnification, binning)
         geometry = binned_geometry(tuple(raw.shape[-2:]), binning)
-        files["aligned"] = folder / f"{ts_id}_ali.mrc"
-        write_mrc(files["aligned"], aligned.cpu().numpy(), pixel_size_A * geometry["pixel_factor"][1], stack=True)
+        files["aligned_image_path"] = folder / f"{ts_id}_ali.mrc"
+        write_mrc(files["aligned_image_path"], aligned.cpu().numpy(), pixel_size_A * geometry["pixel_factor"][1],
+                  stack=True)
         for i, view in enumerate(per_view):
             view["aligned_image_section"] = i
     contours = int(result.patches.positions_px.shape[0]) + (int(result.points.positions_px.shape[0])
@@ -247,7 +256,7 @@ def align_tilt_series(task: dict) -> dict:
     log.info("%s: %d views, %s stage%s, %d/%d contours, RMS residual %.3f px, axis %.2f deg, tilt offset %.2f deg "
              "(%s)", ts_id, len(views), result.stage, f" ({result.note})" if result.note else "", used, contours,
              fit.rms_residual_px, fit.axis_deg, fit.tilt_offset_deg, offset["method"])
-    return {"ts_id": ts_id, "views": per_view, "files": {k: str(v) for k, v in files.items()},
+    return TiltSeriesResult(ts_id, tuple(per_view), {k: str(v) for k, v in files.items()}, {
             "rms_residual_px": fit.rms_residual_px, "axis_deg": fit.axis_deg, "tilt_offset_deg": fit.tilt_offset_deg,
             "tilt_offset": {k: v for k, v in offset.items() if k != "offset_deg"},
             "patch_size_px": result.patches.patch_size_px,
@@ -255,7 +264,7 @@ def align_tilt_series(task: dict) -> dict:
                                         if v["align_view_method"] == "cross-correlation"],
             "stage": result.stage, "note": result.note, "point_rounds": len(result.rounds),
             "patch_axis_deg": result.patch_fit.axis_deg, "contours": contours, "contours_used": used,
-            "specimen_x_tilt_deg": fit.specimen_x_tilt_deg}
+            "specimen_x_tilt_deg": fit.specimen_x_tilt_deg})
 
 
 @register
@@ -305,47 +314,36 @@ class AlignTiltSeries(Step):
         if ctx.params["tilt_offset_method"] == "transmission" and ctx.params["refine_tilt_offset"] \
                 and "intensity_reference" not in ctx.inputs:
             ctx.fail("tilt_offset_method = 'transmission' needs the 'intensity_reference' input")
-        items, tasks = tilt_series_tasks(ctx, "tilt_series", {"params": ctx.params})
+        items, tasks = tilt_series_tasks(ctx, "tilt_series", AlignTask)
         reference = self._intensity_reference(ctx, items) if "intensity_reference" in ctx.inputs else {}
-        for task in tasks:
-            group = items[items["ts_id"] == task["ts_id"]].set_index("tilt_index")
-            for view in task["views"]:
-                view["enabled"] = bool(group.loc[view["tilt_index"], "enabled"])
-                view["tilt_angle_deg"] = float(group.loc[view["tilt_index"], "tilt_angle_deg"])
-            task["intensity_views"] = reference.get(task["ts_id"])
+        tasks = [replace(task, intensity_views=reference.get(task.ts_id)) for task in tasks]
         results = ctx.map(align_tilt_series, tasks, desc="align")
-        tables = []
-        for result in results:
-            group = items[items["ts_id"] == result["ts_id"]]
-            group = group.drop(columns=[c for c in (*ALIGNMENT_COLUMNS, "aligned_image_path", "aligned_image_section")
-                                        if c in group.columns])
-            group = group.merge(pd.DataFrame(result["views"]), on="tilt_index", how="left", validate="one_to_one")
-            if "aligned" in result["files"]:
-                group["aligned_image_path"] = [ctx.stored_path(result["files"]["aligned"]) if isinstance(e, (bool, np.bool_)) and e
-                                               else None for e in group["enabled"]]
-            tables.append(group)
-        out = pd.concat(tables, ignore_index=True)
+        out = merge_views(ctx, items, results, file_columns=("aligned_image_path",),
+                          drop=("aligned_image_path", "aligned_image_section"))
         attrs = copy.deepcopy(ctx.input_attrs("tilt_series"))
-        attrs["alignment"] = {r["ts_id"]: {"xf_path": ctx.stored_path(r["files"]["xf"]),
-                                           "tlt_path": ctx.stored_path(r["files"]["tlt"]),
-                                           "xtilt_path": ctx.stored_path(r["files"]["xtilt"]),
-                                           "contours_path": ctx.stored_path(r["files"]["contours"]),
-                                           "rms_residual_px": r["rms_residual_px"], "tilt_axis_deg": r["axis_deg"],
-                                           "tilt_offset_deg": r["tilt_offset_deg"], "tilt_offset": r["tilt_offset"],
-                                           "stage": r["stage"], "note": r["note"]} for r in results}
+        attrs["alignment"] = {r.ts_id: {"xf_path": ctx.stored_path(r.files["xf"]),
+                                        "tlt_path": ctx.stored_path(r.files["tlt"]),
+                                        "xtilt_path": ctx.stored_path(r.files["xtilt"]),
+                                        "contours_path": ctx.stored_path(r.files["contours"]),
+                                        "rms_residual_px": r.summary["rms_residual_px"],
+                                        "tilt_axis_deg": r.summary["axis_deg"],
+                                        "tilt_offset_deg": r.summary["tilt_offset_deg"],
+                                        "tilt_offset": r.summary["tilt_offset"],
+                                        "stage": r.summary["stage"], "note": r.summary["note"]} for r in results}
         ctx.add_output("tilt_series", out, attrs)
         return {"tilt_series": len(results),
-                "rms_residual_px": {r["ts_id"]: r["rms_residual_px"] for r in results},
-                "tilt_axis_deg": {r["ts_id"]: r["axis_deg"] for r in results},
-                "tilt_offset_deg": {r["ts_id"]: r["tilt_offset_deg"] for r in results},
-                "tilt_offset_method": {r["ts_id"]: r["tilt_offset"]["method"] for r in results},
-                "tilt_offset_uncertainty_deg": {r["ts_id"]: r["tilt_offset"]["uncertainty_deg"] for r in results},
-                "patch_size_px": {r["ts_id"]: r["patch_size_px"] for r in results},
-                "views_cross_correlation": {r["ts_id"]: r["views_cross_correlation"] for r in results},
-                "stage": {r["ts_id"]: r["stage"] + (f" ({r['note']})" if r["note"] else "") for r in results},
-                "contours_used": {r["ts_id"]: f"{r['contours_used']}/{r['contours']}" for r in results},
-                "residual_per_view_px": {r["ts_id"]: [None if math.isnan(v["align_residual_px"])
-                                                      else round(v["align_residual_px"], 3) for v in r["views"]]
+                "rms_residual_px": {r.ts_id: r.summary["rms_residual_px"] for r in results},
+                "tilt_axis_deg": {r.ts_id: r.summary["axis_deg"] for r in results},
+                "tilt_offset_deg": {r.ts_id: r.summary["tilt_offset_deg"] for r in results},
+                "tilt_offset_method": {r.ts_id: r.summary["tilt_offset"]["method"] for r in results},
+                "tilt_offset_uncertainty_deg": {r.ts_id: r.summary["tilt_offset"]["uncertainty_deg"] for r in results},
+                "patch_size_px": {r.ts_id: r.summary["patch_size_px"] for r in results},
+                "views_cross_correlation": {r.ts_id: r.summary["views_cross_correlation"] for r in results},
+                "stage": {r.ts_id: r.summary["stage"] + (f" ({r.summary['note']})" if r.summary["note"] else "")
+                          for r in results},
+                "contours_used": {r.ts_id: f"{r.summary['contours_used']}/{r.summary['contours']}" for r in results},
+                "residual_per_view_px": {r.ts_id: [None if math.isnan(v["align_residual_px"])
+                                                   else round(v["align_residual_px"], 3) for v in r.views]
                                          for r in results}}
 
     @staticmethod
@@ -368,8 +366,5 @@ class AlignTiltSeries(Step):
             if problems:
                 ctx.fail(f"tilt series {ts_id!r}: the 'intensity_reference' set is not the same acquisition: "
                          + "; ".join(problems))
-            doses = ref["dose_e_per_A2"] if "dose_e_per_A2" in ref.columns else pd.Series(np.nan, index=ref.index)
-            out[ts_id] = [{"tilt_index": int(r.tilt_index), "image_path": str(ctx.resolve(r.image_path)),
-                           "image_section": int(r.image_section), "dose_e_per_A2": float(dose)}
-                          for r, dose in zip(ref.itertuples(index=False), doses)]
+            out[ts_id] = views_of(ctx, ref)
         return out

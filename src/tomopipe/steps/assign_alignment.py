@@ -18,48 +18,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pandas as pd
 
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.model.alignment import ALIGNMENT_COLUMNS
-from tomopipe.steps.base import Param, Port, Step, register
+from tomopipe.steps._tilt_series import check_same_acquisition
 
 REQUIRED = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
-
-
-def check_same_acquisition(ts_id: str, source: pd.DataFrame, target: pd.DataFrame, source_acq: dict,
-                           target_acq: dict, angle_tolerance_deg: float) -> list[str]:
-    """Why the two tilt series are not the same acquisition (empty list: they are)."""
-    problems = []
-    if len(source) != len(target):
-        return [f"{len(source)} views in the source but {len(target)} in the target"]
-    if not np.array_equal(source["tilt_index"].to_numpy(), target["tilt_index"].to_numpy()):
-        return ["the tilt indices differ"]
-    if "tilt_angle_deg" in source and "tilt_angle_deg" in target:
-        diff = np.abs(source["tilt_angle_deg"].to_numpy(float) - target["tilt_angle_deg"].to_numpy(float))
-        if np.nanmax(diff) > angle_tolerance_deg:
-            i = int(np.nanargmax(diff))
-            problems.append(f"tilt angles differ by up to {diff[i]:.3f} deg (tilt_index "
-                            f"{int(target['tilt_index'].iloc[i])}: {source['tilt_angle_deg'].iloc[i]:.3f} vs "
-                            f"{target['tilt_angle_deg'].iloc[i]:.3f}) > {angle_tolerance_deg} deg")
-    if "acquisition_order" in source and "acquisition_order" in target and not np.array_equal(
-            source["acquisition_order"].to_numpy(), target["acquisition_order"].to_numpy()):
-        problems.append("the acquisition orders differ")
-    s_mdoc, t_mdoc = source_acq.get("mdoc_path"), target_acq.get("mdoc_path")
-    if s_mdoc and t_mdoc and s_mdoc != t_mdoc:
-        problems.append(f"different mdoc files ({s_mdoc} vs {t_mdoc})")
-    try:
-        s_fov = np.asarray(source_acq["image_size_px"], float) * float(source_acq["pixel_size_A"])
-        t_fov = np.asarray(target_acq["image_size_px"], float) * float(target_acq["pixel_size_A"])
-    except (KeyError, TypeError, ValueError):
-        problems.append("image_size_px or pixel_size_A missing from an acquisition")
-    else:
-        # binning by a factor that does not divide the image drops less than one coarse pixel
-        coarse_pixel_A = max(float(source_acq["pixel_size_A"]), float(target_acq["pixel_size_A"]))
-        if np.any(np.abs(s_fov - t_fov) > coarse_pixel_A + 0.01 * np.maximum(s_fov, t_fov)):
-            problems.append(f"different fields of view ({s_fov[0]:.0f} x {s_fov[1]:.0f} A vs "
-                            f"{t_fov[0]:.0f} x {t_fov[1]:.0f} A)")
-    return problems
 
 
 @register

@@ -13,9 +13,9 @@ import logging
 import numpy as np
 
 from tomopipe.algorithms.exclusion import dark_or_empty_views, defocus_outliers, high_astigmatism, poor_fit_resolution
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import read_mrc
-from tomopipe.steps.base import Param, Port, Step, register
 
 log = logging.getLogger("tomopipe")
 

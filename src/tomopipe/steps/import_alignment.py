@@ -39,11 +39,11 @@ import pandas as pd
 import torch
 
 from tomopipe.algorithms.geometry import alignment_from_xf, xf_scale_and_distortion
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.aretomo import AlnFile, read_aln
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.model.alignment import ALIGNMENT_COLUMNS
-from tomopipe.steps.base import Param, Port, Step, register
 
 FORMATS = {".xf": "imod", ".aln": "aretomo"}
 #: Columns of an aligned set that an imported alignment replaces (the aligner's own extras too).

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 
 from tomopipe.algorithms.geometry import wrap_angle_deg
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.mdoc import dose_per_tilt_e_per_A2, read_mdoc
 from tomopipe.io.movies import movie_info, read_gain
 from tomopipe.io.mrc import write_mrc
 from tomopipe.model.acquisition import acquisition_order_and_pre_exposure
-from tomopipe.steps.base import Param, Port, Step, register
 
 log = logging.getLogger("tomopipe")
 

@@ -47,11 +47,12 @@ import torch
 
 from tomopipe.algorithms.frame_outliers import find_frame_outliers, replace_frame_outliers
 from tomopipe.algorithms.motion import align_and_sum, apply_gain, estimate_motion
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.movies import EER_SUFFIXES, movie_info, read_movie
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, missing_numbers, register
+from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
 

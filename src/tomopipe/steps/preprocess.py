@@ -20,46 +20,46 @@ import numpy as np
 import torch
 
 from tomopipe.algorithms.normalize import DENSITY_MODES, bin_image, binned_geometry, scale_densities
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, register
-from tomopipe.steps.xray_eraser import HALF_COLUMNS, output_items, read_views, tilt_series_tasks
+from tomopipe.steps._tilt_series import (HALF_COLUMNS, TiltSeriesResult, TiltSeriesTask, View, merge_views,
+                                         read_views, tilt_series_tasks)
+from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")
 
 
-def _process(images: np.ndarray, views: list[dict], column: str, params: dict, device) -> np.ndarray:
+def _process(images: np.ndarray, views: tuple[View, ...], column: str, params: dict, device) -> np.ndarray:
     out = []
     for index, view in enumerate(views):
         image = torch.from_numpy(images[index]).to(device)
         if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-            raise InputFileError(view[column], f"section {view['image_section']} (tilt_index {view['tilt_index']}) "
-                                               f"has NaN or infinite values")
+            raise InputFileError(view.path(column), f"section {view.image_section} (tilt_index {view.tilt_index}) "
+                                                    f"has NaN or infinite values")
         binned = bin_image(image, params["binning"])
         try:
             scaled = scale_densities(binned, params["density_mode"], params["mean"], params["sd"])
         except ValueError as error:
-            raise InputFileError(view[column], f"section {view['image_section']} (tilt_index "
-                                               f"{view['tilt_index']}): {error}") from None
+            raise InputFileError(view.path(column), f"section {view.image_section} (tilt_index "
+                                                    f"{view.tilt_index}): {error}") from None
         out.append(scaled.to(torch.float32).cpu().numpy())
     return np.stack(out)
 
 
-def preprocess_tilt_series(task: dict) -> dict:
+def preprocess_tilt_series(task: TiltSeriesTask) -> TiltSeriesResult:
     """Bin and scale every view of one tilt series; write the new stack(s)."""
-    ts_id = task["ts_id"]
-    folder = Path(task["folder"])
-    params = task["params"]
-    acquisition = task["acquisition"]
-    device = compute_device(params["device"])
-    views = task["views"]
+    ts_id = task.ts_id
+    folder = Path(task.folder)
+    params = task.params
+    acquisition = task.acquisition
+    device = compute_device(task.device)
+    views = task.views
     nx, ny = (int(v) for v in acquisition["image_size_px"])
     geometry = binned_geometry((ny, nx), params["binning"])
     pixel_size_A = float(acquisition["pixel_size_A"]) * geometry["pixel_factor"][1]
     files = {}
-    for column in ("image_path", *HALF_COLUMNS):
-        if column not in views[0]:
-            continue
+    for column in ("image_path", *(HALF_COLUMNS if task.has_halves else ())):
         images = read_views(views, column, acquisition["image_size_px"])
         stack = _process(images, views, column, params, device)
         del images
@@ -69,11 +69,10 @@ def preprocess_tilt_series(task: dict) -> dict:
     new_ny, new_nx = geometry["new_shape"]
     log.info("%s: %d views, %d x %d px -> %d x %d px, %.4f A/px", ts_id, len(views), nx, ny, new_nx, new_ny,
              pixel_size_A)
-    return {"ts_id": ts_id, "files": files,
-            "views": [{"tilt_index": v["tilt_index"], "image_section": i} for i, v in enumerate(views)],
-            "pixel_size_A": pixel_size_A,
-            "pixel_size_y_A": float(acquisition["pixel_size_A"]) * geometry["pixel_factor"][0],
-            "image_size_px": [int(new_nx), int(new_ny)]}
+    return TiltSeriesResult(ts_id, tuple({"tilt_index": v.tilt_index, "image_section": i} for i, v in enumerate(views)),
+                            files, {"pixel_size_A": pixel_size_A,
+                                    "pixel_size_y_A": float(acquisition["pixel_size_A"]) * geometry["pixel_factor"][0],
+                                    "image_size_px": [int(new_nx), int(new_ny)]})
 
 
 @register
@@ -96,22 +95,22 @@ class Preprocess(Step):
     outputs = (Port("tilt_series", "tilt_series", "binned, density-scaled tilt series: one float32 MRC stack each"),)
 
     def run(self, ctx):
-        items, tasks = tilt_series_tasks(ctx, "tilt_series", {"params": ctx.params})
+        items, tasks = tilt_series_tasks(ctx, "tilt_series")
         for task in tasks:
-            nx, ny = (int(v) for v in task["acquisition"]["image_size_px"])
+            nx, ny = (int(v) for v in task.acquisition["image_size_px"])
             if min(nx, ny) / ctx.params["binning"] < 2:
                 ctx.fail(f"binning {ctx.params['binning']} leaves less than 2 pixels of the {nx} x {ny} px images of "
-                         f"{task['ts_id']}")
+                         f"{task.ts_id}")
         results = ctx.map(preprocess_tilt_series, tasks, desc="preprocess")
-        out = output_items(ctx, items, results)
+        out = merge_views(ctx, items, results, file_columns=("image_path", *HALF_COLUMNS), drop=HALF_COLUMNS)
         attrs = copy.deepcopy(ctx.input_attrs("tilt_series"))
         for result in results:
-            acquisition = attrs["tilt_series"][result["ts_id"]]
-            acquisition["pixel_size_A"] = result["pixel_size_A"]
-            acquisition["image_size_px"] = result["image_size_px"]
+            acquisition = attrs["tilt_series"][result.ts_id]
+            acquisition["pixel_size_A"] = result.summary["pixel_size_A"]
+            acquisition["image_size_px"] = result.summary["image_size_px"]
         attrs["preprocess"] = {"binning": ctx.params["binning"], "density_mode": ctx.params["density_mode"],
                                "mean": ctx.params["mean"], "sd": ctx.params["sd"]}
         ctx.add_output("tilt_series", out, attrs)
         return {"tilt_series": len(results), "tilts": len(out),
-                "pixel_size_A": sorted({round(r["pixel_size_A"], 6) for r in results}),
-                "image_size_px": [list(s) for s in sorted({tuple(r["image_size_px"]) for r in results})]}
+                "pixel_size_A": sorted({round(r.summary["pixel_size_A"], 6) for r in results}),
+                "image_size_px": [list(s) for s in sorted({tuple(r.summary["image_size_px"]) for r in results})]}

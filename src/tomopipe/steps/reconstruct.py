@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ from tomopipe.algorithms.reconstruct import (
     projection_matrices,
     volume_shape_for,
 )
+from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps.base import DEVICE_PARAM, Param, Port, Step, compute_device, missing_numbers, register
-from tomopipe.steps.xray_eraser import read_views
+from tomopipe.steps._tilt_series import TiltSeriesResult, TiltSeriesTask, acquisition_of, read_views, views_of
+from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
 
@@ -61,40 +63,48 @@ def reconstruction_params(params: dict) -> ReconstructionParams:
     return ReconstructionParams(**values)
 
 
-def reconstruct_tilt_series(task: dict) -> dict:
-    """Reconstruct one tilt series and write ``TS.mrc``; returns its size and voxel size."""
-    ts_id = task["ts_id"]
-    acquisition = task["acquisition"]
-    params = reconstruction_params(task["params"])
-    device = compute_device(task["params"]["device"])
-    views = task["views"]
+@dataclass(frozen=True)
+class ReconstructTask(TiltSeriesTask):
+    """A tilt series to reconstruct: its views to use, with alignment (and CTF) columns in their
+    values; ``ctf``: ``defocus_hand`` and ``strip_width_px`` when phase flipping, else None."""
+
+    ctf: dict | None = None
+
+
+def reconstruct_tilt_series(task: ReconstructTask) -> TiltSeriesResult:
+    """Reconstruct one tilt series and write ``TS.mrc``; the summary has its size and voxel size."""
+    ts_id = task.ts_id
+    acquisition = task.acquisition
+    params = reconstruction_params(task.params)
+    device = compute_device(task.device)
+    views = task.views
     pixel_size_A = float(acquisition["pixel_size_A"])
     images = read_views(views, "image_path", acquisition["image_size_px"])
     images_t = torch.from_numpy(images.astype(np.float32, copy=False)).to(device)
     del images
     for index, view in enumerate(views):
         if not bool(torch.isfinite(images_t[index]).all()):
-            raise InputFileError(view["image_path"], f"section {view['image_section']} (tilt_index "
-                                                     f"{view['tilt_index']}) has NaN or infinite values")
-    col = lambda name: torch.tensor([v[name] for v in views], dtype=torch.float64)  # noqa: E731
+            raise InputFileError(view.image_path, f"section {view.image_section} (tilt_index {view.tilt_index}) "
+                                                  f"has NaN or infinite values")
+    col = lambda name: torch.tensor([v.values[name] for v in views], dtype=torch.float64)  # noqa: E731
     rot_z, rot_y, rot_x = col("rot_z_deg"), col("rot_y_deg"), col("rot_x_deg")
     shifts_A = torch.stack([col("shift_x_A"), col("shift_y_A")], dim=1)
     m, t = projection_matrices(rot_z, rot_y, rot_x, shifts_A, pixel_size_A, col("magnification"), params)
     ctf = None
-    if task.get("ctf"):
-        c = task["ctf"]
+    if task.ctf:
+        c = task.ctf
         ctf = CtfParams(col("defocus_u_A"), col("defocus_v_A"), col("defocus_angle_deg"),
                         float(acquisition["voltage_kV"]), float(acquisition["spherical_aberration_mm"]),
                         float(acquisition["amplitude_contrast"]), defocus_hand=int(c["defocus_hand"]),
                         phase_shift_deg=col("phase_shift_deg"), strip_width_px=float(c["strip_width_px"]))
-    pre = col("pre_exposure_e_per_A2") if task["params"]["dose_weighting"] else None
+    pre = col("pre_exposure_e_per_A2") if task.params["dose_weighting"] else None
     voltage_kV = float(acquisition["voltage_kV"]) if pre is not None else None
     filtered = filter_tilt_images(images_t, rot_z + params.tilt_axis_offset_deg, rot_y + params.tilt_angle_offset_deg,
                                   pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
                                   params.sirt_like_iterations, pre, voltage_kV, ctf, t)
     del images_t
     shape = volume_shape_for(acquisition["image_size_px"], float(rot_z.mean()) + params.tilt_axis_offset_deg, params)
-    folder = Path(task["folder"])
+    folder = Path(task.folder)
     path = folder / f"{ts_id}.mrc"
     scratch = folder / f".{ts_id}.reconstruct-scratch.npy"
     try:
@@ -110,8 +120,9 @@ def reconstruct_tilt_series(task: dict) -> dict:
             os.unlink(scratch)
     log.info("%s: %d views -> %d x %d x %d voxels of %.4f A", ts_id, len(views), shape[2], shape[1], shape[0],
              pixel_size_A)
-    return {"ts_id": ts_id, "tomogram_path": str(path), "voxel_size_A": pixel_size_A, "size_x_px": shape[2],
-            "size_y_px": shape[1], "size_z_px": shape[0], "n_views": len(views), "mean": stats[0], "sd": stats[1]}
+    return TiltSeriesResult(ts_id, files={"tomogram_path": str(path)},
+                            summary={"voxel_size_A": pixel_size_A, "size_x_px": shape[2], "size_y_px": shape[1],
+                                     "size_z_px": shape[0], "n_views": len(views), "mean": stats[0], "sd": stats[1]})
 
 
 @register
@@ -181,11 +192,9 @@ class ReconstructTomogram(Step):
             absent = [c for c in ("ts_id", "tilt_index", *CTF_COLUMNS) if c not in ctf_table.columns]
             if absent:
                 ctx.fail(f"the input set 'ctf' has no column(s) {', '.join(absent)}")
-        acquisitions = ctx.input_attrs("tilt_series").get("tilt_series", {})
         tasks = []
         for ts_id, group in items[use].sort_values(["ts_id", "tilt_index"]).groupby("ts_id", sort=True):
-            if ts_id not in acquisitions:
-                ctx.fail(f"tilt series {ts_id!r} has no acquisition in the attributes of the input set")
+            acquisition = acquisition_of(ctx, "tilt_series", ts_id)
             group = group.copy()
             bad = group[list(ALIGNMENT_COLUMNS)].isna().any(axis=1)
             if bad.any():
@@ -195,7 +204,7 @@ class ReconstructTomogram(Step):
                 ctx.fail(f"tilt series {ts_id!r}: dose_weighting needs pre_exposure_e_per_A2 for every view")
             needed = {**({"voltage_kV": "dose_weighting"} if p["dose_weighting"] else {}),
                       **({name: "phase_flip" for name in CTF_ACQUISITION} if ctf_table is not None else {})}
-            missing = missing_numbers(acquisitions[ts_id], needed)
+            missing = missing_numbers(acquisition, needed)
             if missing:
                 ctx.fail(f"tilt series {ts_id!r}: the acquisition in the attributes of the input set 'tilt_series' "
                          f"has no {', '.join(f'{name} (needed by {needed[name]})' for name in missing)}")
@@ -211,29 +220,21 @@ class ReconstructTomogram(Step):
                     group["phase_shift_deg"] = 0.0
                 group["phase_shift_deg"] = group["phase_shift_deg"].fillna(0.0)
                 ctf_info = {"defocus_hand": ctf_hand(ctx, ts_id), "strip_width_px": p["ctf_strip_width_px"]}
-            views = []
-            for row in group.to_dict("records"):
-                view = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-                            else v) for k, v in row.items()}
-                view["tilt_index"] = int(row["tilt_index"])
-                view["image_section"] = int(row["image_section"])
-                view["image_path"] = str(ctx.resolve(row["image_path"]))
-                views.append(view)
-            tasks.append({"ts_id": ts_id, "views": views, "acquisition": acquisitions[ts_id], "params": p,
-                          "ctf": ctf_info, "folder": str(ctx.folder)})
+            tasks.append(ReconstructTask(str(ts_id), acquisition, views_of(ctx, group), dict(p), str(ctx.folder),
+                                         p["device"], ctf_info))
         if not tasks:
             ctx.fail("no enabled views to reconstruct")
         for task in tasks:
-            if len(task["views"]) < 2:
-                ctx.fail(f"tilt series {task['ts_id']!r} has {len(task['views'])} view(s) left to reconstruct")
+            if len(task.views) < 2:
+                ctx.fail(f"tilt series {task.ts_id!r} has {len(task.views)} view(s) left to reconstruct")
         results = ctx.map(reconstruct_tilt_series, tasks, desc="reconstruct")
-        out = pd.DataFrame([{"ts_id": r["ts_id"], "tomogram_path": ctx.stored_path(r["tomogram_path"]),
-                             "voxel_size_A": r["voxel_size_A"], "size_x_px": r["size_x_px"],
-                             "size_y_px": r["size_y_px"], "size_z_px": r["size_z_px"], "enabled": True}
-                            for r in results])
+        out = pd.DataFrame([{"ts_id": r.ts_id, "tomogram_path": ctx.stored_path(r.files["tomogram_path"]),
+                             **{k: r.summary[k] for k in ("voxel_size_A", "size_x_px", "size_y_px", "size_z_px")},
+                             "enabled": True} for r in results])
         attrs = copy.deepcopy(ctx.input_attrs("tilt_series"))
         attrs["reconstruction"] = {name: p[name] for name in p if name != "device"}
         ctx.add_output("tomograms", out, attrs)
-        return {"tomograms": len(results), "views": {r["ts_id"]: r["n_views"] for r in results},
-                "size_xyz_px": sorted({(r["size_x_px"], r["size_y_px"], r["size_z_px"]) for r in results}),
-                "voxel_size_A": sorted({round(r["voxel_size_A"], 6) for r in results})}
+        sizes = [r.summary for r in results]
+        return {"tomograms": len(results), "views": {r.ts_id: r.summary["n_views"] for r in results},
+                "size_xyz_px": sorted({(s["size_x_px"], s["size_y_px"], s["size_z_px"]) for s in sizes}),
+                "voxel_size_A": sorted({round(s["voxel_size_A"], 6) for s in sizes})}

@@ -2,7 +2,7 @@
 ``assign_alignment``) against the simulator's truth.
 
 Per tilt series, our views are paired with the truth's by the stage tilt angle
-(:func:`tomopipe.report.scores._by_tilt_angle`), excluded views left out:
+(:func:`tomopipe.validate.scores._by_tilt_angle`), excluded views left out:
 
 * ``shift_rms_px`` / ``shift_rms_A``: RMS over views of the 2-D error of the specimen shifts after
   removing the 3-D translation of the specimen that best matches the truth (a translation ``t`` of
@@ -29,8 +29,8 @@ import torch
 from tomopipe.algorithms.align_fit import projected_shift_error_px
 from tomopipe.algorithms.geometry import wrap_angle_deg
 from tomopipe.errors import TomopipeError
-from tomopipe.report.scores import _by_tilt_angle
-from tomopipe.report.truth import Truth
+from tomopipe.validate.scores import _by_tilt_angle
+from tomopipe.validate.truth import Truth
 
 REQUIRED = ("ts_id", "tilt_angle_deg", "rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from tomopipe.algorithms.geometry import wrap_angle_deg
-from tomopipe.report.truth import Truth
+from tomopipe.validate.truth import Truth
 
 
 def _axis_line_error_deg(estimated_deg: float, true_deg: float) -> float:

@@ -38,7 +38,7 @@ class TwinViews:
     def items(self, fit) -> pd.DataFrame:
         """A ``tilt_series`` item table with the alignment columns of ``fit``
         (:class:`~tomopipe.algorithms.align_fit.FitResult`), for
-        :func:`tomopipe.report.score_alignment.score_alignment`."""
+        :func:`tomopipe.validate.score_alignment.score_alignment`."""
         shifts_A = fit.shifts_px.numpy() * self.pixel_size_A
         return pd.DataFrame({"ts_id": self.ts_id, "tilt_angle_deg": self.tilt_angles_deg.numpy(),
                              "enabled": True, "rot_z_deg": fit.rot_z_deg.numpy(), "rot_y_deg": fit.tilt_deg.numpy(),

@@ -1,0 +1,105 @@
+"""Which scores against the simulator's truth an output set gets: a registry of scorers by set kind
+and the type of the step that wrote the set. A new step's scorer is one function decorated with
+:func:`scorer` here; :func:`scores_of_set` looks it up (a set without a scorer has no scores)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tomopipe.project.store import Project, SetRecord
+from tomopipe.validate.score_alignment import score_alignment
+from tomopipe.validate.scores import score_ctf, score_import, score_motion
+from tomopipe.validate.tomogram import score_tomogram_set
+from tomopipe.validate.truth import Truth
+
+__all__ = ["Score", "Scorer", "scorer", "scorer_for", "scores_of_set", "TOMOGRAM_SCORE_RESOLUTION_A"]
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score of a set: ``subject`` a tilt series, or empty for the whole set."""
+
+    subject: str
+    name: str
+    value: object
+
+
+#: a scorer: (project, the set's record, its enabled items, the truth) -> its scores
+Scorer = Callable[[Project, SetRecord, pd.DataFrame, Truth], list[Score]]
+
+_SCORERS: dict[tuple[str, str], Scorer] = {}
+
+TOMOGRAM_SCORE_RESOLUTION_A = 30.0  #: low-pass (Å) of the tomogram–truth correlation
+
+
+def scorer(kind: str, *step_types: str) -> Callable[[Scorer], Scorer]:
+    """Register the decorated function as the scorer of sets of ``kind`` written by steps of
+    ``step_types`` (at least one); a (kind, step type) pair has at most one scorer."""
+    if not step_types:
+        raise ValueError(f"scorer({kind!r}): name the step types whose sets it scores")
+
+    def register(function: Scorer) -> Scorer:
+        for step_type in step_types:
+            if (kind, step_type) in _SCORERS:
+                raise ValueError(f"a scorer for {kind!r} sets of {step_type!r} is already registered")
+            _SCORERS[(kind, step_type)] = function
+        return function
+
+    return register
+
+
+def scorer_for(kind: str, step_type: str) -> Scorer | None:
+    """The scorer of ``kind`` sets written by a ``step_type`` step, or None."""
+    return _SCORERS.get((kind, step_type))
+
+
+def scores_of_set(project: Project, record: SetRecord, step_type: str, truth: Truth) -> list[Score]:
+    """The scores against the truth of one output set of a ``step_type`` step; empty without a scorer."""
+    score_set = scorer_for(record.kind, step_type)
+    if score_set is None:
+        return []
+    return score_set(project, record, project.read_items(record.id, enabled_only=True), truth)
+
+
+def _whole_set(numbers: dict, shown: tuple[str, ...] | None = None) -> list[Score]:
+    return [Score("", name, value) for name, value in numbers.items() if shown is None or name in shown]
+
+
+@scorer("tilt_series_movies", "import_movies")
+def _imported_movies(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    return _whole_set(score_import(items, record.attrs, truth))
+
+
+@scorer("tilt_series", "motion_ctf")
+def _motion_corrected(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    return _whole_set(score_motion(items, project, truth))
+
+
+@scorer("ctf", "motion_ctf")
+def _ctf_estimates(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    return _whole_set(score_ctf(items, truth))
+
+
+@scorer("tilt_series", "align_tilt_series")
+def _aligned(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """Pixels of the aligned (binned) views."""
+    shown = ("max_shift_rms_px", "max_shift_rms_content_px", "max_abs_axis_error_deg", "max_abs_offset_error_deg")
+    return _whole_set(score_alignment(items, record.attrs, truth), shown)
+
+
+@scorer("tilt_series", "assign_alignment")
+def _assigned(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """Å: the assigned views have another pixel size than the aligned ones."""
+    return _whole_set(score_alignment(items, record.attrs, truth), ("max_shift_rms_A", "max_shift_rms_content_A"))
+
+
+@scorer("tomograms", "reconstruct_tomogram")
+def _tomograms(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """Per tilt series: correlation, FSC 0.143 and the mirror image's correlation (handedness)."""
+    per_ts = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
+    return [Score(ts_id, name, value) for ts_id, score in per_ts.items()
+            for name, value in (("correlation", score.correlation), ("fsc_0_143_A", score.fsc_0_143_A),
+                                ("mirrored_correlation", score.mirrored_correlation))]
