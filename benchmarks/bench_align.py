@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-
 from tomopipe.algorithms.align import AlignOptions, align_images  # noqa: E402
 from tomopipe.algorithms.align_fit import projected_shift_error_px  # noqa: E402
 from tomopipe.simulate.blob_tilt_series import blob_tilt_series  # noqa: E402
@@ -65,7 +64,8 @@ def synthetic() -> None:
 def _task_for(project, items, attrs, ts_id: str, params: dict, folder: Path, reference=None) -> dict:
     group = items[items["ts_id"] == ts_id].sort_values("tilt_index")
     views = [{"tilt_index": int(r.tilt_index), "image_path": str(project.absolute_path(r.image_path)),
-              "image_section": int(r.image_section), "enabled": bool(r.enabled), "tilt_angle_deg": float(r.tilt_angle_deg)}
+              "image_section": int(r.image_section), "enabled": bool(r.enabled),
+              "tilt_angle_deg": float(r.tilt_angle_deg)}
              for r in group.itertuples(index=False)]
     intensity = None
     if reference is not None:
@@ -81,9 +81,9 @@ def preset(project_dir: str, data_dir: str, input_run: str | None, reference_run
     import pandas as pd
 
     from tomopipe.project.store import Project
+    from tomopipe.steps.align import AlignTiltSeries, align_tilt_series
     from tomopipe.validate.score_alignment import score_alignment
     from tomopipe.validate.truth import Truth
-    from tomopipe.steps.align import AlignTiltSeries, align_tilt_series
 
     project = Project.open(project_dir)
     truth = Truth.find(data_dir)
@@ -124,7 +124,8 @@ def preset(project_dir: str, data_dir: str, input_run: str | None, reference_run
                              "residual_px": result["rms_residual_px"], "seconds": seconds,
                              "threads": torch.get_num_threads()})
     report("align_preset", rows, notes=(
-        f"project {project_dir} (input run {source_run.id}, reference run {reference_run_record.id}), truth {data_dir}. "
+        f"project {project_dir} (input run {source_run.id}, reference run {reference_run_record.id}), "
+        f"truth {data_dir}. "
         "Targets: shift RMS <= 0.5 px at the alignment binning, <= 2 A after assigning to bin 1, axis and offset "
         "errors <= 0.3 deg. Shift errors are after removing the best 3-D translation; content_rms_A is against the "
         "truth shift + the mean motion of the tilt's frames (where the motion-corrected sum's content is)."))
@@ -134,8 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", help="tomopipe project with preprocess and xray_eraser runs (read only)")
     parser.add_argument("--data", help="simulated data folder (with truth/)")
-    parser.add_argument("--input-run", help="run (id or name) whose tilt_series set is aligned (default: newest preprocess)")
-    parser.add_argument("--reference-run", help="run (id or name) of the intensity reference (default: newest xray_eraser)")
+    parser.add_argument("--input-run",
+                        help="run (id or name) whose tilt_series set is aligned (default: newest preprocess)")
+    parser.add_argument("--reference-run",
+                        help="run (id or name) of the intensity reference (default: newest xray_eraser)")
     parser.add_argument("--compare-specimen", action="store_true", help="also align without the intensity reference")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()

@@ -26,15 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-
 from tomopipe.algorithms.align import AlignOptions, align_images  # noqa: E402
 from tomopipe.algorithms.align_fit import AlignmentError, transmission_tilt_offset  # noqa: E402
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset  # noqa: E402
+from tomopipe.simulate.config import config_from_preset  # noqa: E402
+from tomopipe.simulate.run import simulate  # noqa: E402
 from tomopipe.validate.score_alignment import score_alignment  # noqa: E402
 from tomopipe.validate.truth import Truth  # noqa: E402
 from tomopipe.validate.twin_views import twin_views  # noqa: E402
-from tomopipe.simulate.config import config_from_preset  # noqa: E402
-from tomopipe.simulate.run import simulate  # noqa: E402
 
 BASE_DOSE = 2.64
 BINNING = 4
@@ -62,7 +61,8 @@ def one(dose_factor: float, particles: int, seed: int, folder: Path) -> dict:
     true_offset = float((tilts["true_tilt_deg"] - tilts["stage_tilt_deg"]).mean())
     row = {"dose_e_per_A2": config.dose_per_tilt_e_per_A2, "dose_factor": f"1/{dose_factor:g}",
            "pixel_A": views.pixel_size_A, "views": int(views.images.shape[0])}
-    options = AlignOptions(patch_size_px=round(500 / views.pixel_size_A), point_window_px=round(250 / views.pixel_size_A))
+    options = AlignOptions(patch_size_px=round(500 / views.pixel_size_A),
+                           point_window_px=round(250 / views.pixel_size_A))
     start = time.perf_counter()
     try:
         result = align_images(views.images, views.tilt_angles_deg, views.tilt_axis_deg, options)
@@ -104,7 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_align_snr_") as tmp:
         for particles in args.particles:
             for factor in (1.0, 2.0, 4.0, 8.0):
-                rows.append({"particles": particles, **one(factor, particles, args.seed, Path(tmp) / f"dose_{factor:g}")})
+                rows.append({"particles": particles,
+                             **one(factor, particles, args.seed, Path(tmp) / f"dose_{factor:g}")})
     report("align_snr", rows, notes=(
         f"twin: 512 x 512 px at 2 A/px, 600 A ice, seed {args.seed}, aligned at "
         f"{2 * BINNING} A/px from the mdoc axis; shift errors after the true offset is applied (gauge) and the best "

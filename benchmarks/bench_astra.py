@@ -223,7 +223,6 @@ def main(argv=None):
 
     sys.path.insert(0, str(HERE))
     from _report import report  # noqa: E402
-
     from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_volume
     from tomopipe.validate.tomogram import score_tomogram, true_specimen_for_tomogram
     from tomopipe.validate.truth import Truth

@@ -29,7 +29,6 @@ from test_ctf_estimate import (  # noqa: E402  (the simulator lives with the tes
     angle_difference_deg,
     simulate_series,
 )
-
 from tomopipe.algorithms import ctf_estimate as ce  # noqa: E402
 from tomopipe.io._atomic import write_text_atomic  # noqa: E402
 

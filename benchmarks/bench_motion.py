@@ -43,7 +43,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-
 from tomopipe.algorithms.ctf import ctf_2d  # noqa: E402
 from tomopipe.algorithms.motion import (  # noqa: E402
     MotionModel,
@@ -268,7 +267,8 @@ def main() -> None:
             row.update({"tmc_xc_rms_A": rms_A(coarse, truth_A), "tmc_rms_A": rms_A(refined, truth_A),
                         "tmc_restored_4_8A": restored(refined - refined.mean(0)),
                         "tmc_seconds_per_movie": peer_s, "tmc_cpu_s_per_movie": peer_cpu_s,
-                        "time_ratio_tmc_over_ours": peer_s / ours_s, "cpu_ratio_tmc_over_ours": peer_cpu_s / ours_cpu_s})
+                        "time_ratio_tmc_over_ours": peer_s / ours_s,
+                        "cpu_ratio_tmc_over_ours": peer_cpu_s / ours_cpu_s})
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     summary = {"movie": f"mean of {len(rows)}"}

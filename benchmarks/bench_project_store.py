@@ -12,7 +12,6 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-
 from tomopipe.project.store import Project  # noqa: E402
 
 

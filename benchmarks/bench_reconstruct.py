@@ -30,7 +30,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
-
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A  # noqa: E402
 from tomopipe.algorithms.geometry import project_points, projection_rotations  # noqa: E402
 from tomopipe.algorithms.reconstruct import (  # noqa: E402
@@ -65,7 +64,8 @@ def volume_of(centres, amps, shape, device):
     r = int(4 * SIGMA) + 1
     for (cx, cy, cz), a in zip(centres.tolist(), amps.tolist()):
         ix, iy, iz = round(cx) + nx // 2, round(cy) + ny // 2, round(cz) + nz // 2
-        sx, sy, sz = slice(max(0, ix - r), ix + r + 1), slice(max(0, iy - r), iy + r + 1), slice(max(0, iz - r), iz + r + 1)
+        sx, sy, sz = (slice(max(0, ix - r), ix + r + 1), slice(max(0, iy - r), iy + r + 1),
+                      slice(max(0, iz - r), iz + r + 1))
         v[sz, sy, sx] += a * torch.exp(-((x[None, None, sx] - cx) ** 2 + (y[None, sy, None] - cy) ** 2
                                          + (z[sz, None, None] - cz) ** 2) / (2 * SIGMA**2))
     return v

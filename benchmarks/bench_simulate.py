@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for preset in args.presets:
-        scratch = Path(tempfile.mkdtemp(prefix=f"bench_simulate_{preset}_")) if args.keep is None else args.keep / preset
+        scratch = (Path(tempfile.mkdtemp(prefix=f"bench_simulate_{preset}_")) if args.keep is None
+                   else args.keep / preset)
         load = os.getloadavg()[0]
         command = [sys.executable, __file__, "--child", preset, str(scratch), "--device", args.device,
                    "--threads", str(args.threads), "--seed", str(args.seed)]

@@ -23,7 +23,8 @@ Scores, per hit (one event: all its frame-pixels):
   truth), binned ``<3, 3-5, 5-10, 10-30, >=30``; and its peak in the motion-corrected sum without
   any removal, ``before_sd`` = max (S - R) / SD over its window (``SD`` = sqrt of R's local mean, 7 x 7);
 - ``detectable``: its strongest frame-pixel is less probable than ``DETECTABLE_P`` as Poisson noise
-  around the frame's expected counts there (``P(K >= round(λ̄) + peak) <= 1e-8``, the pixel as observed: noise makes such a
+  around the frame's expected counts there (``P(K >= round(λ̄) + peak) <= 1e-8``, the pixel as observed:
+  noise makes such a
   pixel about once in 10^8 frame-pixels, ~5 movies of the small preset). Weaker hits lie in the
   noise: no method can tell them from it at a useful false-positive rate; they are reported (all
   hits) but their misses are not misses of the detectable class;
@@ -61,10 +62,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import report  # noqa: E402
-
 from scipy.stats import poisson  # noqa: E402
 
+from _report import report  # noqa: E402
 from tomopipe.algorithms.frame_outliers import find_frame_outliers, replace_frame_outliers  # noqa: E402
 from tomopipe.algorithms.motion import align_and_sum, estimate_motion, frame_dose_e_per_A2  # noqa: E402
 from tomopipe.algorithms.xray import XrayParams, erase_xrays  # noqa: E402

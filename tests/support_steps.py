@@ -31,7 +31,8 @@ class DoseSummary(Step):
         hold = os.environ.get("TOMOPIPE_TEST_HOLD")
         while hold and not Path(hold).exists():
             time.sleep(0.05)
-        tasks = [{"ts_id": ts, "n": len(group), "dose": float(group["dose_e_per_A2"].sum()), "scale": ctx.params["scale"]}
+        tasks = [{"ts_id": ts, "n": len(group), "dose": float(group["dose_e_per_A2"].sum()),
+                  "scale": ctx.params["scale"]}
                  for ts, group in items.groupby("ts_id", sort=True)]
         rows = ctx.map(summarise, tasks)
         ctx.add_output("summary", pd.DataFrame(rows))

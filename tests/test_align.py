@@ -10,10 +10,24 @@ import math
 import pytest
 import torch
 
-from tomopipe.algorithms.align import (AlignOptions, align_images, aligned_views, bandpass_images, coarse_align,
-                                       find_specimen_points, stretch_matrices, track_patches, track_points)
-from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, fit_projection_model, projected_shift_error_px,
-                                           transmission_tilt_offset)
+from tomopipe.algorithms.align import (
+    AlignOptions,
+    align_images,
+    aligned_views,
+    bandpass_images,
+    coarse_align,
+    find_specimen_points,
+    stretch_matrices,
+    track_patches,
+    track_points,
+)
+from tomopipe.algorithms.align_fit import (
+    AlignmentError,
+    FitOptions,
+    fit_projection_model,
+    projected_shift_error_px,
+    transmission_tilt_offset,
+)
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset
 from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.simulate.blob_tilt_series import blob_tilt_series
@@ -85,7 +99,8 @@ def test_an_imposed_tilt_offset_is_a_gauge():
     ts = blob_tilt_series(size_px=96, tilt_axis_deg=AXIS_DEG, tilt_offset_deg=0.7, seed=6)
     rot = projection_rotations(AXIS_DEG, ts.true_tilt_deg).to(torch.float64)
     xy = project_points(ts.points_px[:80], rot)[..., :2].transpose(0, 1) + ts.shifts_px[None]
-    fits = [fit_projection_model(xy, ts.nominal_tilt_deg, AXIS_DEG, ts.shifts_px, FitOptions(refine_magnification=False),
+    fits = [fit_projection_model(xy, ts.nominal_tilt_deg, AXIS_DEG, ts.shifts_px,
+                                 FitOptions(refine_magnification=False),
                                  tilt_offset_deg=offset) for offset in (0.7, -3.0)]
     assert fits[0].tilt_offset_deg == pytest.approx(0.7) and fits[1].tilt_offset_deg == pytest.approx(-3.0)
     for fit in fits:
@@ -247,8 +262,8 @@ def test_an_offset_applied_afterwards_changes_no_projection():
     xy = project_points(ts.points_px[:80], rot)[..., :2].transpose(0, 1) + ts.shifts_px[None]
     fit = fit_projection_model(xy, ts.nominal_tilt_deg, AXIS_DEG, ts.shifts_px, FitOptions(refine_magnification=False))
     moved = with_tilt_offset(fit, -4.0)
-    assert moved.tilt_offset_deg == pytest.approx(-4.0) and torch.allclose(moved.tilt_deg - fit.tilt_deg,
-                                                                          fit.tilt_deg.new_full((41,), -4.0 - fit.tilt_offset_deg))
+    assert moved.tilt_offset_deg == pytest.approx(-4.0) and torch.allclose(
+        moved.tilt_deg - fit.tilt_deg, fit.tilt_deg.new_full((41,), -4.0 - fit.tilt_offset_deg))
     for f in (fit, moved):
         projected = project_points(f.points_px, projection_rotations(f.rot_z_deg, f.tilt_deg))[..., :2]
         assert float((projected.transpose(0, 1) + f.shifts_px[None] - xy).norm(dim=-1).max()) < 1e-3
@@ -282,11 +297,11 @@ def test_sparse_low_signal_field_degrades_gracefully(tmp_path):
     axis off by the twin's calibration error). Patch tracking keeps too few contours in some high
     tilts (the old alignment failed there: "fewer than 3 tracked contours"); those views are
     aligned by whole-view cross-correlation, and the point stage fits (nearly) every view."""
+    from tomopipe.simulate.config import config_from_preset
+    from tomopipe.simulate.run import simulate
     from tomopipe.validate.score_alignment import score_alignment
     from tomopipe.validate.truth import Truth
     from tomopipe.validate.twin_views import twin_views
-    from tomopipe.simulate.config import config_from_preset
-    from tomopipe.simulate.run import simulate
 
     simulate(config_from_preset("tiny", image_width_px=512, image_height_px=512, pixel_size_A=2.0,
                                 tilt_min_deg=-52.0, tilt_max_deg=52.0, tilt_step_deg=4.0, particles_per_tilt_series=16,
@@ -295,7 +310,8 @@ def test_sparse_low_signal_field_degrades_gracefully(tmp_path):
                                 hot_pixels_per_megapixel=2.0, stage_shift_sigma_A=60.0, seed=4), tmp_path,
              progress=False)
     views = twin_views(tmp_path, "TS_01", binning=4)
-    options = AlignOptions(patch_size_px=round(500 / views.pixel_size_A), point_window_px=round(250 / views.pixel_size_A))
+    options = AlignOptions(patch_size_px=round(500 / views.pixel_size_A),
+                           point_window_px=round(250 / views.pixel_size_A))
     result = align_images(views.images, views.tilt_angles_deg, views.tilt_axis_deg, options)
     assert not bool(result.patch_fit.view_fitted.all())  # the patch stage left views to cross-correlation
     assert result.stage == "points" and int(result.fit.view_fitted.sum()) >= 24, result.note

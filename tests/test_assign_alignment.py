@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from test_reconstruct import TRIAD, peak_positions
-from test_step_reconstruct import N, PIXEL_A, run, tomograms, write_set
+from test_step_reconstruct import PIXEL_A, N, run, tomograms, write_set
 from tomopipe.engine.step_api import step_class
 from tomopipe.io.mrc import read_mrc
-from tomopipe.project.store import Project
 from tomopipe.model.alignment import xf_for_views
+from tomopipe.project.store import Project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

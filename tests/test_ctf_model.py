@@ -52,7 +52,8 @@ def test_first_peak_positive_and_phase_shift():
 
 
 # ----------------------------------------------------------------------------- zeros
-@pytest.mark.parametrize("defocus_A, cs_mm, kv", [(10000.0, 2.7, 300.0), (35000.0, 2.7, 300.0), (20000.0, 0.0, 200.0), (5000.0, 0.01, 300.0)])
+@pytest.mark.parametrize("defocus_A, cs_mm, kv", [(10000.0, 2.7, 300.0), (35000.0, 2.7, 300.0), (20000.0, 0.0, 200.0),
+                                                  (5000.0, 0.01, 300.0)])
 def test_analytic_zeros_match_sign_changes_of_the_ctf(defocus_A, cs_mm, kv):
     zeros = c.ctf_zero_frequencies_per_A(t(defocus_A), kv, cs_mm, 0.07, 8)
     k = torch.linspace(0, float(zeros[-1]) * 1.0001, 400001, dtype=F64)
@@ -61,14 +62,16 @@ def test_analytic_zeros_match_sign_changes_of_the_ctf(defocus_A, cs_mm, kv):
     brute = 0.5 * (k[flips] + k[flips + 1])
     assert len(brute) == 8
     torch.testing.assert_close(brute, zeros, atol=float(k[1] - k[0]), rtol=0)
-    torch.testing.assert_close(c.ctf_1d(zeros, t(defocus_A), kv, cs_mm, 0.07), torch.zeros(8, dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(c.ctf_1d(zeros, t(defocus_A), kv, cs_mm, 0.07), torch.zeros(8, dtype=F64),
+                               atol=1e-9, rtol=0)
 
 
 def test_zeros_cs0_closed_form_and_turnover():
     lam = float(c.electron_wavelength_A(t(300.0)))
     phi0 = math.asin(0.1)
     expected = [math.sqrt((n - phi0 / math.pi) / (lam * 20000.0)) for n in (1, 2, 3)]
-    np.testing.assert_allclose(c.ctf_zero_frequencies_per_A(t(20000.0), 300.0, 0.0, 0.1, 3).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(c.ctf_zero_frequencies_per_A(t(20000.0), 300.0, 0.0, 0.1, 3).numpy(), expected,
+                               rtol=1e-12)
     # 500 A underfocus with Cs 2.7 mm never reaches chi = pi (chi_max = pi·df²/(2·Cs·lambda) + phi0 < pi)
     assert torch.isnan(c.ctf_zero_frequencies_per_A(t(500.0), 300.0, 2.7, 0.07, 2)).all()
     with pytest.raises(ValueError, match="underfocus"):
@@ -92,7 +95,8 @@ def test_T9_enforce_convention_sheet_example_and_invariance():
     azimuth = torch.linspace(-180, 180, 37, dtype=F64)[:, None]
     torch.testing.assert_close(c.defocus_at_azimuth_A(u, v, a, azimuth), c.defocus_at_azimuth_A(du, dv, ang, azimuth))
     torch.testing.assert_close(
-        c.ctf_2d((48, 40), 2.0, u, v, a, 300.0, 2.7, 0.07), c.ctf_2d((48, 40), 2.0, du, dv, ang, 300.0, 2.7, 0.07), atol=1e-5, rtol=0
+        c.ctf_2d((48, 40), 2.0, u, v, a, 300.0, 2.7, 0.07), c.ctf_2d((48, 40), 2.0, du, dv, ang, 300.0, 2.7, 0.07),
+        atol=1e-5, rtol=0
     )
 
 
@@ -140,14 +144,16 @@ def test_ctf_2d_shapes_batch_fftshift_bfactor():
     out = c.ctf_2d((30, 31), 1.7, du, du - 500, torch.tensor([0.0, 10.0, 20.0]), 300.0, 2.7, 0.07)
     assert out.shape == (3, 30, 16) and out.dtype == torch.float32
     torch.testing.assert_close(out[1], c.ctf_2d((30, 31), 1.7, 25000.0, 24500.0, 10.0, 300.0, 2.7, 0.07))
-    assert c.ctf_2d((30, 31), 1.7, torch.full((4, 1), 2e4), 2e4, torch.zeros(5), 300.0, 2.7, 0.07).shape == (4, 5, 30, 16)
+    broadcast = c.ctf_2d((30, 31), 1.7, torch.full((4, 1), 2e4), 2e4, torch.zeros(5), 300.0, 2.7, 0.07)
+    assert broadcast.shape == (4, 5, 30, 16)
     assert c.ctf_2d((30, 31), t(1.7), t(2e4), 2e4, 0.0, 300.0, 2.7, 0.07).dtype == F64
     shifted = c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07, rfft=False, fftshift=True)
     plain = c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07, rfft=False)
     torch.testing.assert_close(shifted, torch.fft.fftshift(plain))
     assert float(shifted[15, 15]) == pytest.approx(0.07, abs=1e-6)
     rshift = c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07, fftshift=True)
-    torch.testing.assert_close(rshift, torch.fft.fftshift(c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07), dim=-2))
+    torch.testing.assert_close(rshift,
+                               torch.fft.fftshift(c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07), dim=-2))
     b = c.ctf_2d((30, 31), 1.7, 2e4, 1.8e4, 5.0, 300.0, 2.7, 0.07, b_factor_A2=100.0, rfft=False)
     k2 = torch.fft.fftfreq(30)[:, None] ** 2 / 1.7**2 + torch.fft.fftfreq(31)[None, :] ** 2 / 1.7**2
     torch.testing.assert_close(b, plain * torch.exp(-25.0 * k2), atol=1e-6, rtol=0)
@@ -163,7 +169,8 @@ def test_ctf_agrees_with_torch_ctf_same_angle_convention():
     for ang in (0.0, 30.0, -60.0, 75.0):
         ours = c.ctf_2d((64, 64), 2.0, u_A, v_A, ang, 300.0, 2.7, 0.07)
         kw = dict(defocus=(u_A + v_A) / 2e4, astigmatism=(u_A - v_A) / 2e4, voltage=300.0, spherical_aberration=2.7,
-                  amplitude_contrast=0.07, phase_shift=0.0, pixel_size=2.0, image_shape=(64, 64), rfft=True, fftshift=False)
+                  amplitude_contrast=0.07, phase_shift=0.0, pixel_size=2.0, image_shape=(64, 64), rfft=True,
+                  fftshift=False)
         theirs = torch_ctf.calculate_ctf_2d(astigmatism_angle=ang, **kw)
         assert float((ours - theirs).abs().max()) < 1e-3
         rotated = torch_ctf.calculate_ctf_2d(astigmatism_angle=ang + 90.0, **kw)

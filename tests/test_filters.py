@@ -37,7 +37,8 @@ def test_critical_exposure_and_filter_known_values():
     k = torch.tensor([0.1, 0.25, 0.5], dtype=F64)
     expected = 0.245 * k**-1.665 + 2.81
     torch.testing.assert_close(f.critical_exposure_e_per_A2(k), expected)
-    assert float(f.critical_exposure_e_per_A2(torch.tensor(0.1, dtype=F64))) == pytest.approx(14.1383, abs=1e-3)  # 0.245·10^1.665 + 2.81
+    # 0.245·10^1.665 + 2.81
+    assert float(f.critical_exposure_e_per_A2(torch.tensor(0.1, dtype=F64))) == pytest.approx(14.1383, abs=1e-3)
     # at 200 kV the critical exposure is 0.8x (more damage per e/Å²)
     torch.testing.assert_close(f.critical_exposure_e_per_A2(k, 200.0), 0.8 * expected)
     # the filter at N = Ne is exp(-1/2); DC and zero dose untouched
@@ -100,7 +101,8 @@ def test_bandpass_filters_an_image():
 
 
 # ----------------------------------------------------------------------------- binning
-@pytest.mark.parametrize("shape, factor", [((96, 128), 2), ((96, 128), 4), ((100, 90), 3), ((97, 101), 2), ((128, 128), 1.5), ((200, 150), 2.7)])
+@pytest.mark.parametrize("shape, factor", [((96, 128), 2), ((96, 128), 4), ((100, 90), 3), ((97, 101), 2),
+                                           ((128, 128), 1.5), ((200, 150), 2.7)])
 def test_fourier_crop_bin_preserves_mean_and_sinusoids(shape, factor):
     gen = torch.Generator().manual_seed(0)
     h, w = shape
@@ -148,7 +150,8 @@ def test_fourier_crop_bin_volume():
     vol = 1.0 + torch.sin(2 * math.pi * (3 * zz + 5 * yy + 7 * xx) / n)
     out = f.fourier_crop_bin(vol, 2, ndim=3)
     zb, yb, xb = torch.meshgrid(*(torch.arange(n // 2, dtype=F64),) * 3, indexing="ij")
-    torch.testing.assert_close(out, 1.0 + torch.sin(2 * math.pi * (3 * zb + 5 * yb + 7 * xb) / (n // 2)), atol=1e-9, rtol=0)
+    torch.testing.assert_close(out, 1.0 + torch.sin(2 * math.pi * (3 * zb + 5 * yb + 7 * xb) / (n // 2)),
+                               atol=1e-9, rtol=0)
     noise = torch.randn(n, n, n, generator=gen, dtype=F64)
     assert float(f.fourier_crop_bin(noise, 3, ndim=3).mean()) == pytest.approx(float(noise.mean()), abs=1e-12)
     # binning volumes equals binning every axis: power spectrum below the new Nyquist is unchanged

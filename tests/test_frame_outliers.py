@@ -16,8 +16,12 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from tomopipe.algorithms.frame_outliers import (binomial_log_tail_bound, find_frame_outliers, remove_frame_outliers,
-                                                replace_frame_outliers)
+from tomopipe.algorithms.frame_outliers import (
+    binomial_log_tail_bound,
+    find_frame_outliers,
+    remove_frame_outliers,
+    replace_frame_outliers,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -36,7 +36,8 @@ def test_fsc_matches_full_spectrum_reference(n):
     assert curve.shape == (n // 2 + 1,) and curve.dtype == F64
     np.testing.assert_allclose(curve.numpy(), _numpy_fsc_full_spectrum(a.numpy(), b.numpy()), atol=1e-12)
     img_a, img_b = a[0], b[0]  # FRC of square images uses the same code path
-    np.testing.assert_allclose(m.fsc(img_a, img_b).numpy(), _numpy_fsc_full_spectrum(img_a.numpy(), img_b.numpy()), atol=1e-12)
+    np.testing.assert_allclose(m.fsc(img_a, img_b).numpy(), _numpy_fsc_full_spectrum(img_a.numpy(), img_b.numpy()),
+                               atol=1e-12)
 
 
 def test_identical_volumes_give_one_and_independent_noise_gives_zero():

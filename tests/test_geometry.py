@@ -108,7 +108,8 @@ def test_T2_xf_round_trip_random(n_px):
     # raw -> aligned -> raw is the identity (even and odd N), also for non-square images
     pts = torch.rand(n, 10, 2, generator=gen, dtype=F64) * n_px
     ai, di = g.xf_invert(a, d)
-    back = g.xf_apply(ai, di, g.xf_apply(a, d, pts, (n_px, n_px + 7), (n_px - 3, n_px)), (n_px - 3, n_px), (n_px, n_px + 7))
+    back = g.xf_apply(ai, di, g.xf_apply(a, d, pts, (n_px, n_px + 7), (n_px - 3, n_px)),
+                      (n_px - 3, n_px), (n_px, n_px + 7))
     torch.testing.assert_close(back, pts, atol=1e-8, rtol=0)
 
 
@@ -288,8 +289,10 @@ def test_T7_euler_round_trip_including_gimbal_lock(tilt_deg, dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(g.euler_relion_to_matrix(r2, t2, p2), a, atol=tol, rtol=0)
     if 1.0 < tilt_deg < 179.0:  # angles themselves are unique away from gimbal lock
-        torch.testing.assert_close(r2.double(), g.wrap_angle_deg(rot), atol=1e-3 if dtype == torch.float32 else 1e-9, rtol=0)
-        torch.testing.assert_close(p2.double(), g.wrap_angle_deg(psi), atol=1e-3 if dtype == torch.float32 else 1e-9, rtol=0)
+        torch.testing.assert_close(r2.double(), g.wrap_angle_deg(rot),
+                                   atol=1e-3 if dtype == torch.float32 else 1e-9, rtol=0)
+        torch.testing.assert_close(p2.double(), g.wrap_angle_deg(psi),
+                                   atol=1e-3 if dtype == torch.float32 else 1e-9, rtol=0)
     if tilt_deg in (0.0, 180.0):  # convention at gimbal lock: psi = 0
         assert torch.all(p2 == 0)
 
@@ -298,7 +301,8 @@ def test_T7_composition_subtomogram_times_particle():
     """A_total = A_subtomo · A_particle equals rotating by the particle angles first, then the subtomogram ones."""
     a_sub = g.euler_relion_to_matrix(t(10.0), t(20.0), t(30.0))
     a_par = g.euler_relion_to_matrix(t(-40.0), t(110.0), t(70.0))
-    ref = (Rotation.from_euler("ZYZ", [10, 20, 30], degrees=True).inv() * Rotation.from_euler("ZYZ", [-40, 110, 70], degrees=True).inv())
+    ref = (Rotation.from_euler("ZYZ", [10, 20, 30], degrees=True).inv()
+           * Rotation.from_euler("ZYZ", [-40, 110, 70], degrees=True).inv())
     np.testing.assert_allclose((a_sub @ a_par).numpy(), ref.as_matrix(), atol=1e-12)
 
 
@@ -313,6 +317,7 @@ def test_random_rotations_are_uniform_and_reproducible():
     torch.testing.assert_close((r**2).mean(0), torch.full((3, 3), 1 / 3, dtype=F64), atol=0.01, rtol=0)
     cos_w = (r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     assert float(cos_w.mean()) == pytest.approx(-0.5, abs=0.01)
-    torch.testing.assert_close(g.random_rotations(20000, torch.Generator().manual_seed(1), dtype=F64), r, atol=0, rtol=0)
+    torch.testing.assert_close(g.random_rotations(20000, torch.Generator().manual_seed(1), dtype=F64), r,
+                               atol=0, rtol=0)
     assert not torch.equal(g.random_rotations(20000, torch.Generator().manual_seed(2), dtype=F64), r)
     assert g.random_rotations(3).dtype == torch.float32

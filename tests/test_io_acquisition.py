@@ -42,7 +42,8 @@ def test_without_complete_date_times_section_order_is_used():
         order, pre = acquisition_order_and_pre_exposure(angles, times, 3.0)
         assert order.tolist() == [0, 1, 2]
         assert pre.tolist() == [0.0, 3.0, 6.0]
-    order, _ = acquisition_order_and_pre_exposure(angles, ["30-Nov-15 15:00:02", "30-Nov-15 15:00:01", "30-Nov-15 15:00:00"], 1.0)
+    order, _ = acquisition_order_and_pre_exposure(
+        angles, ["30-Nov-15 15:00:02", "30-Nov-15 15:00:01", "30-Nov-15 15:00:00"], 1.0)
     assert order.tolist() == [2, 1, 0]
 
 

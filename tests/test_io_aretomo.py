@@ -77,7 +77,8 @@ def test_rot_and_shifts_are_imod_xf_as_aretomo_writes_it():
     tomopipe's rot_z = ROT and specimen shift = (TX, TY) give the same .xf, and read it back."""
     expected_a = [[0.0819385, 0.9966374], [-0.9966374, 0.0819385]]
     expected_d = [1.7474592, 3.1537892]
-    a, d = xf_from_alignment(torch.tensor([85.3], dtype=torch.float64), torch.tensor([[3.0, -2.0]], dtype=torch.float64))
+    a, d = xf_from_alignment(torch.tensor([85.3], dtype=torch.float64),
+                             torch.tensor([[3.0, -2.0]], dtype=torch.float64))
     np.testing.assert_allclose(a[0].numpy(), expected_a, atol=1e-7)
     np.testing.assert_allclose(d[0].numpy(), expected_d, atol=1e-7)
     rot, shift = alignment_from_xf(torch.tensor([expected_a], dtype=torch.float64),

@@ -140,7 +140,8 @@ def test_defocus_version2_and_version3(tmp_path):
     assert df["start_view"].tolist() == [1, 2]
     assert format_defocus(df) == v2
 
-    v3 = "5\t0\t0.\t0.\t0\t3\n1\t1\t-60.00\t-60.00\t3012.3\t2950.0\t45.20\t0.00\n2\t3\t-57.00\t-54.00\t2998.1\t2900.4\t-12.50\t1.50\n"
+    v3 = ("5\t0\t0.\t0.\t0\t3\n1\t1\t-60.00\t-60.00\t3012.3\t2950.0\t45.20\t0.00\n"
+          "2\t3\t-57.00\t-54.00\t2998.1\t2900.4\t-12.50\t1.50\n")
     (tmp_path / "v3.defocus").write_text(v3)
     df3 = read_defocus(tmp_path / "v3.defocus")
     assert df3.attrs == {"version": 3, "flags": 5}

@@ -79,7 +79,8 @@ def test_bidirectional_written_mdoc_uses_date_times(tmp_path):
          "DateTime": datetime(2026, 1, 2, 3, m, 0)}
         for a, m in zip(angles, minutes)
     ]
-    write_mdoc(tmp_path / "b.mdoc", {"PixelSpacing": 2.0, "Voltage": 300}, ["Tilt axis angle = 85.0, binning = 1"], sections)
+    write_mdoc(tmp_path / "b.mdoc", {"PixelSpacing": 2.0, "Voltage": 300}, ["Tilt axis angle = 85.0, binning = 1"],
+               sections)
     s = inspect_file(tmp_path / "b.mdoc")
     assert s["acquisition_order"] == [4, 3, 0, 1, 2]
     assert s["pre_exposure_e_per_A2"] == [10.0, 7.5, 0.0, 2.5, 5.0]

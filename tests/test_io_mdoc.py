@@ -202,7 +202,8 @@ def test_write_mdoc_reads_back_with_ours_and_mdocfile(tmp_path):
     assert doc.tilt_axis_angle_deg == -85.6 and doc.pixel_size_A == 1.35 and doc.voltage_kV == 300
     assert doc.image_size == (512, 480)
     assert doc.tilt_angles_deg == [s["TiltAngle"] for s in sections]
-    assert doc.sections["movie_name"].tolist() == [f"TS_01_{i:03d}_{a:.1f}.tif" for i, a in enumerate(doc.tilt_angles_deg)]
+    assert doc.sections["movie_name"].tolist() == [f"TS_01_{i:03d}_{a:.1f}.tif"
+                                                   for i, a in enumerate(doc.tilt_angles_deg)]
     assert doc.sections["sub_frame_path"].tolist() == [s["SubFramePath"] for s in sections]
     assert doc.sections["date_time"].tolist() == [pd.Timestamp(s["DateTime"]) for s in sections]
     assert doc.sections["frame_doses_and_number"].iloc[0] == [(0.264, 10)]

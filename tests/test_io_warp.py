@@ -32,7 +32,8 @@ def test_real_warp_xml_values(warp_xml):
     assert data["plane_normal"] == [-0.0552735, -0.009931533, 0.99842185]
     ctf = data["ctf"]
     assert (ctf["defocus_um"], ctf["defocus_delta_um"], ctf["defocus_angle_deg"]) == (5.207778, 0.0088111779795914, 129)
-    assert (ctf["voltage_kV"], ctf["cs_mm"], ctf["amplitude_contrast"], ctf["pixel_size_A"]) == (300.0, 2.7, 0.1, 0.7303)
+    assert (ctf["voltage_kV"], ctf["cs_mm"], ctf["amplitude_contrast"],
+            ctf["pixel_size_A"]) == (300.0, 2.7, 0.1, 0.7303)
     assert data["pixel_size_A"] == 0.7303
     options = data["options_ctf"]
     assert options["GainPath"] == "20240906_110257_EER_GainReference.gain"

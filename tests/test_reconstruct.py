@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from tomopipe.algorithms.geometry import projection_rotations, project_points
+from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.algorithms.reconstruct import (
     HAVE_NUMBA,
     ReconstructionParams,

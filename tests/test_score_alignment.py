@@ -48,7 +48,8 @@ def truth(tmp_path) -> Truth:
 def _perfect_items(truth: Truth) -> pd.DataFrame:
     """Our items in tilt order with the true alignment (magnification relative to the truth's)."""
     t = truth.tilts("TS_01").sort_values("stage_tilt_deg").reset_index(drop=True)
-    return pd.DataFrame({"ts_id": "TS_01", "tilt_index": np.arange(len(t)), "tilt_angle_deg": np.round(t["stage_tilt_deg"], 2),
+    return pd.DataFrame({"ts_id": "TS_01", "tilt_index": np.arange(len(t)),
+                         "tilt_angle_deg": np.round(t["stage_tilt_deg"], 2),
                          "enabled": True, "rot_z_deg": t["tilt_axis_deg"], "rot_y_deg": t["true_tilt_deg"],
                          "rot_x_deg": 0.0, "shift_x_A": t["shift_x_A"], "shift_y_A": t["shift_y_A"],
                          "magnification": t["magnification"]})

@@ -21,6 +21,7 @@ from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_vo
 from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import write_mrc
 from tomopipe.io.star import write_particles_star
+from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.validate.tomogram import (
     fourier_upsample,
     score_tomogram,
@@ -28,7 +29,6 @@ from tomopipe.validate.tomogram import (
     specimen_volume,
 )
 from tomopipe.validate.truth import Truth
-from tomopipe.simulate.projector import FourierSliceProjector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

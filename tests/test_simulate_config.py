@@ -21,7 +21,6 @@ from tomopipe.simulate.config import (
 )
 
 
-
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

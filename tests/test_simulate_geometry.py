@@ -30,8 +30,6 @@ from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.structure import read_atomic_model
 from tomopipe.simulate.writer import write_tilt_series_truth
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -42,7 +40,8 @@ def tilt_plan(axis_deg: float, tilt_deg: float, shift_A=(0.0, 0.0), defocus_A: f
         shift_A=tuple(shift_A), magnification=magnification, defocus_u_A=defocus_A, defocus_v_A=defocus_A,
         astigmatism_angle_deg=0.0, target_defocus_um=-defocus_A / 1e4, scope_defocus_um=-defocus_A / 1e4,
         pre_exposure_e_per_A2=0.0, dose_e_per_A2=2.64, time=datetime(2026, 1, 1),
-        frame_shifts_A=torch.zeros((frames, 2), dtype=torch.float64), local_profile=torch.zeros(frames, dtype=torch.float64),
+        frame_shifts_A=torch.zeros((frames, 2), dtype=torch.float64),
+        local_profile=torch.zeros(frames, dtype=torch.float64),
         local_field=None, movie_name="TS_01_001_30.0.tif",
     )
 
@@ -176,9 +175,11 @@ def test_chiral_triad_keeps_its_handedness():
         for i in range(4):
             rows[i].append(m)
             rhs[i].append(found[i] - np.array([shape[1] // 2, shape[0] // 2]) - np.asarray(shift) / pixel)
-    recovered = np.stack([np.linalg.lstsq(np.concatenate(rows[i]), np.concatenate(rhs[i]), rcond=None)[0] for i in range(4)])
+    recovered = np.stack([np.linalg.lstsq(np.concatenate(rows[i]), np.concatenate(rhs[i]), rcond=None)[0]
+                          for i in range(4)])
     assert np.abs(recovered - triad).max() < 6.0  # Å: sub-pixel blob centres, ±40° tilts
-    handedness = np.linalg.det(np.stack([recovered[1] - recovered[0], recovered[2] - recovered[0], recovered[3] - recovered[0]]))
+    handedness = np.linalg.det(np.stack([recovered[1] - recovered[0], recovered[2] - recovered[0],
+                                         recovered[3] - recovered[0]]))
     assert handedness > 0  # right-handed triad stays right-handed (a mirror would flip the sign)
 
 

@@ -110,9 +110,11 @@ def test_layer_blocks_give_the_same_image():
     positions = torch.tensor([[0.0, 0.0, 0.0], [300.0, 100.0, 150.0], [-200.0, 50.0, -150.0]], dtype=torch.float64)
     kwargs = dict(projector=proj, positions_A=positions, rotations=torch.eye(3, dtype=torch.float64).expand(3, 3, 3),
                   ice=IceModel(400.0, sublayers=2))
-    whole, info = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4, generator=torch.Generator().manual_seed(1),
+    whole, info = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4,
+                                       generator=torch.Generator().manual_seed(1),
                                        max_stack_bytes=1e12, **kwargs)
-    blocks, info_b = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4, generator=torch.Generator().manual_seed(1),
+    blocks, info_b = render_tilt_contrast(tilt, (128, 128), 8.0, Optics(), 6.5e-4,
+                                          generator=torch.Generator().manual_seed(1),
                                           max_stack_bytes=3 * 4 * 128 * 128, **kwargs)
     assert info["n_layers"] > 6 and info_b["layer_block"] == 3
     assert torch.allclose(whole, blocks, atol=1e-5 * float(whole.abs().max()))

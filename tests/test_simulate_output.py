@@ -23,7 +23,7 @@ from tomopipe.io.movies import movie_info, read_gain, read_movie
 from tomopipe.io.mrc import read_mrc
 from tomopipe.io.star import read_particles_star, read_tilt_series_star, read_tomograms_star
 from tomopipe.simulate.command import add_arguments, run_from_args
-from tomopipe.simulate.config import PRESETS, nominal_tilt_angles_deg, config_from_preset
+from tomopipe.simulate.config import PRESETS, config_from_preset, nominal_tilt_angles_deg
 from tomopipe.steps.import_movies import ImportMovies, read_tilt_series
 
 # a minimal acquisition for the flag tests: one small tilt, two frames, one particle
@@ -53,7 +53,8 @@ def test_movies_are_integer_counts_named_like_serialem(tiny_run):
     config = config_from_preset("tiny")
     mdoc = read_mdoc(tiny_run / "TS_01.mdoc")
     names = list(mdoc.sections["movie_name"])
-    assert names == sorted(p.name for p in tiny_run.glob("TS_01_*.tif")) or len(names) == len(list(tiny_run.glob("*.tif")))
+    assert (names == sorted(p.name for p in tiny_run.glob("TS_01_*.tif"))
+            or len(names) == len(list(tiny_run.glob("*.tif"))))
     assert len(names) == len(nominal_tilt_angles_deg(config))
     for index, (name, angle) in enumerate(zip(names, mdoc.tilt_angles_deg)):
         assert name == f"TS_01_{index + 1:03d}_{angle:.1f}.tif"
@@ -73,7 +74,8 @@ def test_mdoc_reads_through_tomopipe_and_mdocfile(tiny_run):
     error = json.loads((tiny_run / "truth" / "truth.json").read_text())["mdoc_tilt_axis_error_deg"]
     assert 0.0 < abs(error) < 5 * config.mdoc_tilt_axis_error_sigma_deg
     assert mdoc.tilt_axis_angle_deg == pytest.approx(180.0 - (-85.6 + error) - 360.0, abs=0.051)
-    assert all(r - 90 == pytest.approx(mdoc.tilt_axis_angle_deg, abs=0.051) for r in mdoc.sections["rotation_angle_deg"])
+    assert all(r - 90 == pytest.approx(mdoc.tilt_axis_angle_deg, abs=0.051)
+               for r in mdoc.sections["rotation_angle_deg"])
     sections = mdoc.sections
     assert list(sections["tilt_angle_deg"].round(0)) == nominal_tilt_angles_deg(config)  # acquisition order
     times = pd.to_datetime(sections["date_time"])
@@ -84,7 +86,8 @@ def test_mdoc_reads_through_tomopipe_and_mdocfile(tiny_run):
     assert sections["exposure_time_s"].to_numpy(float) == pytest.approx(config.exposure_time_s * growth, abs=1e-4)
     assert sections["exposure_dose_e_per_A2"].max() > 1.01 * 2.64  # the ±12° tilts got more
     doses = sections["exposure_dose_e_per_A2"].to_numpy(float)
-    assert list(sections["prior_record_dose"]) == pytest.approx(np.concatenate([[0.0], np.cumsum(doses)[:-1]]), abs=1e-3)
+    assert list(sections["prior_record_dose"]) == pytest.approx(np.concatenate([[0.0], np.cumsum(doses)[:-1]]),
+                                                                abs=1e-3)
     for dose, (per_frame, n) in zip(doses, [fd[0] for fd in sections["frame_doses_and_number"]]):
         assert per_frame * n == pytest.approx(dose, abs=1e-4)
     assert (sections["target_defocus_um"] < 0).all() and (sections["defocus_um"] < 0).all()
@@ -149,7 +152,8 @@ def test_truth_files_in_standard_formats(tiny_run):
         volume, voxel = read_mrc(truth / "maps" / f"true_map_bin{b}.mrc")
         assert voxel == pytest.approx(3.16 * b) and volume.shape[0] % 2 == 0
     summary = json.loads((truth / "truth.json").read_text())
-    assert summary["config"]["seed"] == 11 and summary["interaction_constant_rad_per_V_A"] == pytest.approx(6.53e-4, rel=0.01)
+    assert (summary["config"]["seed"] == 11
+            and summary["interaction_constant_rad_per_V_A"] == pytest.approx(6.53e-4, rel=0.01))
     readme = (truth / "README.md").read_text()
     title = f"Tilt axis angle = {180.0 - (-85.6 + summary['mdoc_tilt_axis_error_deg']) - 360.0:.1f}"
     for words in (title, "-85.6", "calibration error", "flipped upside down", "rlnTomoHand", "sorted by tilt angle"):
@@ -256,7 +260,8 @@ def test_flags_change_the_output(tmp_path):
     thick_row = pd.read_csv(thick / "truth" / "TS_01_tilts.csv").iloc[0]
     cos_tilt = math.cos(math.radians(thick_row.true_tilt_deg))
     assert thick_row.transmission == pytest.approx(math.exp(-1500.0 / (3500.0 * cos_tilt)), rel=1e-5)
-    assert thin_row.transmission == pytest.approx(math.exp(-PRESETS["tiny"]["ice_thickness_A"] / (3500.0 * cos_tilt)), rel=1e-5)
+    assert thin_row.transmission == pytest.approx(math.exp(-PRESETS["tiny"]["ice_thickness_A"] / (3500.0 * cos_tilt)),
+                                                  rel=1e-5)
     assert read_movie(only_movie(thick)).mean() < 0.8 * base_frames.mean()
 
 
@@ -270,7 +275,8 @@ def test_bad_settings_fail_before_writing(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with pytest.raises(InputFileError, match="absent.pdb"):
-        run_from_args(parser.parse_args(["--structure", str(tmp_path / "absent.pdb"), "--out", str(tmp_path / "z"), *MINI]))
+        run_from_args(parser.parse_args(["--structure", str(tmp_path / "absent.pdb"), "--out", str(tmp_path / "z"),
+                                         *MINI]))
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 

@@ -26,8 +26,6 @@ from tomopipe.io.star import read_particles_star, read_tilt_series_star, read_to
 from tomopipe.simulate import config_from_preset, simulate
 from tomopipe.simulate.potential import interaction_constant_rad_per_V_A
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -94,14 +92,17 @@ def test_tilt_zero_image_equals_ctf_modulated_projection(tmp_path):
     spectrum = np.zeros((h, w // 2 + 1), dtype=complex)
     box = 56
     for _, part in particles.iterrows():
-        x = np.array([part.rlnCenteredCoordinateXAngst, part.rlnCenteredCoordinateYAngst, part.rlnCenteredCoordinateZAngst])
-        a = Rotation.from_euler("ZYZ", [part.rlnAngleRot, part.rlnAngleTilt, part.rlnAnglePsi], degrees=True).as_matrix().T
+        x = np.array([part.rlnCenteredCoordinateXAngst, part.rlnCenteredCoordinateYAngst,
+                      part.rlnCenteredCoordinateZAngst])
+        a = Rotation.from_euler("ZYZ", [part.rlnAngleRot, part.rlnAngleTilt, part.rlnAnglePsi],
+                                degrees=True).as_matrix().T
         phase = projected_phase_box(proj @ a, box, p, config.voltage_kV)
         img_pos = proj @ x
         px = w // 2 + (img_pos[0] + tilt.rlnTomoXShiftAngst) / p
         py = h // 2 + (img_pos[1] + tilt.rlnTomoYShiftAngst) / p
         dz = hand * img_pos[2]
-        ctf = ctf_2d((h, w), p, tilt.rlnDefocusU + dz, tilt.rlnDefocusV + dz, tilt.rlnDefocusAngle, 300.0, 2.7, 0.1).double()
+        ctf = ctf_2d((h, w), p, tilt.rlnDefocusU + dz, tilt.rlnDefocusV + dz, tilt.rlnDefocusAngle,
+                     300.0, 2.7, 0.1).double()
         spectrum += np.fft.rfft2(place((h, w), phase, px, py)) * ctf.numpy()
     # the simulator's projections are band-limited to the Nyquist circle (central slices of a sphere)
     q = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
@@ -182,7 +183,8 @@ def test_mean_counts_per_frame_match_the_mdoc_dose(tmp_path):
         # the counts follow the zero-loss transmission through the (uneven) ice under the image
         expected = section.exposure_dose_e_per_A2 / n * pixel * pixel * tilts.loc[movie, "transmission_mean"]
         assert tilts.loc[movie, "transmission"] == pytest.approx(
-            math.exp(-config.ice_thickness_A / (config.inelastic_mean_free_path_A * math.cos(math.radians(tilts.loc[movie, "true_tilt_deg"])))),
+            math.exp(-config.ice_thickness_A / (config.inelastic_mean_free_path_A
+                                                * math.cos(math.radians(tilts.loc[movie, "true_tilt_deg"])))),
             rel=1e-6,
         )
         for frame in frames:

@@ -26,8 +26,6 @@ from tomopipe.simulate.specimen import (
 )
 from tomopipe.simulate.structure import read_atomic_model
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -96,7 +94,8 @@ def test_implicit_hydrogens():
     st = gemmi.read_structure(str(STRUCTURE))
     st.remove_waters()
     expected = sum(
-        gemmi.find_tabulated_residue(r.name).hydrogen_count - (2 if gemmi.find_tabulated_residue(r.name).is_amino_acid() else 0)
+        gemmi.find_tabulated_residue(r.name).hydrogen_count
+        - (2 if gemmi.find_tabulated_residue(r.name).is_amino_acid() else 0)
         for ch in st[0] for r in ch
     )
     assert with_h.n_implicit_hydrogens == pytest.approx(expected) and 7.5 < expected / 4176 < 8.5  # ~8 H per residue
@@ -150,7 +149,8 @@ def test_assembly_is_built_from_one_chain(tmp_path):
     as_is = read_atomic_model(path, build_assembly=False, implicit_hydrogens=False)
     assert as_is.n_atoms == n_one
     # the copy sits where the operator puts it: the model's centroid moves to the 2-fold axis
-    assert float(built.positions_A[:n_one, 2].mean() - built.positions_A[n_one:, 2].mean()) == pytest.approx(0, abs=1e-6)
+    assert float(built.positions_A[:n_one, 2].mean()
+                 - built.positions_A[n_one:, 2].mean()) == pytest.approx(0, abs=1e-6)
 
 
 def test_unreadable_structure(tmp_path):

@@ -54,7 +54,8 @@ def _exclude(project, sets, **params):
 
 def _disabled(project, outcome, port):
     items = project.read_items(project.sets_of_run(outcome.run.id)[port].id)
-    return sorted((ts, int(i) + 1) for ts, i in items.loc[~items["enabled"], ["ts_id", "tilt_index"]].itertuples(index=False))
+    return sorted((ts, int(i) + 1)
+                  for ts, i in items.loc[~items["enabled"], ["ts_id", "tilt_index"]].itertuples(index=False))
 
 
 def test_rules_flag_the_planted_bad_tilts(tmp_path):
@@ -89,7 +90,8 @@ def test_by_hand_from_the_command_line(tmp_path, capsys):
 def test_rule_functions():
     assert high_astigmatism(np.array([1000.0, 1000.0]), np.array([900.0, 400.0]), 500.0).tolist() == [False, True]
     assert poor_fit_resolution(np.array([6.0, 12.0, np.nan]), 10.0).tolist() == [False, True, True]
-    assert defocus_outliers(np.array([2e4, 2.01e4, 3e4, 2.03e4, 2.04e4]), 2000.0).tolist() == [False] * 2 + [True] + [False] * 2
+    assert (defocus_outliers(np.array([2e4, 2.01e4, 3e4, 2.03e4, 2.04e4]), 2000.0).tolist()
+            == [False] * 2 + [True] + [False] * 2)
     assert dark_or_empty_views(np.array([10.0, 10.0, 2.0, 10.0]), np.array([3.0, 0.0, 1.0, 3.0]), 0.3).tolist() == \
         [False, True, True, False]
 

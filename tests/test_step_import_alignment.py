@@ -92,7 +92,8 @@ def test_aretomo_mismatches_name_the_file(tmp_path, change, message):
     path.write_text(WORKED)
     p = params(pattern=str(path), alignment_binning=change.get("binning"))
     with pytest.raises(InputFileError, match=re.escape(message)) as error:
-        import_one(p, "TS_01", views(change.get("tilts", WORKED_TILTS)), acquisition(size=change.get("size", (400, 200))))
+        import_one(p, "TS_01", views(change.get("tilts", WORKED_TILTS)),
+                   acquisition(size=change.get("size", (400, 200))))
     assert str(path) in str(error.value)
 
 

@@ -11,8 +11,8 @@ from conftest import write_acquisition
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
 from tomopipe.engine.workflow import load_workflow
-from tomopipe.io.mrc import write_mrc
 from tomopipe.io.movies import write_movie
+from tomopipe.io.mrc import write_mrc
 from tomopipe.project.store import Project
 
 ACQUISITION_ORDER = (0.0, 3.0, -3.0, -6.0, 6.0)  # dose-symmetric in groups of one
@@ -63,7 +63,8 @@ def test_user_values_win(tmp_path):
     outcome, items, attrs = _import(tmp_path, data, pixel_size_A=1.5, tilt_axis_angle_deg=85.0, voltage_kV=200.0,
                                     dose_per_tilt_e_per_A2=3.0, initial_dose_e_per_A2=1.0)
     acquisition = attrs["tilt_series"]["TS_02"]
-    assert (acquisition["pixel_size_A"], acquisition["tilt_axis_angle_deg"], acquisition["voltage_kV"]) == (1.5, 85.0, 200.0)
+    assert (acquisition["pixel_size_A"], acquisition["tilt_axis_angle_deg"],
+            acquisition["voltage_kV"]) == (1.5, 85.0, 200.0)
     assert np.allclose(items["dose_e_per_A2"], 3.0) and items["pre_exposure_e_per_A2"].min() == 1.0
 
 

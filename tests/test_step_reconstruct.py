@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from test_reconstruct import TILTS, TRIAD, blobs_volume, corr, peak_positions, random_centres, SIGMA
-from tomopipe.algorithms.geometry import projection_rotations, project_points
+from test_reconstruct import SIGMA, TILTS, TRIAD, blobs_volume, corr, peak_positions, random_centres
+from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.algorithms.reconstruct import ReconstructionParams, reconstruct_volume
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_workflow
@@ -23,7 +23,6 @@ from tomopipe.engine.step_api import REGISTRY, Param, Port, Step, register, step
 from tomopipe.engine.workflow import load_workflow
 from tomopipe.io.mrc import read_mrc, read_mrc_header, write_mrc
 from tomopipe.project.store import Project
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +105,8 @@ def write_set(folder: Path, name: str, pixel_size_A: float, size_px: int, aligne
     write_mrc(folder / f"{name}.mrc", stack[::-1].copy(), pixel_size_A, stack=True)
     rows = []
     for i in range(n_views):
-        row = {"ts_id": "TS_01", "tilt_index": i, "tilt_angle_deg": float(TILTS[i]) + (angle_error_deg if i == 3 else 0),
+        row = {"ts_id": "TS_01", "tilt_index": i,
+               "tilt_angle_deg": float(TILTS[i]) + (angle_error_deg if i == 3 else 0),
                "acquisition_order": (i * 7) % N, "dose_e_per_A2": 3.0, "pre_exposure_e_per_A2": 3.0 * ((i * 7) % N),
                "image_path": f"{name}.mrc", "image_section": n_views - 1 - i, "enabled": i not in disabled}
         if aligned:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from tomopipe.algorithms.xray import XrayParams
 from tomopipe.engine.step_api import step_class
-from tomopipe.steps._tilt_series import TiltSeriesResult, TiltSeriesTask, View, merge_views, views_of
+from tomopipe.steps._tilt_series import TiltSeriesResult, TiltSeriesTask, merge_views, views_of
 
 
 class _Ctx:

@@ -16,7 +16,6 @@ import torch
 
 from tomopipe.algorithms.xray import XrayParams, count_scale, erase_xrays, fill_patches, find_xrays, label_pixels
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_project_argument(export)
     export.add_argument("--out", required=True, type=Path, help="output folder")
 
-    inspect = commands.add_parser("inspect", help="print what tomopipe reads from a file (mdoc, MRC, STAR, IMOD, Warp XML, movie)")
+    inspect = commands.add_parser("inspect", help="print what tomopipe reads from a file "
+                                                  "(mdoc, MRC, STAR, IMOD, Warp XML, movie)")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON (keys carry their units)")
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the data and the project")
     demo.add_argument("--preset", default="small", help="simulation preset (small; tiny for a quick look)")
     demo.add_argument("--seed", type=int, default=4,
-                      help="random seed of the simulation (default 4: its mdoc tilt axis is 1.8° off the truth, as a SerialEM calibration can be)")
+                      help="random seed of the simulation (default 4: its mdoc tilt axis is 1.8° off the truth, "
+                           "as a SerialEM calibration can be)")
     demo.add_argument("--jobs", "-j", type=int, default=1)
     demo.add_argument("--until", metavar="STEP", help="stop after this step of the tutorial workflow")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="STEP.PARAM=VALUE",

@@ -39,8 +39,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tomopipe.algorithms.align_fit import (AlignmentError, FitOptions, FitResult, fit_projection_model,
-                                            projected_shift_error_px, usable_contours)
+from tomopipe.algorithms.align_fit import (
+    AlignmentError,
+    FitOptions,
+    FitResult,
+    fit_projection_model,
+    projected_shift_error_px,
+    usable_contours,
+)
 from tomopipe.algorithms.fourier import cosine_edge_taper
 from tomopipe.algorithms.geometry import fft_centre, projection_rotations, rotation_2d
 from tomopipe.algorithms.peaks import parabolic_offset
@@ -282,7 +288,8 @@ def track_patches(images: torch.Tensor, tilt_angles_deg, tilt_axis_deg: float, s
                 ix = target_coords[..., 0].long().to(device)
                 iy = target_coords[..., 1].long().to(device)
                 target = images[t][iy, ix]
-                ref_coords = centre + p_ref[sl, None, None, :] + (grid + (q[sl] - predicted[sl])[:, None, None, :]) @ S_inv.T
+                ref_coords = (centre + p_ref[sl, None, None, :]
+                              + (grid + (q[sl] - predicted[sl])[:, None, None, :]) @ S_inv.T)
                 reference = _sample(images[r].expand(k, ny, nx), ref_coords.to(device))
                 peak = _find_peak(_correlate(target, reference, window), limit)
                 good = (peak.significance.cpu() >= min_significance)

@@ -213,7 +213,8 @@ def enforce_ctffind_convention(defocus_u_A, defocus_v_A, angle_deg):
     """
     dtype = out_dtype(defocus_u_A, defocus_v_A, angle_deg)
     device = tensor_device(defocus_u_A, defocus_v_A, angle_deg)
-    u, v, a = torch.broadcast_tensors(as_f64(defocus_u_A, device), as_f64(defocus_v_A, device), as_f64(angle_deg, device))
+    u, v, a = torch.broadcast_tensors(as_f64(defocus_u_A, device), as_f64(defocus_v_A, device),
+                                      as_f64(angle_deg, device))
     swap = u < v
     u2, v2 = torch.where(swap, v, u), torch.where(swap, u, v)
     a2 = torch.where(swap, a + 90.0, a)

@@ -14,7 +14,8 @@ Method, per tilt image:
    (z = 0): each window centre has a known depth z_P, so its defocus is ``Δf_centre + hand·z_P``.
 2. Each window's spectrum is reduced to azimuthal sectors (5°) × 1-pixel radial bins, whitened by
    a smooth background (``P / bg − 1``; a log-polynomial fitted to the fit range alone, so that
-   the amorphous-ice ring at 3.7 Å or the detector fall-off cannot bend it there) and detrended (a quadratic in k is projected out of data
+   the amorphous-ice ring at 3.7 Å or the detector fall-off cannot bend it there) and detrended (a quadratic
+   in k is projected out of data
    and model alike, so that a residual background cannot favour any defocus).
 3. Score = weighted normalised cross-correlation (CTFFIND-style) between these profiles and the
    model CTF² (averaged over each radial bin) within the fit range. The score is linear in the

@@ -216,7 +216,8 @@ def fourier_crop_bin(image: torch.Tensor, factor: float, ndim: int = 2) -> torch
     this is the same as sampling at ``j · n / n_new``.
     """
     if ndim not in (2, 3) or image.ndim < ndim:
-        raise ValueError(f"fourier_crop_bin: ndim must be 2 or 3 and <= image.ndim, got ndim={ndim}, shape {tuple(image.shape)}")
+        raise ValueError(f"fourier_crop_bin: ndim must be 2 or 3 and <= image.ndim, got ndim={ndim}, "
+                         f"shape {tuple(image.shape)}")
     shape = tuple(image.shape[-ndim:])
     new_shape = fourier_crop_shape(shape, factor)
     if new_shape == shape:

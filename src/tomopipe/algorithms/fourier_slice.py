@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 import torch
+
 from tomopipe.algorithms._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.algorithms._numba import numba
 
@@ -87,7 +88,8 @@ class FourierSliceProjector:
     installed; False = torch only (the reference implementation, also used on GPUs).
     """
 
-    def __init__(self, volume: torch.Tensor, pixel_size_A: float, pad_factor: int = 3, use_compiled: bool | None = None):
+    def __init__(self, volume: torch.Tensor, pixel_size_A: float, pad_factor: int = 3,
+                 use_compiled: bool | None = None):
         if volume.ndim != 3 or len(set(volume.shape)) != 1 or volume.shape[0] % 2:
             raise ValueError(f"FourierSliceProjector needs a cubic volume of even size, got {tuple(volume.shape)}")
         if pad_factor < 1:

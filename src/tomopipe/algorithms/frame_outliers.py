@@ -73,7 +73,8 @@ _SCALE_PIXELS = 1 << 19  # count scale: measured on at most this many pixels (ev
 _CHUNK_VALUES = 1 << 23  # frame-pixel values gathered at once by the screen (32 MB of float32)
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _BLOCK_RADIUS = 2  # the neighbourhood test pools the 5 x 5 block around a pixel
-_BLOCK = tuple((dy, dx) for dy in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1) for dx in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1))
+_BLOCK = tuple((dy, dx) for dy in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1)
+               for dx in range(-_BLOCK_RADIUS, _BLOCK_RADIUS + 1))
 
 
 @dataclass

@@ -93,7 +93,8 @@ def fsc(volume_a: torch.Tensor, volume_b: torch.Tensor, mask: torch.Tensor | Non
     return out.reshape(*batch, n_shells)
 
 
-def fsc_resolution_A(curve: torch.Tensor, pixel_size_A: float, threshold: float = 0.143, box_size_px: int | None = None) -> float:
+def fsc_resolution_A(curve: torch.Tensor, pixel_size_A: float, threshold: float = 0.143,
+                     box_size_px: int | None = None) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold``, linearly interpolated between shells.
 
     ``curve`` from :func:`fsc` (shell 0 .. n//2); ``box_size_px`` defaults to ``2·(len(curve) - 1)``

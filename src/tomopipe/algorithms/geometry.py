@@ -23,6 +23,7 @@ input is not a floating tensor).
 from __future__ import annotations
 
 import math
+
 import torch
 
 from tomopipe.algorithms._tensor import as_f64, out_dtype, tensor_device
@@ -366,7 +367,8 @@ def random_rotations(n: int, generator: torch.Generator | None = None, dtype=Non
     if n < 0:
         raise ValueError(f"random_rotations: n must be >= 0, got {n}")
     dtype = dtype or torch.get_default_dtype()
-    device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+    device = (torch.device(device) if device is not None
+              else (generator.device if generator is not None else torch.device("cpu")))
     q = torch.randn((n, 4), generator=generator, dtype=torch.float64, device=device)
     q = q / torch.linalg.norm(q, dim=-1, keepdim=True)
     w, x, y, z = q.unbind(-1)

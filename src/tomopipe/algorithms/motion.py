@@ -44,8 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from tomopipe.algorithms.filters import critical_exposure_e_per_A2, fourier_crop_bin, fourier_crop_shape
-from tomopipe.algorithms.fourier import (cosine_edge_taper, crop_rfft2, fourier_shift_2d, frequencies_rfft2_px,
-                                        phase_ramp_2d)
+from tomopipe.algorithms.fourier import (
+    cosine_edge_taper,
+    crop_rfft2,
+    fourier_shift_2d,
+    frequencies_rfft2_px,
+    phase_ramp_2d,
+)
 from tomopipe.algorithms.peaks import parabolic_offset
 
 __all__ = [
@@ -269,7 +274,8 @@ def apply_gain(movie: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     gain = torch.as_tensor(gain, dtype=torch.float32, device=movie.device)
     if gain.ndim != 2 or tuple(gain.shape) != tuple(movie.shape[1:]):
         raise ValueError(f"gain is {gain.shape[-1]} x {gain.shape[-2] if gain.ndim > 1 else 1} px but the frames are "
-                         f"{movie.shape[2]} x {movie.shape[1]} px (x by y); flip/transpose the gain or use the right one")
+                         f"{movie.shape[2]} x {movie.shape[1]} px (x by y); "
+                         "flip/transpose the gain or use the right one")
     return movie * gain
 
 
@@ -619,7 +625,8 @@ def frame_dose_e_per_A2(pre_exposure_e_per_A2: float, tilt_dose_e_per_A2: float,
 
 
 def _warp_local(image: torch.Tensor, field_A: torch.Tensor, pixel_size_A: float) -> torch.Tensor:
-    """Sample ``image`` [y, x] at ``r + field(r)`` (bicubic, border): removes a displacement field [y, x, 2] (x, y) Å."""
+    """Sample ``image`` [y, x] at ``r + field(r)`` (bicubic, border): removes a displacement field
+    [y, x, 2] (x, y) Å."""
     ny, nx = image.shape
     ys = torch.arange(ny, dtype=torch.float32, device=image.device)
     xs = torch.arange(nx, dtype=torch.float32, device=image.device)

@@ -716,7 +716,8 @@ def reconstruct_volume(
     m, t = projection_matrices(rot_z, rot_y, rot_x_deg, shifts_A, pixel_size_A, magnification, params)
     shape = volume_shape_for((images.shape[2], images.shape[1]), float(rot_z.mean()) + params.tilt_axis_offset_deg,
                              params)
-    pre = None if pre_exposure_e_per_A2 is None else torch.as_tensor(pre_exposure_e_per_A2, dtype=torch.float64).reshape(-1)
+    pre = (None if pre_exposure_e_per_A2 is None
+           else torch.as_tensor(pre_exposure_e_per_A2, dtype=torch.float64).reshape(-1))
     filtered = filter_tilt_images(images, rot_z + params.tilt_axis_offset_deg, rot_y + params.tilt_angle_offset_deg,
                                   pixel_size_A, params.thickness_px, params.radial_cutoff, params.radial_falloff,
                                   params.sirt_like_iterations, pre, voltage_kV, ctf, t)

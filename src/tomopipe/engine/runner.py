@@ -71,7 +71,8 @@ def run_workflow(project: Project, workflow: Workflow, executor: Executor, until
         upstream = {ref.step for ref in step.inputs.values()}
         if upstream & broken:
             broken.add(step.name)
-            outcome = StepOutcome(step.name, "blocked", message=f"not run: depends on {', '.join(sorted(upstream & broken))}")
+            outcome = StepOutcome(step.name, "blocked",
+                                  message=f"not run: depends on {', '.join(sorted(upstream & broken))}")
         else:
             outcome = _run_one(project, workflow, step, produced, executor, verbose, echo)
             if outcome.status not in ("finished", "skipped"):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.engine.step_api import Step, step_class
+from tomopipe.errors import InputFileError, TomopipeError
 
 
 @dataclass(frozen=True)

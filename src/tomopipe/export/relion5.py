@@ -34,7 +34,8 @@ CTF_COLUMNS = {"defocus_u_A": "rlnDefocusU", "defocus_v_A": "rlnDefocusV", "defo
 def merged_tilts(project: Project, sets: dict[str, SetRecord]) -> pd.DataFrame:
     """One row per tilt enabled in every set used (movies, tilt series, CTF), columns of all."""
     tables = [project.read_items(sets[kind].id).add_prefix(f"{kind}.").rename(
-        columns={f"{kind}.{k}": k for k in KEY}) for kind in ("tilt_series_movies", "tilt_series", "ctf") if kind in sets]
+        columns={f"{kind}.{k}": k for k in KEY})
+        for kind in ("tilt_series_movies", "tilt_series", "ctf") if kind in sets]
     merged = tables[0]
     for table in tables[1:]:
         merged = merged.merge(table, on=KEY, how="inner")
@@ -107,7 +108,8 @@ def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path
     written, global_rows = [], []
     for ts_id, group in tilts.groupby("ts_id", sort=True):
         acquisition = base.attrs["tilt_series"][ts_id]
-        original = movies.attrs["tilt_series"][ts_id] if movies and ts_id in movies.attrs["tilt_series"] else acquisition
+        original = (movies.attrs["tilt_series"][ts_id] if movies and ts_id in movies.attrs["tilt_series"]
+                    else acquisition)
         path = out / "tilt_series" / f"{ts_id}.star"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_tilt_series_star(path, per_tilt_series_table(project, group, acquisition), tomo_name=ts_id)

@@ -150,7 +150,8 @@ def read_aln(path: str | os.PathLike) -> AlnFile:
             elif (value := _tag(text, "RawSize")) is not None:
                 size = _numbers(path, number, value, 3, "RawSize: nx ny views")
                 if min(size) < 1 or any(v != int(v) for v in size):
-                    raise InputFileError(path, f"line {number}: RawSize must be 3 positive integers, got {value.strip()!r}")
+                    raise InputFileError(path, f"line {number}: RawSize must be 3 positive integers, "
+                                               f"got {value.strip()!r}")
                 raw_size = tuple(int(v) for v in size)
             elif (value := _tag(text, "DarkFrame")) is not None:
                 darks.append(_numbers(path, number, value, 3, "DarkFrame: tilt position, section, tilt"))
@@ -173,7 +174,8 @@ def read_aln(path: str | os.PathLike) -> AlnFile:
     dark = pd.DataFrame(darks, columns=["tilt_position", "section", "tilt_deg"]).astype(
         {"tilt_position": int, "section": int, "tilt_deg": float})
     positions = dark["tilt_position"].to_numpy(int)
-    if len(positions) and (positions.min() < 0 or positions.max() >= raw_size[2] or len(set(positions)) < len(positions)):
+    if len(positions) and (positions.min() < 0 or positions.max() >= raw_size[2]
+                           or len(set(positions)) < len(positions)):
         raise InputFileError(path, f"DarkFrame tilt positions {positions.tolist()} are not distinct views of the "
                                    f"{raw_size[2]} in RawSize")
     if len(rows) != raw_size[2] - len(dark):

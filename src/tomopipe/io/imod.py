@@ -52,9 +52,11 @@ def _parse_xf_line(path: Path, number: int, line: str) -> list[float]:
     try:
         values = [float(f) for f in fields]
     except ValueError as exc:
-        raise InputFileError(path, f"line {number}: expected 6 numbers (A11 A12 A21 A22 DX DY), got {line.strip()!r}") from exc
+        raise InputFileError(path, f"line {number}: expected 6 numbers (A11 A12 A21 A22 DX DY), "
+                                   f"got {line.strip()!r}") from exc
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
-        raise InputFileError(path, f"line {number}: expected 6 finite numbers (A11 A12 A21 A22 DX DY), got {line.strip()!r}")
+        raise InputFileError(path, f"line {number}: expected 6 finite numbers (A11 A12 A21 A22 DX DY), "
+                                   f"got {line.strip()!r}")
     return values
 
 
@@ -251,7 +253,8 @@ def read_defocus(path: str | os.PathLike) -> pd.DataFrame:
     for i, row in enumerate(data):
         if len(row) != len(columns):
             raise InputFileError(
-                path, f"data line {i + 1} has {len(row)} values; flags {flags} need {len(columns)} ({' '.join(columns)})"
+                path, f"data line {i + 1} has {len(row)} values; flags {flags} need {len(columns)} "
+                f"({' '.join(columns)})"
             )
     df = pd.DataFrame(data, columns=columns)
     for column in ("start_view", "end_view"):
@@ -584,7 +587,8 @@ def read_com(path: str | os.PathLike) -> dict[str, Any]:
         command.pop("_done")
         keywords = {k: (list(v) if isinstance(v, _Repeated) else v) for k, v in command["keywords"].items()}
         command["keywords"] = keywords
-        if command["program"].lower() == "tilt" and command["format"] == "positional" and len(command["positional"]) >= 2:
+        if (command["program"].lower() == "tilt" and command["format"] == "positional"
+                and len(command["positional"]) >= 2):
             keywords.setdefault("InputProjections", command["positional"][0])
             keywords.setdefault("OutputFile", command["positional"][1])
         out_commands.append(command)

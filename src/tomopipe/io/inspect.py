@@ -84,7 +84,8 @@ def _inspect_mdoc(path: Path) -> dict[str, Any]:
         out["accumulated_dose_e_per_A2"] = (pre + np.asarray(doses, dtype=float)).tolist() if known else None
     out["date_times"] = [t.isoformat() if not pd.isna(t) else None for t in times] if times is not None else None
     out["movie_names"] = list(rows["movie_name"]) if "movie_name" in rows else None
-    out["frame_counts"] = [None if pd.isna(v) else int(v) for v in rows["num_sub_frames"]] if "num_sub_frames" in rows else None
+    out["frame_counts"] = ([None if pd.isna(v) else int(v) for v in rows["num_sub_frames"]]
+                           if "num_sub_frames" in rows else None)
     if "z_value" in rows:
         out["z_values"] = [int(z) for z in rows["z_value"]]
     return out
@@ -138,7 +139,8 @@ def _inspect_aln(path: Path) -> dict[str, Any]:
     aln = aretomo.read_aln(path)
     rows = aln.global_alignment
     return {"file_type": "aretomo_aln", "raw_size_px": list(aln.raw_size_px), "n_aligned_views": int(len(rows)),
-            "dark_tilt_positions": aln.dark_frames["tilt_position"].tolist(), "local_alignment_patches": aln.num_patches,
+            "dark_tilt_positions": aln.dark_frames["tilt_position"].tolist(),
+            "local_alignment_patches": aln.num_patches,
             "alpha_offset_deg": aln.alpha_offset_deg, "beta_offset_deg": aln.beta_offset_deg,
             "tilt_angles_deg": rows["tilt_deg"].tolist(), "tilt_axis_deg": rows["rot_deg"].tolist(),
             "shift_x_px": rows["tx_px"].tolist(), "shift_y_px": rows["ty_px"].tolist()}

@@ -4,7 +4,7 @@ ORIENTATION RULE (the one place where it is applied)
 - Arrays are ``[frame, y, x]`` in MRC row order: row 0 is the first row of an MRC file and
   is drawn at the bottom by 3dmod (+y up). SerialEM's mdoc states the tilt axis of the frames
   as stored; for TIFF movies the axis of these arrays is therefore 180° − the mdoc's angle
-  (the importer applies it: ``tomopipe.steps.import_movies.mdoc_axis_for_movies``).
+  (the importer applies it: ``tomopipe.model.acquisition.mdoc_axis_for_movies``).
 - TIFF movies are flipped along Y (row order reversed) on read, as IMOD, RELION ("TIFF images
   are flipped along the slow axis when being read into memory or written to a file", RELION
   docs, Conventions) and MotionCor2 do. ``write_movie`` applies the same flip when it writes
@@ -37,9 +37,9 @@ import numpy as np
 import tifffile
 
 from tomopipe.errors import InputFileError
+from tomopipe.io import mrc as _mrc
 from tomopipe.io._atomic import atomic_path
 from tomopipe.io.mrc import _to_numpy, read_mrc, read_mrc_header
-from tomopipe.io import mrc as _mrc
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MRC_SUFFIXES = (".mrc", ".mrcs", ".st")
@@ -315,7 +315,8 @@ def read_gain(
     elif suffix == ".gain":
         gain = _read_tiff_first_page(path).astype(np.float32)
     elif suffix in (".dm4", ".dm3"):
-        raise InputFileError(path, "DigitalMicrograph gain files are not supported: convert it with IMOD 'dm2mrc' first")
+        raise InputFileError(path, "DigitalMicrograph gain files are not supported: "
+                                   "convert it with IMOD 'dm2mrc' first")
     else:
         raise InputFileError(path, f"unsupported gain format '{path.suffix}' (use .mrc, .tif, .tiff or .gain)")
     if not np.all(np.isfinite(gain)):

@@ -101,7 +101,8 @@ def _single_block(path: Path, blocks: dict[str, pd.DataFrame], preferred: str | 
     if preferred is not None and preferred in blocks:
         return preferred, blocks[preferred]
     if len(blocks) != 1:
-        raise InputFileError(path, f"expected one data block{f' named {preferred!r}' if preferred else ''}, found {list(blocks)}")
+        raise InputFileError(path, f"expected one data block{f' named {preferred!r}' if preferred else ''}, "
+                                   f"found {list(blocks)}")
     return next(iter(blocks.items()))
 
 

@@ -57,14 +57,16 @@ def _parse_scalar(text: str) -> Any:
         numbers = [float(p) for p in parts]
     except ValueError:
         return value
-    numbers_out: list[Any] = [int(n) if n.is_integer() and "." not in p and "e" not in p.lower() else n for n, p in zip(numbers, parts)]
+    numbers_out: list[Any] = [int(n) if n.is_integer() and "." not in p and "e" not in p.lower() else n
+                              for n, p in zip(numbers, parts)]
     return numbers_out[0] if len(numbers_out) == 1 else numbers_out
 
 
 def _params(element: ET.Element | None) -> dict[str, Any]:
     if element is None:
         return {}
-    return {p.attrib["Name"]: _parse_scalar(p.attrib.get("Value", "")) for p in element.findall("Param") if "Name" in p.attrib}
+    return {p.attrib["Name"]: _parse_scalar(p.attrib.get("Value", ""))
+            for p in element.findall("Param") if "Name" in p.attrib}
 
 
 def _grid(path: Path, element: ET.Element) -> dict[str, Any]:
@@ -128,7 +130,8 @@ def read_warp_tiltseries_xml(path: str | os.PathLike) -> dict[str, Any]:
     attrib = root.attrib
     out["are_angles_inverted"] = _parse_bool(path, attrib.get("AreAnglesInverted", "False"))
     out["plane_normal"] = _parse_scalar(attrib.get("PlaneNormal", "")) if attrib.get("PlaneNormal") else None
-    out["magnification_correction"] = _parse_scalar(attrib.get("MagnificationCorrection", "")) if attrib.get("MagnificationCorrection") else None
+    out["magnification_correction"] = (_parse_scalar(attrib.get("MagnificationCorrection", ""))
+                                       if attrib.get("MagnificationCorrection") else None)
     out["data_directory"] = attrib.get("DataDirectory")
 
     ctf_params = _params(root.find("CTF"))
@@ -160,8 +163,10 @@ def read_warp_tiltseries_xml(path: str | os.PathLike) -> dict[str, Any]:
     out["tilt_defocus_delta_um"] = per_tilt("GridCTFDefocusDelta")
     out["tilt_defocus_angle_deg"] = per_tilt("GridCTFDefocusAngle")
     if out["tilt_defocus_um"] is not None and out["tilt_defocus_delta_um"] is not None:
-        out["tilt_defocus_u_A"] = [(d + dd / 2) * 1e4 for d, dd in zip(out["tilt_defocus_um"], out["tilt_defocus_delta_um"])]
-        out["tilt_defocus_v_A"] = [(d - dd / 2) * 1e4 for d, dd in zip(out["tilt_defocus_um"], out["tilt_defocus_delta_um"])]
+        out["tilt_defocus_u_A"] = [(d + dd / 2) * 1e4
+                                   for d, dd in zip(out["tilt_defocus_um"], out["tilt_defocus_delta_um"])]
+        out["tilt_defocus_v_A"] = [(d - dd / 2) * 1e4
+                                   for d, dd in zip(out["tilt_defocus_um"], out["tilt_defocus_delta_um"])]
     else:
         out["tilt_defocus_u_A"] = out["tilt_defocus_v_A"] = None
     return out

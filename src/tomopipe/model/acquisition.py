@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+
+from tomopipe.algorithms.geometry import wrap_angle_deg
 
 SERIALEM_DATE_FORMATS = ("%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S")
 
@@ -94,3 +97,17 @@ def acquisition_order_and_pre_exposure(
     pre_exposure = np.empty(n, dtype=np.float64)
     pre_exposure[sequence] = cumulative
     return order, pre_exposure
+
+
+def mdoc_axis_for_movies(mdoc_axis_deg: float, movie_name: Path, tomo5: bool) -> float:
+    """The tilt-axis angle of the movie arrays as tomopipe reads them, from the mdoc's angle.
+
+    Tomography 5 writes its axis in another convention (Scipion's rule: −axis − 90). SerialEM
+    states the axis for the frames as stored; TIFF movies are flipped along Y on read (as IMOD,
+    RELION and MotionCor2 do), and a Y flip turns an axis α into 180° − α (conventions sheet;
+    EMPIAR-10491: mdoc −93.5°, refined −85.6°). MRC and EER frames are read as stored.
+    """
+    axis = -mdoc_axis_deg - 90.0 if tomo5 else mdoc_axis_deg
+    if movie_name.suffix.lower() in (".tif", ".tiff"):
+        axis = 180.0 - axis
+    return float(wrap_angle_deg(axis))

@@ -34,7 +34,8 @@ _HELP = {
     "particles_per_tilt_series": "particles per tilt series",
     "ice_thickness_A": "ice thickness (Å)",
     "truth_binnings": "binnings of the true map written to truth/maps",
-    "mdoc_tilt_axis_error_sigma_deg": "SD of the mdoc tilt axis's calibration error (°, one draw per session; 0 = exact)",
+    "mdoc_tilt_axis_error_sigma_deg": "SD of the mdoc tilt axis's calibration error "
+                                      "(°, one draw per session; 0 = exact)",
     "specimen_pretilt_deg": "pretilt of the specimen slab about the tilt axis (°, adds to the true tilts)",
     "exposure_cosine_power": "dose and exposure time grow as 1/cos(tilt)^this (SerialEM's cosine rule; 0 = constant)",
     "frame_jitter_A": "SD of random per-frame displacements on top of the smooth drift (Å, each axis)",

@@ -15,7 +15,8 @@ Presets (:data:`PRESETS`) only change sizes: ``tiny`` (unit tests: one tilt seri
 tilts, 256² px at 3.16 Å, six particles; ~2 s), ``small`` (the seed's small data set: two tilt
 series of 41 tilts at 0.79 Å/px on a 1920 × 1440 detector, 8 frames, 150 particles each in 800 Å
 of ice; ~3 min on 2 CPU cores), ``reduced`` (the small data set cut down for CI: one tilt series
-of 21 tilts in 4° steps, 6 frames; the same field, pixel size and particles), ``tutorial`` (EMPIAR-10491 size: five tilt series on a K3
+of 21 tilts in 4° steps, 6 frames; the same field, pixel size and particles), ``tutorial``
+(EMPIAR-10491 size: five tilt series on a K3
 5760 × 4092, 10 frames, 400 particles each in 1000 Å of ice, projector padding 4; for a GPU
 machine).
 """
@@ -129,7 +130,8 @@ class SimulationConfig:
     hot_pixels_per_megapixel: float = 2.0
     hot_pixel_rate_counts: float = 3.0  #: extra counts per frame on a hot pixel
     xray_hits_per_megapixel_per_tilt: float = 0.5
-    xray_spectrum: str = "realistic"  #: "realistic" (spots, streaks, heavy-tailed counts) or "simple" (1–3 px, 30–200 counts)
+    #: "realistic" (spots, streaks, heavy-tailed counts) or "simple" (1–3 px, 30–200 counts)
+    xray_spectrum: str = "realistic"
     xray_max_size_px: float = 8.0  #: realistic: largest spot diameter / streak length
     xray_streak_fraction: float = 0.3  #: realistic: share of hits that are streaks (elongated tracks)
     xray_two_frame_fraction: float = 0.1  #: realistic: share of hits split between two consecutive frames
@@ -170,7 +172,8 @@ class SimulationConfig:
 
         def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                    or (value == 0 and not allow_zero)):
                 raise err(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
         for name in ("pixel_size_A", "dose_per_tilt_e_per_A2", "voltage_kV", "tilt_step_deg", "exposure_time_s",
@@ -376,7 +379,8 @@ def _coerce(name: str, value: Any, default: Any, annotation: str) -> Any:
     """Value from TOML converted to the setting's type, or SimulationConfigError."""
     err = SimulationConfigError
     if name == "truth_binnings":
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value):
             raise err(f"{name} must be a list of integers, got {value!r}")
         return tuple(value)
     if "bool" in annotation:

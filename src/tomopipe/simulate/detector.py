@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from tomopipe.algorithms.filters import exposure_filter
-from tomopipe.simulate.plan import TiltPlan
 from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.simulate._numba import numba
+from tomopipe.simulate.plan import TiltPlan
 
 __all__ = [
     "DetectorModel",
@@ -138,7 +138,8 @@ def _warp(image: torch.Tensor, displacement_px: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
 
 
-def _poisson_torch(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator, max_count: int) -> torch.Tensor:
+def _poisson_torch(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator,
+                   max_count: int) -> torch.Tensor:
     lam = (1.0 + contrast).clamp_min(0.0) * scale
     return torch.poisson(lam, generator=generator).clamp_max(max_count).to(torch.uint8)
 
@@ -186,7 +187,8 @@ if _HAVE_NUMBA:
                 out[i] = k
 
 
-def _poisson_counts(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator, max_count: int) -> torch.Tensor:
+def _poisson_counts(contrast: torch.Tensor, scale: torch.Tensor, generator: torch.Generator,
+                    max_count: int) -> torch.Tensor:
     """Counts ``min(Poisson((1 + contrast)·scale), max_count)`` as uint8: the compiled CPU sampler
     (numba, seeded from ``generator``) or ``torch.poisson``. Reproducible per seed."""
     if _HAVE_NUMBA and contrast.device.type == "cpu" and max_count <= 255:
@@ -210,7 +212,8 @@ def _simple_hit(g: torch.Generator, w: int, h: int) -> tuple[dict, torch.Tensor,
     xs = torch.tensor([cx, cx + 1, cx][:n_pix])
     ys = torch.tensor([cy, cy, cy + 1][:n_pix])
     counts = torch.tensor([value, value // 2, value // 2][:n_pix])
-    return {"shape": "simple", "x": float(cx), "y": float(cy), "size_px": float(n_pix), "angle_deg": 0.0}, xs, ys, counts
+    return ({"shape": "simple", "x": float(cx), "y": float(cy), "size_px": float(n_pix), "angle_deg": 0.0},
+            xs, ys, counts)
 
 
 def _realistic_hit(g: torch.Generator, w: int, h: int, background: torch.Tensor,

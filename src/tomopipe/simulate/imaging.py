@@ -32,11 +32,11 @@ import torch
 
 from tomopipe.algorithms.ctf import ctf_2d, defocus_with_handedness, electron_wavelength_A
 from tomopipe.algorithms.geometry import project_points, projection_rotations
+from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
+from tomopipe.simulate._numba import numba
 from tomopipe.simulate.plan import TiltPlan
 from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.specimen import ice_potential_field
-from tomopipe.simulate._numba import HAVE_NUMBA as _HAVE_NUMBA
-from tomopipe.simulate._numba import numba
 
 __all__ = [
     "Optics",
@@ -330,7 +330,8 @@ def render_tilt_contrast(
         slope = -math.tan(theta) / m
         zpx = slope * math.cos(alpha) * p
         zpy = slope * math.sin(alpha) * p
-        zp0 = slope * (math.cos(alpha) * (-(w // 2) * p - tilt.shift_A[0]) + math.sin(alpha) * (-(h // 2) * p - tilt.shift_A[1]))
+        zp0 = slope * (math.cos(alpha) * (-(w // 2) * p - tilt.shift_A[0])
+                       + math.sin(alpha) * (-(h // 2) * p - tilt.shift_A[1]))
         corner_zp = [zp0, zp0 + zpx * (w - 1), zp0 + zpy * (h - 1), zp0 + zpx * (w - 1) + zpy * (h - 1)]
         ice_deltas = []
         for zk in z_k:
@@ -357,7 +358,8 @@ def render_tilt_contrast(
         ix = torch.floor(xy_px).to(torch.int64)
         frac = (xy_px - ix).float()
         inside = (
-            (ix[:, 0] + n_box // 2 > 0) & (ix[:, 0] - n_box // 2 < w) & (ix[:, 1] + n_box // 2 > 0) & (ix[:, 1] - n_box // 2 < h)
+            (ix[:, 0] + n_box // 2 > 0) & (ix[:, 0] - n_box // 2 < w)
+            & (ix[:, 1] + n_box // 2 > 0) & (ix[:, 1] - n_box // 2 < h)
         )
         sel = torch.nonzero(inside).flatten()
         if sel.numel():
@@ -412,18 +414,19 @@ def render_tilt_contrast(
                 particles_minus.addcmul_(layer_phasor.conj(), spec)
         for field, u0, ux, uy in ice_planes:
             lo, hi = _spread(field, stack, u0, ux, uy, n_layers, first)
-            for l in range(max(lo, first), min(hi, first + count - 1) + 1):
-                filled[l - first] = True
+            for layer in range(max(lo, first), min(hi, first + count - 1) + 1):
+                filled[layer - first] = True
         for k in range(count):
-            l = first + k
-            if l % 16 == 0:  # exact phasor now and then: no drift from the repeated products
-                phasor = torch.polar(torch.ones_like(a), a * (d_min + l * dz))
+            layer = first + k
+            if layer % 16 == 0:  # exact phasor now and then: no drift from the repeated products
+                phasor = torch.polar(torch.ones_like(a), a * (d_min + layer * dz))
             if not filled[k]:
                 phasor = phasor * step
                 continue
             phasor = _accumulate(torch.fft.rfft2(stack[k]), phasor, step, acc_plus, acc_minus)
         del stack
-    centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg, optics, device)
+    centre = ctf_phasor(image_shape, p_eff, tilt.defocus_u_A, tilt.defocus_v_A, tilt.astigmatism_angle_deg,
+                        optics, device)
     envelope = torch.ones_like(a)
     if optics.envelopes:
         envelope = envelope * coherence_envelope(image_shape, p_eff, tilt.defocus_centre_A, optics, device)

@@ -247,19 +247,21 @@ def plan_tilt_series(config: SimulationConfig, ts_index: int, particle_radius_A:
 
     gd = generator_for(seed, "defocus", ts_index)
     if config.n_tilt_series > 1:
-        target = config.defocus_min_um + (config.defocus_max_um - config.defocus_min_um) * ts_index / (config.n_tilt_series - 1)
+        target = (config.defocus_min_um
+                  + (config.defocus_max_um - config.defocus_min_um) * ts_index / (config.n_tilt_series - 1))
     else:
         target = 0.5 * (config.defocus_min_um + config.defocus_max_um)
     defocus_um = target + torch.randn(n, generator=gd, dtype=torch.float64) * config.defocus_sigma_um
     astig_angle_ts = float(torch.rand((), generator=gd, dtype=torch.float64)) * 180.0 - 90.0
-    astig = (config.astigmatism_A + torch.randn(n, generator=gd, dtype=torch.float64) * config.astigmatism_sigma_A).clamp_min(0.0)
+    astig = (config.astigmatism_A
+             + torch.randn(n, generator=gd, dtype=torch.float64) * config.astigmatism_sigma_A).clamp_min(0.0)
     astig_angle = astig_angle_ts + torch.randn(n, generator=gd, dtype=torch.float64) * 3.0
     scope_error_um = torch.randn(n, generator=gd, dtype=torch.float64) * 0.1
 
     start = datetime.fromisoformat(config.acquisition_start) + timedelta(minutes=35 * ts_index)
     time = start
     tilts: list[TiltPlan] = []
-    previous = None
+    previous, previous_exposure_s = None, 0.0
     pre_exposure = 0.0
     for j, angle in enumerate(nominal):
         gm = generator_for(seed, "motion", ts_index, j)

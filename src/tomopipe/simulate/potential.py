@@ -142,7 +142,8 @@ def atomic_potential_volume(
     if model.hydrogens is not None:  # united-atom hydrogens: 5 more Gaussians on their carriers
         a_h, b_h = scattering_coefficients(["H"])
         bh = b_h + (b_atom + HYDROGEN_SMEAR_B_A2)[:, None]
-        amp_h = POTENTIAL_CONSTANT_V_A2 * (model.occupancies * model.hydrogens)[:, None] * a_h * (4.0 * math.pi / bh) ** 1.5
+        amp_h = (POTENTIAL_CONSTANT_V_A2 * (model.occupancies * model.hydrogens)[:, None] * a_h
+                 * (4.0 * math.pi / bh) ** 1.5)
         bb = torch.cat([bb, bh], dim=1)
         amp = torch.cat([amp, amp_h], dim=1)
     if ice_potential_V:

@@ -106,7 +106,8 @@ def reference_map(config: SimulationConfig, model: AtomicModel, box: int, device
     if cached is not None:
         return cached.clone()
     volume = atomic_potential_volume(
-        model, box, config.pixel_size_A, ice_potential_V=v_ice, extra_b_factor_A2=config.extra_b_factor_A2, device=device
+        model, box, config.pixel_size_A, ice_potential_V=v_ice, extra_b_factor_A2=config.extra_b_factor_A2,
+        device=device
     )
     if len(_REFERENCE_CACHE) >= _REFERENCE_CACHE_SIZE:
         _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
@@ -194,7 +195,8 @@ def _simulate(config: SimulationConfig, out_dir: str | Path, progress: bool) -> 
     hot = hot_pixel_positions(shape, config.hot_pixels_per_megapixel if config.shot_noise else 0.0,
                               generator_for(config.seed, "hot_pixels"))
     detector = DetectorModel(gain=gain, hot_pixels=hot, hot_pixel_rate_counts=config.hot_pixel_rate_counts,
-                             xray_hits_per_megapixel_per_tilt=config.xray_hits_per_megapixel_per_tilt if config.shot_noise else 0.0,
+                             xray_hits_per_megapixel_per_tilt=(config.xray_hits_per_megapixel_per_tilt
+                                                               if config.shot_noise else 0.0),
                              shot_noise=config.shot_noise,
                              xray_spectrum=XraySpectrum(config.xray_spectrum, config.xray_max_size_px,
                                                         config.xray_streak_fraction, config.xray_two_frame_fraction,

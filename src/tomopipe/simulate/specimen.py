@@ -25,11 +25,10 @@ centre of a hole, thicker at its rim. Particles stay inside the local slab.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import gemmi
 import torch
-
-from dataclasses import dataclass
 
 from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2
 
@@ -95,7 +94,8 @@ def ice_projected_potential_psd(q_per_A: torch.Tensor, path_length_A: float, den
     """Power spectral density (V²·Å⁴) of the projected potential fluctuations through ``path_length_A`` of ice."""
     n = water_number_density_per_A3(density_g_per_cm3)
     return (
-        path_length_A * n * POTENTIAL_CONSTANT_V_A2**2 * water_form_factor_sq_A2(q_per_A) * amorphous_ice_structure_factor(q_per_A)
+        path_length_A * n * POTENTIAL_CONSTANT_V_A2**2 * water_form_factor_sq_A2(q_per_A)
+        * amorphous_ice_structure_factor(q_per_A)
     )
 
 

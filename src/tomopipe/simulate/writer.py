@@ -21,8 +21,8 @@ from tomopipe.algorithms.geometry import wrap_angle_deg, xf_from_alignment
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
 from tomopipe.io.mdoc import SERIALEM_DATE_FORMAT, write_mdoc
-from tomopipe.io.mrc import write_mrc
 from tomopipe.io.movies import write_movie
+from tomopipe.io.mrc import write_mrc
 from tomopipe.io.star import write_particles_star, write_tilt_series_star, write_tomograms_star
 from tomopipe.simulate.config import SimulationConfig
 from tomopipe.simulate.plan import TiltSeriesPlan, frame_local_displacements_px, mdoc_tilt_axis_error_deg
@@ -228,7 +228,9 @@ def write_tilt_series_truth(
                     "shift_y_px": sy / p,
                     "jitter_x_A": jx,
                     "jitter_y_A": jy,
-                    "accumulated_dose_mid_e_per_A2": t.pre_exposure_e_per_A2 + (f + 0.5) * t.dose_e_per_A2 / config.frames_per_tilt,
+                    "accumulated_dose_mid_e_per_A2": (
+                        t.pre_exposure_e_per_A2 + (f + 0.5) * t.dose_e_per_A2 / config.frames_per_tilt
+                    ),
                 }
             )
     _csv(truth_dir / f"{plan.name}_frame_shifts.csv", pd.DataFrame(rows))

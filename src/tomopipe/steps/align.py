@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tomopipe.algorithms.align import AlignOptions, aligned_frame_size, aligned_views, align_images
+from tomopipe.algorithms.align import AlignOptions, align_images, aligned_frame_size, aligned_views
 from tomopipe.algorithms.align_fit import AlignmentError, FitOptions, transmission_tilt_offset
 from tomopipe.algorithms.align_offset import layer_tilt_offset, with_tilt_offset
 from tomopipe.algorithms.geometry import xf_from_alignment
@@ -65,8 +65,16 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
 from tomopipe.io.mrc import read_mrc, write_mrc
-from tomopipe.steps._tilt_series import (TiltSeriesResult, TiltSeriesTask, View, check_same_acquisition, merge_views,
-                                         read_views, tilt_series_tasks, views_of)
+from tomopipe.steps._tilt_series import (
+    TiltSeriesResult,
+    TiltSeriesTask,
+    View,
+    check_same_acquisition,
+    merge_views,
+    read_views,
+    tilt_series_tasks,
+    views_of,
+)
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")

@@ -114,7 +114,8 @@ class ExcludeViews(Step):
                     mean_defocus = 0.5 * (group["defocus_u_A"].to_numpy() + group["defocus_v_A"].to_numpy())
                     mask = defocus_outliers(mean_defocus, params["max_defocus_deviation_A"])
                     flag(ts_id, indices[mask], "defocus outlier")
-        elif any(params[k] is not None for k in ("max_astigmatism_A", "max_fit_resolution_A", "max_defocus_deviation_A")):
+        elif any(params[k] is not None
+                 for k in ("max_astigmatism_A", "max_fit_resolution_A", "max_defocus_deviation_A")):
             raise TomopipeError("CTF rules (astigmatism, fit resolution, defocus outliers) need a ctf input")
 
         if params["exclude_dark_views"]:
@@ -128,7 +129,8 @@ class ExcludeViews(Step):
                 if len(paths) != 1:
                     raise TomopipeError(f"{ts_id}: views are spread over several stacks; expected one")
                 tasks.append({"ts_id": ts_id, "image_path": str(ctx.resolve(paths.pop())),
-                              "sections": group["image_section"].tolist(), "tilt_indices": group["tilt_index"].tolist()})
+                              "sections": group["image_section"].tolist(),
+                              "tilt_indices": group["tilt_index"].tolist()})
             for task, stats in zip(tasks, ctx.map(view_statistics, tasks, desc="view statistics")):
                 mask = dark_or_empty_views(stats["means"], stats["sds"], params["dark_view_fraction"])
                 flag(task["ts_id"], np.asarray(task["tilt_indices"])[mask], "dark or empty")
@@ -143,4 +145,5 @@ class ExcludeViews(Step):
             ctx.add_output(port, items, ctx.input_attrs(port), parent=ctx.inputs[port])
         for (ts_id, tilt_index), why in sorted(reasons.items()):
             log.info("%s view %d excluded: %s", ts_id, tilt_index + 1, ", ".join(why))
-        return {"excluded_now": newly, "excluded": {f"{ts}:{index + 1}": why for (ts, index), why in sorted(reasons.items())}}
+        return {"excluded_now": newly,
+                "excluded": {f"{ts}:{index + 1}": why for (ts, index), why in sorted(reasons.items())}}

@@ -117,7 +117,8 @@ def imod_alignment(by_tilt: pd.DataFrame, xf_path: Path, pixel_size_A: float, to
     scale = xf_scale_and_distortion(a)[0].numpy()
     table = pd.DataFrame({"tilt_index": targets["tilt_index"].to_numpy(), "rot_z_deg": rot_z[order],
                           "rot_y_deg": tilts[order], "rot_x_deg": xtilts[order],
-                          "shift_x_A": shifts_px[order, 0] * pixel_size_A, "shift_y_A": shifts_px[order, 1] * pixel_size_A,
+                          "shift_x_A": shifts_px[order, 0] * pixel_size_A,
+                          "shift_y_A": shifts_px[order, 1] * pixel_size_A,
                           "magnification": 1.0 / scale[order]})
     return table, {"tilt_offset_deg": offset, "files": [str(xf_path), str(tlt_path)]
                    + ([str(xtilt_path)] if xtilt_path.exists() else [])}
@@ -134,14 +135,16 @@ def aretomo_alignment(by_tilt: pd.DataFrame, aln: AlnFile, pixel_size_A: float, 
         raise InputFileError(aln.path, "GMAG other than 1: every AreTomo version writes 1.0 and the meaning of "
                                        "another value is not documented")
     kept = by_tilt.iloc[aln.view_positions()]
-    offset = check_tilts(aln.path, kept["tilt_angle_deg"].to_numpy(np.float64), rows["tilt_deg"].to_numpy(), tolerance_deg)
+    offset = check_tilts(aln.path, kept["tilt_angle_deg"].to_numpy(np.float64), rows["tilt_deg"].to_numpy(),
+                         tolerance_deg)
     dark = by_tilt.iloc[aln.dark_frames["tilt_position"].to_numpy(int)]
     residual = aln.dark_frames["tilt_deg"].to_numpy() - dark["tilt_angle_deg"].to_numpy(np.float64)
     error = np.minimum(np.abs(residual), np.abs(residual - offset))  # written without (AreTomo3) or with the offset
     if len(error) and error.max() > tolerance_deg:
         i = int(error.argmax())
         raise InputFileError(aln.path, f"dark frame at tilt position {int(aln.dark_frames['tilt_position'].iloc[i])} "
-                                       f"has tilt {aln.dark_frames['tilt_deg'].iloc[i]:.2f} deg, but that view's nominal "
+                                       f"has tilt {aln.dark_frames['tilt_deg'].iloc[i]:.2f} deg, "
+                                       "but that view's nominal "
                                        f"tilt is {dark['tilt_angle_deg'].iloc[i]:.2f} deg")
     table = pd.DataFrame({"tilt_index": kept["tilt_index"].to_numpy(), "rot_z_deg": rows["rot_deg"].to_numpy(),
                           "rot_y_deg": rows["tilt_deg"].to_numpy(), "rot_x_deg": 0.0,

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tomopipe.algorithms.geometry import wrap_angle_deg
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.mdoc import dose_per_tilt_e_per_A2, read_mdoc
 from tomopipe.io.movies import movie_info, read_gain
 from tomopipe.io.mrc import write_mrc
-from tomopipe.model.acquisition import acquisition_order_and_pre_exposure
+from tomopipe.model.acquisition import acquisition_order_and_pre_exposure, mdoc_axis_for_movies
 
 log = logging.getLogger("tomopipe")
 
@@ -45,20 +44,6 @@ def matching_mdocs(files_directory: str, pattern: str) -> list[Path]:
     if not found:
         raise InputFileError(folder, f"no file matches the pattern {pattern!r}")
     return found
-
-
-def mdoc_axis_for_movies(mdoc_axis_deg: float, movie_name: Path, tomo5: bool) -> float:
-    """The tilt-axis angle of the movie arrays as tomopipe reads them, from the mdoc's angle.
-
-    Tomography 5 writes its axis in another convention (Scipion's rule: −axis − 90). SerialEM
-    states the axis for the frames as stored; TIFF movies are flipped along Y on read (as IMOD,
-    RELION and MotionCor2 do), and a Y flip turns an axis α into 180° − α (conventions sheet;
-    EMPIAR-10491: mdoc −93.5°, refined −85.6°). MRC and EER frames are read as stored.
-    """
-    axis = -mdoc_axis_deg - 90.0 if tomo5 else mdoc_axis_deg
-    if movie_name.suffix.lower() in (".tif", ".tiff"):
-        axis = 180.0 - axis
-    return float(wrap_angle_deg(axis))
 
 
 def _user_or_mdoc(user_value, mdoc_value, name: str, mdoc_path: Path, param: str):
@@ -114,7 +99,8 @@ def read_tilt_series(task: dict) -> dict:
                                              f"must match")
         expected = section.num_sub_frames
         if expected is not None and not pd.isna(expected) and int(expected) != n_frames:
-            raise InputFileError(movie_path, f"holds {n_frames} frames but the mdoc says NumSubFrames = {int(expected)}")
+            raise InputFileError(movie_path,
+                                 f"holds {n_frames} frames but the mdoc says NumSubFrames = {int(expected)}")
         rows.append({
             "tilt_angle_deg": float(section.tilt_angle_deg),
             "acquisition_order": int(order[index]),

@@ -23,8 +23,15 @@ from tomopipe.algorithms.normalize import DENSITY_MODES, bin_image, binned_geome
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps._tilt_series import (HALF_COLUMNS, TiltSeriesResult, TiltSeriesTask, View, merge_views,
-                                         read_views, tilt_series_tasks)
+from tomopipe.steps._tilt_series import (
+    HALF_COLUMNS,
+    TiltSeriesResult,
+    TiltSeriesTask,
+    View,
+    merge_views,
+    read_views,
+    tilt_series_tasks,
+)
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")

@@ -200,7 +200,8 @@ class ReconstructTomogram(Step):
             if bad.any():
                 ctx.fail(f"tilt series {ts_id!r}: enabled views without alignment (tilt_index "
                          f"{group.loc[bad, 'tilt_index'].tolist()}); disable them or align again")
-            if p["dose_weighting"] and ("pre_exposure_e_per_A2" not in group or group["pre_exposure_e_per_A2"].isna().any()):
+            if p["dose_weighting"] and ("pre_exposure_e_per_A2" not in group
+                                        or group["pre_exposure_e_per_A2"].isna().any()):
                 ctx.fail(f"tilt series {ts_id!r}: dose_weighting needs pre_exposure_e_per_A2 for every view")
             needed = {**({"voltage_kV": "dose_weighting"} if p["dose_weighting"] else {}),
                       **({name: "phase_flip" for name in CTF_ACQUISITION} if ctf_table is not None else {})}

@@ -31,8 +31,14 @@ from tomopipe.engine.step_api import Port, Step, params_from_fields, register
 from tomopipe.errors import InputFileError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.mrc import write_mrc
-from tomopipe.steps._tilt_series import (HALF_COLUMNS, TiltSeriesResult, TiltSeriesTask, merge_views, read_views,
-                                         tilt_series_tasks)
+from tomopipe.steps._tilt_series import (
+    HALF_COLUMNS,
+    TiltSeriesResult,
+    TiltSeriesTask,
+    merge_views,
+    read_views,
+    tilt_series_tasks,
+)
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")

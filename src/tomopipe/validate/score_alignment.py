@@ -44,7 +44,8 @@ def _score_one(paired: pd.DataFrame, pixel_size_A: float, frame_mean_A: np.ndarr
                                      ours_px, magnification, true_A / pixel_size_A)
     content = projected_shift_error_px(paired["rot_z_deg"].to_numpy(float), paired["rot_y_deg"].to_numpy(float),
                                        ours_px, magnification, (true_A + frame_mean_A) / pixel_size_A)
-    axis_errors = wrap_angle_deg(torch.tensor(paired["rot_z_deg"].to_numpy(float) - paired["tilt_axis_deg"].to_numpy(float),
+    axis_errors = wrap_angle_deg(torch.tensor(paired["rot_z_deg"].to_numpy(float)
+                                              - paired["tilt_axis_deg"].to_numpy(float),
                                               dtype=torch.float64)).numpy()
     tilt_errors = paired["rot_y_deg"].to_numpy(float) - paired["true_tilt_deg"].to_numpy(float)
     return {"views": int(len(paired)), "pixel_size_A": pixel_size_A,

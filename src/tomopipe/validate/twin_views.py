@@ -21,7 +21,7 @@ from tomopipe.algorithms.normalize import bin_image
 from tomopipe.errors import InputFileError
 from tomopipe.io.mdoc import dose_per_tilt_e_per_A2, read_mdoc
 from tomopipe.io.movies import read_gain, read_movie
-from tomopipe.steps.import_movies import mdoc_axis_for_movies
+from tomopipe.model.acquisition import mdoc_axis_for_movies
 
 __all__ = ["TwinViews", "twin_views"]
 
