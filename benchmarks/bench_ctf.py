@@ -45,13 +45,13 @@ def _series_case(name, seeds, tilts, hand=-1, fit_hand=-1, size_px=1024, **sim):
         res = ce.estimate_tilt_series_ctf(images, 2.0, tilts, sim.get("axis_deg", 85.0), KV, CS, AC, hand=fit_hand)
         seconds += time.perf_counter() - start
         n_tilts += len(tilts)
-        errors.append((res["defocus_u_A"].double() - truth[:, 0]).abs())
-        errors.append((res["defocus_v_A"].double() - truth[:, 1]).abs())
-        astig.append(((res["defocus_u_A"] - res["defocus_v_A"]).double() - (truth[:, 0] - truth[:, 1])).abs())
-        angle.append(angle_difference_deg(res["defocus_angle_deg"], truth[:, 2]).abs())
-        hands.append(res["handedness"]["hand"] == hand)
-        resolution.append(res["fit_resolution_A"].double())
-        refits += int(res["refit"].sum())
+        errors.append((res.defocus_u_A.double() - truth[:, 0]).abs())
+        errors.append((res.defocus_v_A.double() - truth[:, 1]).abs())
+        astig.append(((res.defocus_u_A - res.defocus_v_A).double() - (truth[:, 0] - truth[:, 1])).abs())
+        angle.append(angle_difference_deg(res.defocus_angle_deg, truth[:, 2]).abs())
+        hands.append(res.handedness.evidence.hand == hand)
+        resolution.append(res.fit_resolution_A.double())
+        refits += int(res.refit.sum())
     e = torch.cat(errors)
     return {
         "case": name, "series": len(seeds), "tilts": n_tilts, "image_px": size_px,
@@ -73,14 +73,14 @@ def _twin_case(seed: int) -> dict:
                                       CS, 0.1, window_px=256)
     seconds = time.perf_counter() - start
     u, v, a = _twin_truth(star)
-    e = torch.cat([(res["defocus_u_A"].double() - u).abs(), (res["defocus_v_A"].double() - v).abs()])
+    e = torch.cat([(res.defocus_u_A.double() - u).abs(), (res.defocus_v_A.double() - v).abs()])
     return {
         "case": f"twin tiny seed {seed} (frame sums, window 256)", "series": 1, "tilts": len(u), "image_px": 256,
         "median_err_A": float(e.median()), "p95_err_A": float(torch.quantile(e, 0.95)), "max_err_A": float(e.max()),
-        "astig_err_max_A": float(((res["defocus_u_A"] - res["defocus_v_A"]).double() - (u - v)).abs().max()),
-        "angle_err_median_deg": float(angle_difference_deg(res["defocus_angle_deg"], a).abs().median()),
-        "hand_found": "-", "fit_res_median_A": float(res["fit_resolution_A"].double().median()),
-        "refit": int(res["refit"].sum()), "s_per_tilt": seconds / len(u),
+        "astig_err_max_A": float(((res.defocus_u_A - res.defocus_v_A).double() - (u - v)).abs().max()),
+        "angle_err_median_deg": float(angle_difference_deg(res.defocus_angle_deg, a).abs().median()),
+        "hand_found": "-", "fit_res_median_A": float(res.fit_resolution_A.double().median()),
+        "refit": int(res.refit.sum()), "s_per_tilt": seconds / len(u),
     }
 
 

@@ -8,6 +8,7 @@ phase object, filtered by the CTF whose defocus follows the tilted specimen plan
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from tomopipe.algorithms.ctf import (
     electron_wavelength_A,
     enforce_ctffind_convention,
 )
+from tomopipe.algorithms.ctf_estimate.consistency import consistent_choice
 from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.errors import TomopipeError
 
@@ -160,9 +162,9 @@ def test_fit_ctf_1d_recovers_defocus_from_a_noisy_rotational_average():
         background = 5.0 * torch.exp(-k / 0.03) + 1.0 + 2.0 * k
         profile = (background + 0.6 * ctf2) * (1 + 0.1 * torch.randn(len(k), generator=gen, dtype=F64))
         fit = ce.fit_ctf_1d(profile, k, KV, CS, AC, defocus_range_A=(5000.0, 80000.0))
-        assert abs(fit["defocus_A"] - defocus) < 60.0
-        assert fit["score"] > 0.3
-        assert fit["scores"].shape == fit["defocus_grid_A"].shape
+        assert abs(fit.defocus_A - defocus) < 60.0
+        assert fit.score > 0.3
+        assert fit.scores.shape == fit.defocus_grid_A.shape
 
 
 def test_fit_resolution_rule_on_a_phase_profile():
@@ -194,32 +196,32 @@ def test_tilt_series_defocus_accuracy(one_thread, seed):
     n = len(tilts)
     for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "fit_resolution_A",
                 "fit_score"):
-        assert res[key].shape == (n,) and bool(torch.isfinite(res[key]).all()), key
-    assert bool((res["defocus_u_A"] >= res["defocus_v_A"]).all())
-    assert bool(((res["defocus_angle_deg"] > -90) & (res["defocus_angle_deg"] <= 90)).all())
-    errors = torch.cat([(res["defocus_u_A"].double() - truth[:, 0]).abs(),
-                        (res["defocus_v_A"].double() - truth[:, 1]).abs()])
+        assert getattr(res, key).shape == (n,) and bool(torch.isfinite(getattr(res, key)).all()), key
+    assert bool((res.defocus_u_A >= res.defocus_v_A).all())
+    assert bool(((res.defocus_angle_deg > -90) & (res.defocus_angle_deg <= 90)).all())
+    errors = torch.cat([(res.defocus_u_A.double() - truth[:, 0]).abs(),
+                        (res.defocus_v_A.double() - truth[:, 1]).abs()])
     assert float(errors.median()) <= 150.0, errors
     assert float(torch.quantile(errors, 0.95)) <= 500.0, errors
-    astig_error = ((res["defocus_u_A"] - res["defocus_v_A"]).double() - (truth[:, 0] - truth[:, 1])).abs()
+    astig_error = ((res.defocus_u_A - res.defocus_v_A).double() - (truth[:, 0] - truth[:, 1])).abs()
     assert float(astig_error.max()) <= 200.0
-    assert float(angle_difference_deg(res["defocus_angle_deg"], truth[:, 2]).abs().max()) <= 5.0
+    assert float(angle_difference_deg(res.defocus_angle_deg, truth[:, 2]).abs().max()) <= 5.0
     # fit resolution: inside [Nyquist, low limit of the fit range]; the rings reach the fit range
-    assert bool(((res["fit_resolution_A"] >= 4.0) & (res["fit_resolution_A"] <= 30.0)).all())
-    assert float(res["fit_resolution_A"].median()) < 10.0
-    assert bool((res["fit_score"] > 0.03).all())
-    assert not bool(res["refit"].any())  # all tilts were right on their own
-    hd = res["handedness"]
-    assert hd["hand"] == -1 and hd["hand_used"] == -1 and hd["score_minus_one"] > hd["score_plus_one"]
-    assert hd["gradient_slope"] == pytest.approx(-1.0, abs=0.5)
-    grid = res["defocus_grid_A"]
+    assert bool(((res.fit_resolution_A >= 4.0) & (res.fit_resolution_A <= 30.0)).all())
+    assert float(res.fit_resolution_A.median()) < 10.0
+    assert bool((res.fit_score > 0.03).all())
+    assert not bool(res.refit.any())  # all tilts were right on their own
+    hd = res.handedness
+    assert hd.evidence.hand == -1 and hd.hand_used == -1 and hd.evidence.score_minus_one > hd.evidence.score_plus_one
+    assert hd.gradient_slope == pytest.approx(-1.0, abs=0.5)
+    grid = res.defocus_grid_A
     assert grid.shape == (n, 2, 2)
-    centre = (res["defocus_u_A"] + res["defocus_v_A"]) / 2
+    centre = (res.defocus_u_A + res.defocus_v_A) / 2
     assert float((grid.mean((1, 2)) - centre).abs().max()) < 400.0
     for i, tilt in enumerate(tilts):  # +x side of the axis more underfocused at positive tilts (hand −1)
         if abs(tilt) >= 16.0:
             assert _grid_gradient_sign(grid[i].double(), 85.0, tilt) * math.copysign(1.0, tilt) > 0
-    assert res["power_spectra"].shape == (n, 512, 512)
+    assert res.power_spectra.shape == (n, 512, 512)
 
 
 def _grid_gradient_sign(grid: torch.Tensor, axis_deg: float, tilt_deg: float) -> float:
@@ -237,26 +239,26 @@ def test_handedness_is_found_for_both_signs(one_thread, true_hand):
     tilts = [-50.0, -40.0, -30.0, -20.0, 20.0, 30.0, 40.0, 50.0]
     images, truth = simulate_series(20 + true_hand, tilts, hand=true_hand, axis_deg=-80.0, half_astig_A=200.0)
     res = ce.estimate_tilt_series_ctf(images, 2.0, tilts, -80.0, KV, CS, AC, hand="auto")
-    hd = res["handedness"]
-    assert hd["hand"] == true_hand and hd["hand_used"] == true_hand
-    assert hd["source"] == "detected" and hd["clear"] and hd["p_value"] <= ce.HAND_MAX_P
-    assert hd["tilts_used"] == hd["tilts_agreeing"] == 8 and hd["t_statistic"] * true_hand > 3.0
-    better, worse = (hd["score_plus_one"], hd["score_minus_one"]) if true_hand == 1 else (
-        hd["score_minus_one"], hd["score_plus_one"])
+    hd = res.handedness
+    assert hd.evidence.hand == true_hand and hd.hand_used == true_hand
+    assert hd.source == "detected" and hd.evidence.clear and hd.evidence.p_value <= ce.HAND_MAX_P
+    assert hd.evidence.tilts_used == hd.evidence.tilts_agreeing == 8 and hd.evidence.t_statistic * true_hand > 3.0
+    better, worse = (hd.evidence.score_plus_one, hd.evidence.score_minus_one) if true_hand == 1 else (
+        hd.evidence.score_minus_one, hd.evidence.score_plus_one)
     assert better > worse
-    assert hd["gradient_slope"] == pytest.approx(true_hand, abs=0.5)
-    mean = (res["defocus_u_A"] + res["defocus_v_A"]).double() / 2
+    assert hd.gradient_slope == pytest.approx(true_hand, abs=0.5)
+    mean = (res.defocus_u_A + res.defocus_v_A).double() / 2
     assert float((mean - (truth[:, 0] + truth[:, 1]) / 2).abs().median()) < 150.0
     # the grid gradient across the axis: +x side (perpendicular to the axis) more underfocused at
     # positive tilts for hand −1 (conventions §4b), the opposite for hand +1
     for i, tilt in enumerate(tilts):
-        sign = _grid_gradient_sign(res["defocus_grid_A"][i].double(), -80.0, tilt)
+        sign = _grid_gradient_sign(res.defocus_grid_A[i].double(), -80.0, tilt)
         assert sign * math.copysign(1.0, tilt) * (-true_hand) > 0
     # a fixed hand is used as given, and the data's own hand is still reported
     if true_hand == 1:
         fixed = ce.estimate_tilt_series_ctf(images[:2], 2.0, tilts[:2], -80.0, KV, CS, AC, hand=-1)
-        assert fixed["handedness"]["hand_used"] == -1 and fixed["handedness"]["hand"] == 1
-        assert fixed["handedness"]["source"] == "given"
+        assert fixed.handedness.hand_used == -1 and fixed.handedness.evidence.hand == 1
+        assert fixed.handedness.source == "given"
 
 
 def test_handedness_evidence_statistics():
@@ -267,24 +269,42 @@ def test_handedness_evidence_statistics():
     plus = [0.11, 0.12, 0.105, 0.13, 0.20, 0.14, 0.15, 0.11]
     tilts = [15.0, -15.0, 30.0, -30.0, 45.0, -45.0, 60.0, -60.0]
     e = ce.handedness_evidence(tilts, minus, plus)
-    assert e["hand"] == 1 and e["clear"] and e["tilts_used"] == e["tilts_agreeing"] == 8
+    assert e.hand == 1 and e.clear and e.tilts_used == e.tilts_agreeing == 8
     d = torch.tensor(plus, dtype=F64) - 0.10
-    assert e["t_statistic"] == pytest.approx(float(d.mean() / (d.std() / math.sqrt(8))))
-    assert e["p_value"] == pytest.approx(2 / 2**8)  # the sign test beats t ≈ 3.0 (p ≈ 0.02)
-    assert e["score_plus_one"] == pytest.approx(float(torch.tensor(plus).double().mean()))
+    assert e.t_statistic == pytest.approx(float(d.mean() / (d.std() / math.sqrt(8))))
+    assert e.p_value == pytest.approx(2 / 2**8)  # the sign test beats t ≈ 3.0 (p ≈ 0.02)
+    assert e.score_plus_one == pytest.approx(float(torch.tensor(plus).double().mean()))
     # the same with the signs swapped: hand -1
-    assert ce.handedness_evidence(tilts, plus, minus)["hand"] == -1
+    assert ce.handedness_evidence(tilts, plus, minus).hand == -1
     # 3 tilts with consistent differences: t-test (2 degrees of freedom)
     few = ce.handedness_evidence([20.0, -30.0, 40.0], [0.1] * 3, [0.120, 0.121, 0.1205])
-    assert few["clear"] and few["p_value"] < 0.001 and few["tilts_agreeing"] == 3
+    assert few.clear and few.p_value < 0.001 and few.tilts_agreeing == 3
     # near-zero tilts are ignored: their differences cannot outvote the tilted ones
     mixed = ce.handedness_evidence(tilts + [0.0, 3.0, -6.0, 9.0], minus + [0.1] * 4, plus + [0.05] * 4)
-    assert mixed["tilts_used"] == 8 and mixed["p_value"] == pytest.approx(e["p_value"])
+    assert mixed.tilts_used == 8 and mixed.p_value == pytest.approx(e.p_value)
     # one large difference against 7 small opposite ones: the mean says +1, the majority -1
     outvoted = ce.handedness_evidence(tilts, minus, [0.5] + [0.099] * 7)
-    assert outvoted["hand"] == 1 and outvoted["tilts_agreeing"] == 1 and not outvoted["clear"]
+    assert outvoted.hand == 1 and outvoted.tilts_agreeing == 1 and not outvoted.clear
     none = ce.handedness_evidence([0.0, 3.0, -3.0], [0.1] * 3, [0.1, 0.2, 0.3])
-    assert none["hand"] == 0 and not none["clear"] and none["tilts_used"] == 0 and none["p_value"] == 1.0
+    assert none.hand == 0 and not none.clear and none.tilts_used == 0 and none.p_value == 1.0
+
+
+def test_hand_decision_follows_the_evidence_and_flattens_for_the_ctf_set():
+    """``hand="auto"`` takes a clear hand and otherwise −1 (RELION's default); a given hand wins
+    over the data. ``HandDecision.to_dict`` is the flat record the ctf set stores: every evidence
+    field, then hand_used, source and gradient_slope."""
+    from tomopipe.algorithms.ctf_estimate.handedness import decide_hand
+
+    tilts = [15.0, -15.0, 30.0, -30.0, 45.0, -45.0, 60.0, -60.0]
+    clear = ce.handedness_evidence(tilts, [0.10] * 8, [0.11, 0.12, 0.105, 0.13, 0.20, 0.14, 0.15, 0.11])
+    unclear = ce.handedness_evidence([0.0, 3.0, -3.0], [0.1] * 3, [0.1, 0.2, 0.3])
+    assert decide_hand("auto", clear) == (1, "detected")
+    assert decide_hand("auto", unclear) == (-1, "default")
+    assert decide_hand(-1, clear) == (-1, "given")
+    record = ce.HandDecision(evidence=clear, hand_used=1, source="detected", gradient_slope=0.9).to_dict()
+    assert list(record)[-3:] == ["hand_used", "source", "gradient_slope"]
+    assert {k: record[k] for k in list(record)[:-3]} == dataclasses.asdict(clear)
+    assert record["hand"] == 1 and record["clear"] and record["p_value"] == clear.p_value
 
 
 def test_strong_astigmatism_per_tilt(one_thread):
@@ -298,10 +318,10 @@ def test_strong_astigmatism_per_tilt(one_thread):
     res = ce.estimate_tilt_series_ctf(torch.stack(images), 2.0, [0.0, 0.0, 0.0], 85.0, KV, CS, AC,
                                       astigmatism_per_tilt=True)
     for i, (mean, half, angle) in enumerate(cases):
-        assert float(res["defocus_u_A"][i]) == pytest.approx(mean + half, abs=150.0)
-        assert float(res["defocus_v_A"][i]) == pytest.approx(mean - half, abs=150.0)
-        assert float(res["defocus_u_A"][i] - res["defocus_v_A"][i]) == pytest.approx(2 * half, abs=200.0)
-        assert abs(float(angle_difference_deg(res["defocus_angle_deg"][i], angle))) < 3.0
+        assert float(res.defocus_u_A[i]) == pytest.approx(mean + half, abs=150.0)
+        assert float(res.defocus_v_A[i]) == pytest.approx(mean - half, abs=150.0)
+        assert float(res.defocus_u_A[i] - res.defocus_v_A[i]) == pytest.approx(2 * half, abs=200.0)
+        assert abs(float(angle_difference_deg(res.defocus_angle_deg[i], angle))) < 3.0
 
 
 def test_phase_shift_is_fitted(one_thread):
@@ -309,18 +329,18 @@ def test_phase_shift_is_fitted(one_thread):
     sim = TiltedCtfSimulator(768, 2.0, 300.0, 40.0, phase_shift_deg=70.0, reference_A=15000.0)
     images = torch.stack([sim.image(gen, t, 85.0, 15000.0, contrast=0.25) for t in (-10.0, 10.0)])
     res = ce.estimate_tilt_series_ctf(images, 2.0, [-10.0, 10.0], 85.0, KV, CS, AC, fit_phase=True)
-    assert bool(((res["phase_shift_deg"] - 70.0).abs() < 15.0).all()), res["phase_shift_deg"]
-    mean = (res["defocus_u_A"] + res["defocus_v_A"]) / 2
+    assert bool(((res.phase_shift_deg - 70.0).abs() < 15.0).all()), res.phase_shift_deg
+    mean = (res.defocus_u_A + res.defocus_v_A) / 2
     assert bool(((mean - 15000.0).abs() < 500.0).all()), mean
     # without fit_phase the phase shift is reported as 0
     plain = ce.estimate_tilt_series_ctf(images[:1], 2.0, [-10.0], 85.0, KV, CS, AC, window_px=256)
-    assert float(plain["phase_shift_deg"][0]) == 0.0
+    assert float(plain.phase_shift_deg[0]) == 0.0
 
 
 def test_diagnostic_spectrum_model_half_matches_observed_half(one_thread):
     images, _ = simulate_series(7, [0.0], size_px=768, contrast=0.5)
     res = ce.estimate_tilt_series_ctf(images, 2.0, [0.0], 85.0, KV, CS, AC)
-    ps = res["power_spectra"][0].double()
+    ps = res.power_spectra[0].double()
     w = ps.shape[0]
     f = torch.fft.fftshift(torch.fft.fftfreq(w, d=2.0, dtype=F64))
     k = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
@@ -376,7 +396,7 @@ def test_consistency_prefers_the_series_trend_over_a_weak_far_maximum():
             curve = curve - peak(d, 18.0) + peak(d + 20000.0, 4.0)
         curves.append(curve)
     curves = torch.stack(curves)
-    choice, trend = ce._consistent_choice(curves, tilts, step, free_A=1500.0, z_per_A=1e-3, max_penalty=8.0)
+    choice, trend = consistent_choice(curves, tilts, step, free_A=1500.0, z_per_A=1e-3, max_penalty=8.0)
     chosen = grid[torch.tensor(choice)]
     assert float((chosen[:6] - true[:6]).abs().max()) <= 100.0
     assert int(torch.argmax(curves[5])) != choice[5]  # tilt 20° did not take its own best maximum
@@ -419,10 +439,10 @@ def test_twin_tiny_noise_free_matches_its_truth(one_thread, tmp_path):
     res = ce.estimate_tilt_series_ctf(sums, 3.16, star["rlnTomoYTilt"].tolist(), star["rlnTomoZRot"].tolist(), KV,
                                       CS, 0.1, window_px=256, astigmatism_per_tilt=True)
     u, v, a = _twin_truth(star)
-    assert float((res["defocus_u_A"].double() - u).abs().max()) <= 100.0, (res["defocus_u_A"], u)
-    assert float((res["defocus_v_A"].double() - v).abs().max()) <= 100.0, (res["defocus_v_A"], v)
-    assert float(angle_difference_deg(res["defocus_angle_deg"], a).abs().max()) <= 5.0
-    assert bool((res["fit_score"] > 0.5).all()) and bool((res["fit_resolution_A"] < 8.0).all())
+    assert float((res.defocus_u_A.double() - u).abs().max()) <= 100.0, (res.defocus_u_A, u)
+    assert float((res.defocus_v_A.double() - v).abs().max()) <= 100.0, (res.defocus_v_A, v)
+    assert float(angle_difference_deg(res.defocus_angle_deg, a).abs().max()) <= 5.0
+    assert bool((res.fit_score > 0.5).all()) and bool((res.fit_resolution_A < 8.0).all())
 
 
 def test_twin_tiny_preset_scored_against_its_truth(one_thread, tmp_path):
@@ -435,6 +455,6 @@ def test_twin_tiny_preset_scored_against_its_truth(one_thread, tmp_path):
     res = ce.estimate_tilt_series_ctf(sums, 3.16, star["rlnTomoYTilt"].tolist(), star["rlnTomoZRot"].tolist(), KV,
                                       CS, 0.1, window_px=256)
     u, v, _ = _twin_truth(star)
-    error = ((res["defocus_u_A"] + res["defocus_v_A"]).double() / 2 - (u + v) / 2).abs()
+    error = ((res.defocus_u_A + res.defocus_v_A).double() / 2 - (u + v) / 2).abs()
     assert float(error.median()) <= 500.0 and float(error.max()) <= 1500.0, error
-    assert bool(((res["fit_resolution_A"] >= 2 * 3.16) & (res["fit_resolution_A"] <= 30.0)).all())
+    assert bool(((res.fit_resolution_A >= 2 * 3.16) & (res.fit_resolution_A <= 30.0)).all())

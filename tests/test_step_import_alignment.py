@@ -29,7 +29,7 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.imod import format_tlt, read_tlt, read_xf, write_xf
 from tomopipe.io.mrc import read_mrc
 from tomopipe.io.star import read_tilt_series_star
-from tomopipe.model.alignment import ALIGNMENT_COLUMNS
+from tomopipe.model.sets import ALIGNMENT_GEOMETRY
 from tomopipe.project.store import Project
 from tomopipe.steps.import_alignment import import_one
 
@@ -77,7 +77,7 @@ def test_aretomo_worked_example_gives_rot_tilt_and_shifts_in_A(tmp_path):
         assert (row["rot_z_deg"], row["rot_y_deg"], row["rot_x_deg"]) == pytest.approx((rot_z, rot_y, 0.0))
         assert (row["shift_x_A"], row["shift_y_A"], row["magnification"]) == pytest.approx((sx, sy, 1.0))
     for dark in (4, 1):
-        assert not out.loc[dark, "enabled"] and out.loc[dark, list(ALIGNMENT_COLUMNS)].isna().all()
+        assert not out.loc[dark, "enabled"] and out.loc[dark, list(ALIGNMENT_GEOMETRY)].isna().all()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -302,7 +302,7 @@ def test_round_trip_of_tomopipes_alignment_of_the_twin(tmp_path):
     # AreTomo: ROT %9.4f, TILT %8.2f, TX/TY %9.3f px at binning 2; the dark view disabled
     imported = _items(project, "from_aretomo").set_index("tilt_index")
     dark_index = int(by_tilt["tilt_index"].iloc[4])
-    assert not imported.loc[dark_index, "enabled"] and imported.loc[dark_index, list(ALIGNMENT_COLUMNS)].isna().all()
+    assert not imported.loc[dark_index, "enabled"] and imported.loc[dark_index, list(ALIGNMENT_GEOMETRY)].isna().all()
     kept = aligned.set_index("tilt_index").drop(index=dark_index)
     got = imported.drop(index=dark_index)
     assert got["enabled"].all()

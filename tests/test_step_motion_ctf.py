@@ -298,8 +298,8 @@ def test_ctf_of_the_aligned_tilts(tmp_path, use_movie_average):
         direct = estimate_tilt_series_ctf(torch.from_numpy(stack), PIXEL_A, torch.tensor([-3.0, 0.0, 3.0]), 85.0,
                                           300.0, 2.7, 0.1, window_px=128, resolution_range_A=(30.0, 7.0),
                                           defocus_range_A=(5000.0, 80000.0), defocus_grid=(2, 2), fit_phase=False)
-        assert np.allclose(ctf["defocus_u_A"], direct["defocus_u_A"].numpy(), rtol=1e-4)
-        assert np.allclose(ctf["defocus_v_A"], direct["defocus_v_A"].numpy(), rtol=1e-4)
+        assert np.allclose(ctf["defocus_u_A"], direct.defocus_u_A.numpy(), rtol=1e-4)
+        assert np.allclose(ctf["defocus_v_A"], direct.defocus_v_A.numpy(), rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

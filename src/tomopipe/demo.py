@@ -12,6 +12,7 @@ from pathlib import Path
 from tomopipe.engine.executors import make_executor
 from tomopipe.engine.runner import run_workflow
 from tomopipe.engine.workflow import load_workflow
+from tomopipe.model.sets import TOMOGRAMS
 from tomopipe.project.store import Project
 from tomopipe.validate.registry import scores_of_set
 from tomopipe.validate.scores import format_score_table, score_record
@@ -42,7 +43,7 @@ def tomogram_paths(project: Project, report) -> list[Path]:
     for outcome in report.outcomes:
         if outcome.run is not None and outcome.status in ("finished", "skipped"):
             for record in project.sets_of_run(outcome.run.id).values():
-                if record.kind == "tomograms":
+                if record.kind == TOMOGRAMS.name:
                     items = project.read_items(record.id, enabled_only=True)
                     paths = [project.absolute_path(path) for path in items["tomogram_path"]]
     return paths

@@ -11,6 +11,7 @@ import pandas as pd
 
 from tomopipe.engine.executors import Executor
 from tomopipe.errors import TomopipeError
+from tomopipe.model.sets import set_kind
 from tomopipe.project.store import Project, RunRecord, SetRecord
 
 
@@ -55,10 +56,18 @@ class RunContext:
             raise RuntimeError(f"step {self.step_name!r} declares no output {name!r}")
         if name in self.outputs:
             raise RuntimeError(f"step {self.step_name!r} wrote output {name!r} twice")
+        self._check_schema(name, items)
         record = self.project.add_set(self.run.id, name, self.output_kinds[name], items, attrs,
                                       parent_set_id=parent.id if parent else None)
         self.outputs[name] = record
         return record
+
+    def _check_schema(self, name: str, items: pd.DataFrame) -> None:
+        """Items of output ``name`` against the schema of its kind (model/sets.py), when declared."""
+        kind = set_kind(self.output_kinds[name])
+        problems = kind.problems(items) if kind else []
+        if problems:
+            self.fail(f"output {name!r} (kind {kind.name!r}): " + "; ".join(problems))
 
     def map(self, function: Callable, tasks: list, desc: str = "") -> list:
         """Run ``function(task)`` for every task on the executor (per tilt series, typically)."""

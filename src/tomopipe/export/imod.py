@@ -26,9 +26,8 @@ from tomopipe.errors import TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import format_exclude_list, write_defocus, write_tlt, write_xf
 from tomopipe.model.alignment import xf_for_views
+from tomopipe.model.sets import ALIGNMENT_GEOMETRY, ALIGNMENT_REQUIRED_NAMES, CTF, TILT_SERIES, TILT_SERIES_MOVIES
 from tomopipe.project.store import Project, SetRecord
-
-REQUIRED_ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
 
 
 def _defocus_table(views: pd.DataFrame, estimates: pd.DataFrame) -> pd.DataFrame | None:
@@ -59,7 +58,7 @@ def _defocus_table(views: pd.DataFrame, estimates: pd.DataFrame) -> pd.DataFrame
 
 
 def _has_alignment(views: pd.DataFrame) -> bool:
-    return set(REQUIRED_ALIGNMENT_COLUMNS) <= set(views.columns) and views["rot_z_deg"].notna().any()
+    return set(ALIGNMENT_REQUIRED_NAMES) <= set(views.columns) and views["rot_z_deg"].notna().any()
 
 
 def alignment_of_every_view(views: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +72,7 @@ def alignment_of_every_view(views: pd.DataFrame) -> pd.DataFrame:
     nominal_deg = filled["tilt_angle_deg"].to_numpy(np.float64)
     order = np.argsort(nominal_deg[aligned], kind="stable")
     known_deg = nominal_deg[aligned][order]
-    columns = [c for c in (*REQUIRED_ALIGNMENT_COLUMNS, "rot_x_deg", "magnification") if c in filled]
+    columns = [c for c in ALIGNMENT_GEOMETRY if c in filled]
     for column in columns:
         values = filled[column].to_numpy(np.float64, copy=True)
         if column == "rot_y_deg":
@@ -86,11 +85,11 @@ def alignment_of_every_view(views: pd.DataFrame) -> pd.DataFrame:
 
 
 def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path]:
-    base = next((sets[k] for k in ("tilt_series", "tilt_series_movies") if k in sets), None)
+    base = next((sets[k] for k in (TILT_SERIES.name, TILT_SERIES_MOVIES.name) if k in sets), None)
     if base is None:
         raise TomopipeError(f"{project.folder}: no tilt series to export to IMOD")
     items = project.read_items(base.id)
-    ctf = project.read_items(sets["ctf"].id) if "ctf" in sets else None
+    ctf = project.read_items(sets[CTF.name].id) if CTF.name in sets else None
     written = []
     for ts_id, views in items.groupby("ts_id", sort=True):
         views = views.sort_values("tilt_index").reset_index(drop=True)

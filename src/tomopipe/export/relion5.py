@@ -20,10 +20,12 @@ import pandas as pd
 
 from tomopipe.errors import TomopipeError
 from tomopipe.io.star import write_star, write_tilt_series_star
+from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES
 from tomopipe.project.store import Project, SetRecord
 
 DEFAULT_HAND = -1.0
 KEY = ["ts_id", "tilt_index"]
+# model/sets.py column names -> RELION 5 labels
 ALIGNMENT_COLUMNS = {"rot_x_deg": "rlnTomoXTilt", "rot_y_deg": "rlnTomoYTilt", "rot_z_deg": "rlnTomoZRot",
                      "shift_x_A": "rlnTomoXShiftAngst", "shift_y_A": "rlnTomoYShiftAngst"}
 CTF_COLUMNS = {"defocus_u_A": "rlnDefocusU", "defocus_v_A": "rlnDefocusV", "defocus_angle_deg": "rlnDefocusAngle",
@@ -35,7 +37,7 @@ def merged_tilts(project: Project, sets: dict[str, SetRecord]) -> pd.DataFrame:
     """One row per tilt enabled in every set used (movies, tilt series, CTF), columns of all."""
     tables = [project.read_items(sets[kind].id).add_prefix(f"{kind}.").rename(
         columns={f"{kind}.{k}": k for k in KEY})
-        for kind in ("tilt_series_movies", "tilt_series", "ctf") if kind in sets]
+        for kind in (TILT_SERIES_MOVIES.name, TILT_SERIES.name, CTF.name) if kind in sets]
     merged = tables[0]
     for table in tables[1:]:
         merged = merged.merge(table, on=KEY, how="inner")
@@ -45,7 +47,7 @@ def merged_tilts(project: Project, sets: dict[str, SetRecord]) -> pd.DataFrame:
     return merged[enabled].reset_index(drop=True)
 
 
-def _column(table: pd.DataFrame, name: str, kinds=("tilt_series", "tilt_series_movies", "ctf")):
+def _column(table: pd.DataFrame, name: str, kinds=(TILT_SERIES.name, TILT_SERIES_MOVIES.name, CTF.name)):
     """The values of ``name`` from the first of ``kinds`` that has any, else None."""
     for kind in kinds:
         column = table.get(f"{kind}.{name}")
@@ -66,24 +68,26 @@ def per_tilt_series_table(project: Project, group: pd.DataFrame, acquisition: di
     """The rows of one tilt series; a column is written only when the project holds its data."""
     group = group.sort_values(_first_present(group, "tilt_angle_deg"), kind="stable")
     columns: dict[str, object] = {
-        "rlnMicrographMovieName": _column(group, "movie_path", ("tilt_series_movies",)),
-        "rlnTomoTiltMovieFrameCount": _column(group, "frame_count", ("tilt_series_movies",)),
+        "rlnMicrographMovieName": _column(group, "movie_path", (TILT_SERIES_MOVIES.name,)),
+        "rlnTomoTiltMovieFrameCount": _column(group, "frame_count", (TILT_SERIES_MOVIES.name,)),
         "rlnTomoNominalStageTiltAngle": _column(group, "tilt_angle_deg"),
         "rlnTomoNominalTiltAxisAngle": acquisition.get("tilt_axis_angle_deg"),
         "rlnMicrographPreExposure": _column(group, "pre_exposure_e_per_A2"),
-        "rlnTomoNominalDefocus": _column(group, "target_defocus_um", ("tilt_series_movies", "tilt_series")),
-        "rlnMicrographName": _image_in_stack(project, group, "tilt_series.image_path", "tilt_series.image_section"),
+        "rlnTomoNominalDefocus": _column(group, "target_defocus_um", (TILT_SERIES_MOVIES.name, TILT_SERIES.name)),
+        "rlnMicrographName": _image_in_stack(project, group, f"{TILT_SERIES.name}.image_path",
+                                            f"{TILT_SERIES.name}.image_section"),
     }
-    columns.update({theirs: _column(group, ours, ("ctf",)) for ours, theirs in CTF_COLUMNS.items()})
+    columns.update({theirs: _column(group, ours, (CTF.name,)) for ours, theirs in CTF_COLUMNS.items()})
     if columns["rlnDefocusU"] is not None and columns["rlnDefocusV"] is not None:
         columns["rlnCtfAstigmatism"] = np.abs(columns["rlnDefocusU"] - columns["rlnDefocusV"])
-    columns["rlnCtfImage"] = _image_in_stack(project, group, "ctf.diagnostic_path", "ctf.diagnostic_section")
-    columns.update({theirs: _column(group, ours, ("tilt_series",)) for ours, theirs in ALIGNMENT_COLUMNS.items()})
+    columns["rlnCtfImage"] = _image_in_stack(project, group, f"{CTF.name}.diagnostic_path",
+                                            f"{CTF.name}.diagnostic_section")
+    columns.update({theirs: _column(group, ours, (TILT_SERIES.name,)) for ours, theirs in ALIGNMENT_COLUMNS.items()})
     return pd.DataFrame({name: values for name, values in columns.items() if values is not None})
 
 
 def _first_present(table: pd.DataFrame, name: str) -> str:
-    for kind in ("tilt_series", "tilt_series_movies", "ctf"):
+    for kind in (TILT_SERIES.name, TILT_SERIES_MOVIES.name, CTF.name):
         if f"{kind}.{name}" in table.columns:
             return f"{kind}.{name}"
     raise KeyError(name)
@@ -93,17 +97,17 @@ def _hand(acquisition: dict, tilts: pd.DataFrame, ts_id: str) -> float:
     """The CTF estimation's defocus handedness of a tilt series, else ``DEFAULT_HAND``."""
     if acquisition.get("defocus_hand") in (-1, 1):
         return float(acquisition["defocus_hand"])
-    if "ctf.defocus_hand" not in tilts.columns:
+    if f"{CTF.name}.defocus_hand" not in tilts.columns:
         return DEFAULT_HAND
-    hands = tilts.loc[tilts["ts_id"] == ts_id, "ctf.defocus_hand"].dropna()
+    hands = tilts.loc[tilts["ts_id"] == ts_id, f"{CTF.name}.defocus_hand"].dropna()
     return float(hands.iloc[0]) if len(hands) else DEFAULT_HAND
 
 
 def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path]:
-    base = next((sets[k] for k in ("tilt_series", "tilt_series_movies") if k in sets), None)
+    base = next((sets[k] for k in (TILT_SERIES.name, TILT_SERIES_MOVIES.name) if k in sets), None)
     if base is None:
         raise TomopipeError(f"{project.folder}: no tilt series to export to RELION 5")
-    movies = sets.get("tilt_series_movies")
+    movies = sets.get(TILT_SERIES_MOVIES.name)
     tilts = merged_tilts(project, sets)
     written, global_rows = [], []
     for ts_id, group in tilts.groupby("ts_id", sort=True):

@@ -1,7 +1,7 @@
 """The alignment of a tilt series as item columns, and its IMOD form.
 
-Columns of a ``tilt_series`` set once aligned (RELION 5 semantics): ``rot_z_deg`` (tilt axis),
-``rot_y_deg`` (refined tilt), ``rot_x_deg``, ``shift_x_A``, ``shift_y_A`` (specimen shifts, Å
+Columns of a ``tilt_series`` set once aligned (RELION 5 semantics; declared in model/sets.py):
+``rot_z_deg`` (tilt axis), ``rot_y_deg`` (refined tilt), ``rot_x_deg``, ``shift_x_A``, ``shift_y_A`` (specimen shifts, Å
 from the image centre N//2) and ``magnification`` m, the image scale of the view:
 ``x_img = m·[Rz·Ry·Rx·X]_xy + shift``. Excluded views keep NaN.
 """
@@ -12,8 +12,6 @@ import numpy as np
 import pandas as pd
 
 from tomopipe.algorithms.geometry import xf_from_alignment
-
-ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "rot_x_deg", "shift_x_A", "shift_y_A", "magnification")
 
 
 def xf_for_views(views: pd.DataFrame, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:

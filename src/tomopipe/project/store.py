@@ -335,11 +335,11 @@ class Project:
     ) -> SetRecord:
         """Store a set produced by ``run_id``: its attributes and all its items in one transaction.
 
-        An ``enabled`` column (bool) is added when the items have none.
+        An ``enabled`` column (bool) is added when the items have none, and cast to numpy bool.
         """
         items = items.reset_index(drop=True)
-        if "enabled" not in items.columns:
-            items = items.assign(enabled=True)
+        enabled = _enabled_flags(items["enabled"], f"set {name!r}") if "enabled" in items.columns else True
+        items = items.assign(enabled=enabled)
         try:
             table = pa.Table.from_pandas(items, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
@@ -395,6 +395,7 @@ class Project:
             raise TomopipeError(f"{self.folder}: set {set_id} has no items table")
         table = pa.concat_tables([_from_ipc(blob) for (blob,) in rows])
         items = table.to_pandas()
+        items["enabled"] = _enabled_flags(items["enabled"], f"set {set_id}")
         if enabled_only:
             items = items[items["enabled"].to_numpy(dtype=bool)].reset_index(drop=True)
         return items
@@ -403,6 +404,17 @@ class Project:
         return self._db.execute(
             "SELECT role, port, set_id FROM provenance WHERE run_id=? ORDER BY role, port", (run_id,)
         ).fetchall()
+
+
+def _enabled_flags(values: pd.Series, where: str) -> np.ndarray:
+    """The ``enabled`` column as numpy bool, whatever bool-like dtype it came with (numpy bool,
+    Python bools in an object column, pandas nullable boolean); missing or non-bool values are errors."""
+    if values.dtype == np.bool_:
+        return values.to_numpy()
+    if values.isna().any() or not all(isinstance(v, (bool, np.bool_)) for v in values.tolist()):
+        raise TomopipeError(f"{where}: column 'enabled' must hold only True/False, found "
+                            f"{sorted({repr(v) for v in values.tolist()} - {'True', 'False'})[:5]}")
+    return values.to_numpy(dtype=bool)
 
 
 _RUN_COLUMNS = (

@@ -65,6 +65,7 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.imod import write_tlt, write_xf
 from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.model.sets import TILT_SERIES
 from tomopipe.steps._tilt_series import (
     TiltSeriesResult,
     TiltSeriesTask,
@@ -312,11 +313,11 @@ class AlignTiltSeries(Step):
         Param("interpolated_binning", "float", "binning of the interpolated stack", default=1.0, min=1),
         DEVICE_PARAM,
     )
-    inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. preprocessed, binned)"),
-              Port("intensity_reference", "tilt_series", "the same acquisition before density scaling (e.g. X-ray "
+    inputs = (Port("tilt_series", TILT_SERIES.name, "tilt series (e.g. preprocessed, binned)"),
+              Port("intensity_reference", TILT_SERIES.name, "the same acquisition before density scaling (e.g. X-ray "
                                                          "erased): mean intensities for the tilt-angle offset",
                    optional=True))
-    outputs = (Port("tilt_series", "tilt_series", "the same images with the alignment columns"),)
+    outputs = (Port("tilt_series", TILT_SERIES.name, "the same images with the alignment columns"),)
 
     def run(self, ctx):
         if ctx.params["tilt_offset_method"] == "transmission" and ctx.params["refine_tilt_offset"] \

@@ -21,7 +21,7 @@ import copy
 import pandas as pd
 
 from tomopipe.engine.step_api import Param, Port, Step, register
-from tomopipe.model.alignment import ALIGNMENT_COLUMNS
+from tomopipe.model.sets import ALIGNMENT_GEOMETRY, TILT_SERIES
 from tomopipe.steps._tilt_series import check_same_acquisition
 
 REQUIRED = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
@@ -37,9 +37,9 @@ class AssignAlignment(Step):
         Param("angle_tolerance_deg", "float", "largest tilt-angle difference accepted between the two sets",
               default=0.05, min=0),
     )
-    inputs = (Port("source", "tilt_series", "aligned tilt series (alignment columns)"),
-              Port("target", "tilt_series", "tilt series of the same acquisitions to get the alignment"))
-    outputs = (Port("tilt_series", "tilt_series", "the target with the source's alignment"),)
+    inputs = (Port("source", TILT_SERIES.name, "aligned tilt series (alignment columns)"),
+              Port("target", TILT_SERIES.name, "tilt series of the same acquisitions to get the alignment"))
+    outputs = (Port("tilt_series", TILT_SERIES.name, "the target with the source's alignment"),)
 
     def run(self, ctx):
         source = ctx.input_items("source", enabled_only=False)
@@ -64,8 +64,8 @@ class AssignAlignment(Step):
             if problems:
                 ctx.fail(f"tilt series {ts_id!r}: the source and target are not the same acquisition: "
                          + "; ".join(problems))
-            columns = [c for c in ALIGNMENT_COLUMNS if c in src.columns]
-            merged = views.drop(columns=[c for c in ALIGNMENT_COLUMNS if c in views.columns]).merge(
+            columns = [c for c in ALIGNMENT_GEOMETRY if c in src.columns]
+            merged = views.drop(columns=[c for c in ALIGNMENT_GEOMETRY if c in views.columns]).merge(
                 src[["tilt_index", *columns, "enabled"]].rename(columns={"enabled": "_source_enabled"}),
                 on="tilt_index", how="left", validate="one_to_one")
             merged["enabled"] = merged["enabled"].astype(bool) & merged["_source_enabled"].astype(bool)

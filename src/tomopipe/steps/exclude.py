@@ -16,6 +16,7 @@ from tomopipe.algorithms.exclusion import dark_or_empty_views, defocus_outliers,
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import read_mrc
+from tomopipe.model.sets import CTF, TILT_SERIES
 
 log = logging.getLogger("tomopipe")
 
@@ -69,12 +70,12 @@ class ExcludeViews(Step):
               min=0, max=1),
     )
     inputs = (
-        Port("tilt_series", "tilt_series", "tilt series whose views are flagged", optional=True),
-        Port("ctf", "ctf", "per-tilt CTF estimates whose entries are flagged", optional=True),
+        Port("tilt_series", TILT_SERIES.name, "tilt series whose views are flagged", optional=True),
+        Port("ctf", CTF.name, "per-tilt CTF estimates whose entries are flagged", optional=True),
     )
     outputs = (
-        Port("tilt_series", "tilt_series", "subset: the same tilts with the excluded ones disabled", optional=True),
-        Port("ctf", "ctf", "subset: the same CTFs with the excluded ones disabled", optional=True),
+        Port("tilt_series", TILT_SERIES.name, "subset: the same tilts with the excluded ones disabled", optional=True),
+        Port("ctf", CTF.name, "subset: the same CTFs with the excluded ones disabled", optional=True),
     )
 
     def run(self, ctx):

@@ -43,11 +43,11 @@ from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io.aretomo import AlnFile, read_aln
 from tomopipe.io.imod import read_tlt, read_xf
-from tomopipe.model.alignment import ALIGNMENT_COLUMNS
+from tomopipe.model.sets import ALIGNMENT_GEOMETRY, TILT_SERIES
 
 FORMATS = {".xf": "imod", ".aln": "aretomo"}
 #: Columns of an aligned set that an imported alignment replaces (the aligner's own extras too).
-REPLACED_COLUMNS = (*ALIGNMENT_COLUMNS, "align_residual_px", "aligned_image_path", "aligned_image_section")
+REPLACED_COLUMNS = (*ALIGNMENT_GEOMETRY, "align_residual_px", "aligned_image_path", "aligned_image_section")
 
 
 def alignment_path(params: dict, ts_id: str) -> Path:
@@ -199,7 +199,7 @@ def import_one(params: dict, ts_id: str, views: pd.DataFrame, acquisition: dict)
     out = views.drop(columns=[c for c in REPLACED_COLUMNS if c in views.columns])
     out = out.merge(table, on="tilt_index", how="left", validate="one_to_one")
     enabled = out["enabled"].astype(bool).to_numpy() & out["rot_z_deg"].notna().to_numpy()
-    out.loc[~enabled, list(ALIGNMENT_COLUMNS)] = np.nan
+    out.loc[~enabled, list(ALIGNMENT_GEOMETRY)] = np.nan
     out["enabled"] = enabled
     notes.update({"format": fmt, "alignment_pixel_size_A": pixel_size_A, "aligned_views": int(enabled.sum()),
                   "tilt_axis_deg": float(np.median(table["rot_z_deg"]))})
@@ -227,8 +227,8 @@ class ImportAlignment(Step):
         Param("angle_tolerance_deg", "float", "largest difference between a refined tilt and its nominal tilt plus "
                                               "the common offset", default=2.0, min=0),
     )
-    inputs = (Port("tilt_series", "tilt_series", "tilt series of the acquisitions that were aligned"),)
-    outputs = (Port("tilt_series", "tilt_series", "the same images with the imported alignment columns"),)
+    inputs = (Port("tilt_series", TILT_SERIES.name, "tilt series of the acquisitions that were aligned"),)
+    outputs = (Port("tilt_series", TILT_SERIES.name, "the same images with the imported alignment columns"),)
 
     @classmethod
     def fingerprint(cls, params):

@@ -21,10 +21,9 @@ from tomopipe.io.mdoc import dose_per_tilt_e_per_A2, read_mdoc
 from tomopipe.io.movies import movie_info, read_gain
 from tomopipe.io.mrc import write_mrc
 from tomopipe.model.acquisition import acquisition_order_and_pre_exposure, mdoc_axis_for_movies
+from tomopipe.model.sets import TILT_SERIES_MOVIES
 
 log = logging.getLogger("tomopipe")
-
-MOVIES_KIND = "tilt_series_movies"
 
 
 def tilt_series_id(mdoc_path: Path) -> str:
@@ -161,7 +160,7 @@ class ImportMovies(Step):
         Param("gain_flip_y", "bool", "flip the gain upside down", default=False),
         Param("gain_transpose", "bool", "transpose the gain (applied before the flips)", default=False),
     )
-    outputs = (Port("movies", MOVIES_KIND, "one tilt-series movie set per mdoc, one item per tilt"),)
+    outputs = (Port("movies", TILT_SERIES_MOVIES.name, "one tilt-series movie set per mdoc, one item per tilt"),)
 
     @classmethod
     def fingerprint(cls, params):

@@ -52,6 +52,7 @@ from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.movies import EER_SUFFIXES, movie_info, read_movie
 from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES
 from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
@@ -252,12 +253,14 @@ def _estimate_ctf(images: torch.Tensor, pixel_size_A: float, tilts: list[dict], 
         defocus_grid=(params["defocus_grid_y"], params["defocus_grid_x"]),  # (gy, gx)
         fit_phase=params["fit_phase"], hand="auto" if params["defocus_hand"] == "auto" else int(params["defocus_hand"]),
     )
-    out = {"power_spectra": result["power_spectra"].detach().cpu().float(),
-           "handedness": _plain(result["handedness"]),
-           "defocus_grid_A": [json.dumps(_plain(g)) for g in result["defocus_grid_A"].detach().cpu().double()]}
-    for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "phase_shift_deg", "fit_resolution_A",
-                "fit_score"):
-        out[key] = [float(v) for v in torch.as_tensor(result[key]).detach().cpu().reshape(-1)]
+    per_tilt = {"defocus_u_A": result.defocus_u_A, "defocus_v_A": result.defocus_v_A,
+                "defocus_angle_deg": result.defocus_angle_deg, "phase_shift_deg": result.phase_shift_deg,
+                "fit_resolution_A": result.fit_resolution_A, "fit_score": result.fit_score}
+    out = {"power_spectra": result.power_spectra.detach().cpu().float(),
+           "handedness": _plain(result.handedness.to_dict()),
+           "defocus_grid_A": [json.dumps(_plain(g)) for g in result.defocus_grid_A.detach().cpu().double()]}
+    for key, values in per_tilt.items():
+        out[key] = [float(v) for v in values.detach().cpu().reshape(-1)]
     return out
 
 
@@ -359,10 +362,10 @@ class MotionCtf(Step):
                                            "frames' spectra", default=False),
         DEVICE_PARAM,
     )
-    inputs = (Port("movies", "tilt_series_movies", "tilt-series movies from the import step"),)
+    inputs = (Port("movies", TILT_SERIES_MOVIES.name, "tilt-series movies from the import step"),)
     outputs = (
-        Port("tilt_series", "tilt_series", "aligned, dose-weighted sums: one MRC stack per tilt series"),
-        Port("ctf", "ctf", "per-tilt CTF estimates (only when estimate_ctf)", optional=True),
+        Port("tilt_series", TILT_SERIES.name, "aligned, dose-weighted sums: one MRC stack per tilt series"),
+        Port("ctf", CTF.name, "per-tilt CTF estimates (only when estimate_ctf)", optional=True),
     )
 
     def run(self, ctx):

@@ -23,6 +23,7 @@ from tomopipe.algorithms.normalize import DENSITY_MODES, bin_image, binned_geome
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
+from tomopipe.model.sets import TILT_SERIES
 from tomopipe.steps._tilt_series import (
     HALF_COLUMNS,
     TiltSeriesResult,
@@ -98,8 +99,8 @@ class Preprocess(Step):
               min=1e-12),
         DEVICE_PARAM,
     )
-    inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. after the X-ray eraser)"),)
-    outputs = (Port("tilt_series", "tilt_series", "binned, density-scaled tilt series: one float32 MRC stack each"),)
+    inputs = (Port("tilt_series", TILT_SERIES.name, "tilt series (e.g. after the X-ray eraser)"),)
+    outputs = (Port("tilt_series", TILT_SERIES.name, "binned, density-scaled tilt series: one float32 MRC stack each"),)
 
     def run(self, ctx):
         items, tasks = tilt_series_tasks(ctx, "tilt_series")

@@ -36,13 +36,12 @@ from tomopipe.algorithms.reconstruct import (
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
+from tomopipe.model.sets import ALIGNMENT_REQUIRED_NAMES, CTF, DEFOCUS_NAMES, TILT_SERIES, TOMOGRAMS
 from tomopipe.steps._tilt_series import TiltSeriesResult, TiltSeriesTask, acquisition_of, read_views, views_of
 from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
 
-ALIGNMENT_COLUMNS = ("rot_z_deg", "rot_y_deg", "shift_x_A", "shift_y_A")
-CTF_COLUMNS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg")
 CTF_ACQUISITION = ("voltage_kV", "spherical_aberration_mm", "amplitude_contrast")
 
 
@@ -158,9 +157,9 @@ class ReconstructTomogram(Step):
         Param("memory_budget_mb", "int", "working memory of one slab", default=256, min=16),
         DEVICE_PARAM,
     )
-    inputs = (Port("tilt_series", "tilt_series", "aligned tilt series (alignment columns)"),
-              Port("ctf", "ctf", "CTF estimates, for phase flipping", optional=True))
-    outputs = (Port("tomograms", "tomograms", "one MRC volume per tilt series"),)
+    inputs = (Port("tilt_series", TILT_SERIES.name, "aligned tilt series (alignment columns)"),
+              Port("ctf", CTF.name, "CTF estimates, for phase flipping", optional=True))
+    outputs = (Port("tomograms", TOMOGRAMS.name, "one MRC volume per tilt series"),)
 
     def run(self, ctx):
         p = ctx.params
@@ -171,7 +170,7 @@ class ReconstructTomogram(Step):
         items = ctx.input_items("tilt_series", enabled_only=False)
         if items.empty:
             ctx.fail("the input set 'tilt_series' has no items")
-        missing = [c for c in ("ts_id", "tilt_index", "image_path", "image_section", *ALIGNMENT_COLUMNS)
+        missing = [c for c in ("ts_id", "tilt_index", "image_path", "image_section", *ALIGNMENT_REQUIRED_NAMES)
                    if c not in items.columns]
         if missing:
             ctx.fail(f"the input set 'tilt_series' has no column(s) {', '.join(missing)}: the tilt series are not "
@@ -189,14 +188,14 @@ class ReconstructTomogram(Step):
             if "ctf" not in ctx.inputs:
                 ctx.fail("ctf_correction = 'phase_flip' needs the 'ctf' input (a ctf set)")
             ctf_table = ctx.input_items("ctf", enabled_only=False)
-            absent = [c for c in ("ts_id", "tilt_index", *CTF_COLUMNS) if c not in ctf_table.columns]
+            absent = [c for c in ("ts_id", "tilt_index", *DEFOCUS_NAMES) if c not in ctf_table.columns]
             if absent:
                 ctx.fail(f"the input set 'ctf' has no column(s) {', '.join(absent)}")
         tasks = []
         for ts_id, group in items[use].sort_values(["ts_id", "tilt_index"]).groupby("ts_id", sort=True):
             acquisition = acquisition_of(ctx, "tilt_series", ts_id)
             group = group.copy()
-            bad = group[list(ALIGNMENT_COLUMNS)].isna().any(axis=1)
+            bad = group[list(ALIGNMENT_REQUIRED_NAMES)].isna().any(axis=1)
             if bad.any():
                 ctx.fail(f"tilt series {ts_id!r}: enabled views without alignment (tilt_index "
                          f"{group.loc[bad, 'tilt_index'].tolist()}); disable them or align again")
@@ -214,9 +213,9 @@ class ReconstructTomogram(Step):
                                                                   errors="ignore")
                 group = group.drop(columns=[c for c in est.columns if c != "tilt_index" and c in group.columns])
                 group = group.merge(est, on="tilt_index", how="left")
-                if group[list(CTF_COLUMNS)].isna().any().any():
+                if group[list(DEFOCUS_NAMES)].isna().any().any():
                     ctx.fail(f"tilt series {ts_id!r}: views without a CTF estimate (tilt_index "
-                             f"{group.loc[group[list(CTF_COLUMNS)].isna().any(axis=1), 'tilt_index'].tolist()})")
+                             f"{group.loc[group[list(DEFOCUS_NAMES)].isna().any(axis=1), 'tilt_index'].tolist()})")
                 if "phase_shift_deg" not in group:
                     group["phase_shift_deg"] = 0.0
                 group["phase_shift_deg"] = group["phase_shift_deg"].fillna(0.0)

@@ -31,6 +31,7 @@ from tomopipe.engine.step_api import Port, Step, params_from_fields, register
 from tomopipe.errors import InputFileError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.mrc import write_mrc
+from tomopipe.model.sets import TILT_SERIES
 from tomopipe.steps._tilt_series import (
     HALF_COLUMNS,
     TiltSeriesResult,
@@ -110,8 +111,8 @@ class XrayEraser(Step):
                    "on images of counts, patches that Poisson shot noise explains are kept. "
                    "All views are processed; other pixels keep their exact values.")
     params = (*params_from_fields(XrayParams), DEVICE_PARAM)
-    inputs = (Port("tilt_series", "tilt_series", "tilt series (e.g. the motion-corrected sums)"),)
-    outputs = (Port("tilt_series", "tilt_series", "the same tilt series with X-rays erased: one MRC stack each"),)
+    inputs = (Port("tilt_series", TILT_SERIES.name, "tilt series (e.g. the motion-corrected sums)"),)
+    outputs = (Port("tilt_series", TILT_SERIES.name, "the same tilt series with X-rays erased: one MRC stack each"),)
 
     def run(self, ctx):
         try:

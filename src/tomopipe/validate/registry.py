@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
 from tomopipe.project.store import Project, SetRecord
 from tomopipe.validate.score_alignment import score_alignment
 from tomopipe.validate.scores import score_ctf, score_import, score_motion
@@ -68,35 +69,35 @@ def _whole_set(numbers: dict, shown: tuple[str, ...] | None = None) -> list[Scor
     return [Score("", name, value) for name, value in numbers.items() if shown is None or name in shown]
 
 
-@scorer("tilt_series_movies", "import_movies")
+@scorer(TILT_SERIES_MOVIES.name, "import_movies")
 def _imported_movies(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     return _whole_set(score_import(items, record.attrs, truth))
 
 
-@scorer("tilt_series", "motion_ctf")
+@scorer(TILT_SERIES.name, "motion_ctf")
 def _motion_corrected(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     return _whole_set(score_motion(items, project, truth))
 
 
-@scorer("ctf", "motion_ctf")
+@scorer(CTF.name, "motion_ctf")
 def _ctf_estimates(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     return _whole_set(score_ctf(items, truth))
 
 
-@scorer("tilt_series", "align_tilt_series")
+@scorer(TILT_SERIES.name, "align_tilt_series")
 def _aligned(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     """Pixels of the aligned (binned) views."""
     shown = ("max_shift_rms_px", "max_shift_rms_content_px", "max_abs_axis_error_deg", "max_abs_offset_error_deg")
     return _whole_set(score_alignment(items, record.attrs, truth), shown)
 
 
-@scorer("tilt_series", "assign_alignment")
+@scorer(TILT_SERIES.name, "assign_alignment")
 def _assigned(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     """Å: the assigned views have another pixel size than the aligned ones."""
     return _whole_set(score_alignment(items, record.attrs, truth), ("max_shift_rms_A", "max_shift_rms_content_A"))
 
 
-@scorer("tomograms", "reconstruct_tomogram")
+@scorer(TOMOGRAMS.name, "reconstruct_tomogram")
 def _tomograms(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
     """Per tilt series: correlation, FSC 0.143 and the mirror image's correlation (handedness)."""
     per_ts = score_tomogram_set(items, project, truth, resolution_A=TOMOGRAM_SCORE_RESOLUTION_A)
