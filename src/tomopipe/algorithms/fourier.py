@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["cosine_edge_taper", "crop_rfft2", "embed_centered", "fourier_shift_2d", "frequencies_rfft2_px",
-           "pad_at_end", "phase_ramp_2d", "phase_ramp_rfftn"]
+__all__ = ["cosine_edge_taper", "crop_centered", "crop_rfft2", "embed_centered", "fourier_shift_2d",
+           "frequencies_rfft2_px", "pad_at_end", "phase_ramp_2d", "phase_ramp_rfftn"]
 
 
 def cosine_edge_taper(shape: Sequence[int], edge_px: float, *, max_edge_fraction: float | None = None,
@@ -117,3 +117,12 @@ def embed_centered(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     starts = [int(n) // 2 - s // 2 for n, s in zip(shape, array.shape)]
     out[tuple(slice(start, start + s) for start, s in zip(starts, array.shape))] = array
     return out
+
+
+def crop_centered(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Cut the ``shape`` window out of ``array`` keeping its centre sample ``N//2`` on ``n//2`` along
+    every axis (the inverse of :func:`embed_centered`). A view of ``array``."""
+    if len(shape) != array.ndim or any(int(n) > s or int(n) < 1 for n, s in zip(shape, array.shape)):
+        raise ValueError(f"crop_centered: cannot crop {tuple(array.shape)} to {tuple(shape)}")
+    starts = [s // 2 - int(n) // 2 for n, s in zip(shape, array.shape)]
+    return array[tuple(slice(start, start + int(n)) for start, n in zip(starts, shape))]

@@ -1,0 +1,1 @@
+"""Particle picking by template matching: template construction and per-tilt template weighting."""
