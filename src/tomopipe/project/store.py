@@ -13,8 +13,8 @@ The database holds
 Items are written and read in bulk (a whole DataFrame per set, one transaction), never one
 Python object per item: a million particles write and read back in well under a second
 (``benchmarks/bench_project_store.py``), where a row-per-item SQL table took 5 s each way.
-Nothing is modified in place: a subset is a new set whose items are
-copied with their flags changed. Arrays live as files in per-run folders; paths stored in
+Nothing is modified in place: a subset is a new set whose items are copied with their flags
+changed. Arrays live as files in per-run folders; paths stored in
 items are relative to the project folder when they lie inside it.
 
 A run is recorded as ``running`` when it starts and ``finished`` only after all of its outputs
