@@ -102,7 +102,7 @@ def gemmi_potential_V(box: int, pixel_A: float, centre_A=None, rotation=None, mi
     import gemmi
     import torch
 
-    from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2, fourier_crop_volume
+    from tomopipe.algorithms.potential import POTENTIAL_CONSTANT_V_A2, fourier_crop_volume
 
     st = gemmi.read_structure(str(STRUCTURE))
     st.remove_waters()

@@ -10,7 +10,8 @@ import pytest
 
 from tomopipe.cli import build_parser, main
 
-SUBCOMMANDS = ["project", "run", "status", "show", "exclude", "export", "inspect", "steps", "simulate", "demo"]
+SUBCOMMANDS = ["project", "run", "status", "show", "exclude", "picks", "export", "inspect", "steps", "simulate",
+               "demo"]
 
 
 def test_every_subcommand_has_help(capsys):

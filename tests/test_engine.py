@@ -268,7 +268,7 @@ def _assert_same_file(a, b):
 @pytest.mark.usefixtures("one_thread")  # as in the Dask workers: the same sums in the same order
 def test_local_and_dask_executors_give_identical_outputs(tmp_path):
     """import -> motion + CTF -> exclude -> X-ray eraser -> preprocess -> align -> assign ->
-    reconstruct on two tilt series, locally (in this process) and on a Dask LocalCluster of two
+    reconstruct -> pick on two tilt series, locally (in this process) and on a Dask LocalCluster of two
     worker processes: the same items in every output set and the same data in every file they
     point to (~30 s on 2 cores)."""
     data = _tiny_acquisition(tmp_path / "data", n_tilt_series=2)
@@ -279,11 +279,11 @@ def test_local_and_dask_executors_give_identical_outputs(tmp_path):
     finally:
         dask.close()
     steps = [o.name for o in local.outcomes]
-    assert steps[0] == "import" and steps[-1] == "reconstruct"
+    assert steps[0] == "import" and steps[-1] == "pick"
     assert [o.status for o in local.outcomes] == [o.status for o in on_dask.outcomes] == ["finished"] * len(steps)
     local_sets, dask_sets = _outputs(tmp_path / "local"), _outputs(tmp_path / "dask")
     assert local_sets.keys() == dask_sets.keys()
-    assert ("reconstruct", "tomograms") in local_sets
+    assert ("reconstruct", "tomograms") in local_sets and ("pick", "particles") in local_sets
     for key, items in local_sets.items():
         pd.testing.assert_frame_equal(items, dask_sets[key], check_exact=False, rtol=1e-5)
         for column in (c for c in items.columns if c.endswith("_path")):

@@ -111,11 +111,14 @@ def test_wedge_covers_the_tilt_planes_only():
 
 def test_ctf_weight_has_the_ctf_zeros_of_a_zero_tilt():
     box, voxel, defocus = 128, 3.0, 5000.0
-    w = tilt_weight_rfftn(box, voxel, [0.0], defocus, 0.0, **CTF)
+    w = tilt_weight_rfftn(box, voxel, [0.0], defocus, 0.0, **CTF, phase_flipped=True)
     kx = torch.fft.rfftfreq(box, dtype=torch.float64) / voxel
     on_axis = w[0, 0, :].double()
     expected = ctf_1d(kx, defocus, **CTF).abs()
-    assert torch.allclose(on_axis, expected, atol=1e-5)  # the weight is |CTF| along kx
+    assert torch.allclose(on_axis, expected, atol=1e-5)  # phase flipped: the weight is |CTF| along kx
+    signed = tilt_weight_rfftn(box, voxel, [0.0], defocus, 0.0, **CTF)[0, 0, :].double()
+    assert torch.allclose(signed, ctf_1d(kx, defocus, **CTF), atol=1e-5)  # not flipped: the signed CTF
+    assert float(signed.min()) < -0.5  # the sign flips beyond the first zero
     zeros = ctf_zero_frequencies_per_A(defocus, **CTF, n_zeros=2)
     for k0 in zeros:
         i = int(torch.argmin((kx - k0).abs()))
@@ -124,11 +127,11 @@ def test_ctf_weight_has_the_ctf_zeros_of_a_zero_tilt():
 
 def test_dose_weighting_attenuates_high_frequencies_and_template_product():
     box, voxel = 32, 4.0
-    clean = tilt_weight_rfftn(box, voxel, [0.0], 20000.0, 0.0, **CTF)
-    dosed = tilt_weight_rfftn(box, voxel, [0.0], 20000.0, 60.0, **CTF)
+    clean = tilt_weight_rfftn(box, voxel, [0.0], 20000.0, 0.0, **CTF, phase_flipped=True)
+    dosed = tilt_weight_rfftn(box, voxel, [0.0], 20000.0, 60.0, **CTF, phase_flipped=True)
     ratio = dosed[0, 0, 1:] / clean[0, 0, 1:].clamp(min=1e-6)
     keep = clean[0, 0, 1:] > 0.05
     assert bool((torch.diff(ratio[keep]) <= 1e-4).all()) and float(ratio[keep][-1]) < 0.5
     template = shell_template(box, voxel, 125.0, 80.0)
-    ft = tilt_weighted_template_ft(template, voxel, [0.0], 20000.0, 60.0, **CTF)
+    ft = tilt_weighted_template_ft(template, voxel, [0.0], 20000.0, 60.0, **CTF, phase_flipped=True)
     assert torch.allclose(ft, torch.fft.rfftn(template) * dosed)

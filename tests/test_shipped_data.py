@@ -11,8 +11,8 @@ import torch
 
 from conftest import NOT_SHIPPED, SHARED_DATA
 from tomopipe.data import APOFERRITIN_MODEL
+from tomopipe.io.atomic_model import read_atomic_model
 from tomopipe.simulate.config import default_structure_path
-from tomopipe.simulate.structure import read_atomic_model
 
 #: sha256 of the uncompressed 6z6u.pdb (the deposited wwPDB file; src/tomopipe/data/SOURCES.md).
 SHA256_6Z6U_PDB = "c957bed8155838aec3e6c3bb3ebabd2a9edab6683ad9d08ff2017afe3185a8b0"

@@ -20,14 +20,14 @@ from scipy.spatial.transform import Rotation
 
 from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.ctf import ctf_2d
+from tomopipe.algorithms.potential import atomic_potential_volume, interaction_constant_rad_per_V_A
+from tomopipe.io.atomic_model import read_atomic_model
 from tomopipe.io.imod import read_tlt, read_xf
 from tomopipe.io.star import read_tilt_series_star
 from tomopipe.simulate.config import config_from_preset
 from tomopipe.simulate.imaging import Optics, project_particles, render_tilt_contrast
 from tomopipe.simulate.plan import TiltPlan, TiltSeriesPlan
-from tomopipe.simulate.potential import atomic_potential_volume, interaction_constant_rad_per_V_A
 from tomopipe.simulate.projector import FourierSliceProjector
-from tomopipe.simulate.structure import read_atomic_model
 from tomopipe.simulate.writer import write_tilt_series_truth
 
 pytestmark = pytest.mark.usefixtures("one_thread")

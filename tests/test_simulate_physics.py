@@ -20,11 +20,11 @@ from scipy.spatial.transform import Rotation
 
 from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.ctf import ctf_1d, ctf_2d, ctf_zero_frequencies_per_A
+from tomopipe.algorithms.potential import interaction_constant_rad_per_V_A
 from tomopipe.io.mdoc import read_mdoc
 from tomopipe.io.movies import read_gain, read_movie
 from tomopipe.io.star import read_particles_star, read_tilt_series_star, read_tomograms_star
 from tomopipe.simulate import config_from_preset, simulate
-from tomopipe.simulate.potential import interaction_constant_rad_per_V_A
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

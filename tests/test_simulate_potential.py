@@ -10,13 +10,14 @@ import torch
 
 from conftest import STRUCTURE, gemmi_potential_V
 from tomopipe.algorithms.fsc import fsc, shell_frequencies_per_A
-from tomopipe.errors import InputFileError
-from tomopipe.simulate.potential import (
+from tomopipe.algorithms.potential import (
     POTENTIAL_CONSTANT_V_A2,
     atomic_potential_volume,
     excluded_volumes_A3,
     interaction_constant_rad_per_V_A,
 )
+from tomopipe.errors import InputFileError
+from tomopipe.io.atomic_model import read_atomic_model
 from tomopipe.simulate.specimen import (
     amorphous_ice_structure_factor,
     ice_mean_potential_V,
@@ -24,7 +25,6 @@ from tomopipe.simulate.specimen import (
     ice_projected_potential_psd,
     place_particles,
 )
-from tomopipe.simulate.structure import read_atomic_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

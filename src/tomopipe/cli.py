@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     exclude.add_argument("--name", default="exclude", help="name of the new run (default: exclude)")
     _add_project_argument(exclude)
 
+    _add_picks_parser(commands)
+
     export = commands.add_parser("export", help="write the project's data in another tool's layout")
     export.add_argument("format", choices=["relion5", "imod"])
     _add_project_argument(export)
@@ -89,6 +91,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--simulate-device", default="cpu", metavar="DEVICE",
                       help="device of the simulation: cpu (default) or cuda[:N] (the steps pick theirs: device = auto)")
     return parser
+
+
+def _add_picks_parser(commands) -> None:
+    from tomopipe.io.picks import FORMATS, UNITS
+
+    picks = commands.add_parser("picks", help="add, remove, import and export particle picks (each edit is a new run)")
+    actions = picks.add_subparsers(dest="picks_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add picks by hand: a new run with a new particle set")
+    add.add_argument("--xyz", required=True, action="append", metavar="X,Y,Z",
+                     help="a point (repeatable; a negative X as --xyz=-1,2,3)")
+    remove = actions.add_parser("remove", help="remove picks: a new run whose set flags them as excluded")
+    remove.add_argument("--near", action="append", default=[], metavar="X,Y,Z",
+                        help="remove the nearest pick to this point (repeatable; a negative X as --near=-1,2,3)")
+    remove.add_argument("--radius-A", type=float, default=30.0, help="how far a removed pick may be (default 30 Å)")
+    remove.add_argument("--index", action="append", default=[], metavar="N",
+                        help="remove the pick at this 0-based item number of the set (repeatable or N,M)")
+    for action in (add, remove):
+        action.add_argument("--run", required=True, help="run (id or name) holding the picks, or the tomograms")
+        action.add_argument("--ts", required=True, help="tilt series (tomogram) of the points")
+        action.add_argument("--units", choices=UNITS, default="A",
+                            help="A: Å from the tomogram centre (default); px: 0-based voxels")
+    imported = actions.add_parser("import", help="import picks from a file or folder: a new run")
+    imported.add_argument("file", type=Path, help="particles.star, .mod (or a folder of them), copick JSON "
+                                                  "(or overlay folder), or text")
+    imported.add_argument("--tomograms", required=True, help="run (id or name) whose tomograms the picks are on")
+    imported.add_argument("--format", choices=["auto", *FORMATS], default="auto")
+    imported.add_argument("--ts-id", default="", help="tomogram of a single IMOD model (default: its file name)")
+    imported.add_argument("--units", choices=UNITS, default="A", help="units of a text file without a header")
+    imported.add_argument("--coordinate-pixel-size-A", type=float,
+                          help="pixel size of RELION 4 rlnCoordinateX/Y/Z (default: from the optics table)")
+    exported = actions.add_parser("export", help="write a run's enabled picks in another program's format")
+    exported.add_argument("--run", required=True, help="run (id or name) holding the picks")
+    exported.add_argument("--format", required=True, choices=list(FORMATS))
+    exported.add_argument("--out", required=True, type=Path, help="file (relion5, text) or folder (imod, copick)")
+    exported.add_argument("--min-score", type=float, help="keep picks scoring at least this")
+    exported.add_argument("--max-number", type=int, help="keep at most this many, the best scoring")
+    exported.add_argument("--units", choices=UNITS, default="A", help="text format: A or px")
+    for action in (add, remove, imported):
+        action.add_argument("--name", default="picks", help="name of the new run (default: picks)")
+    for action in (add, remove, imported, exported):
+        _add_project_argument(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +237,76 @@ def cmd_exclude(args) -> int:
     return 0
 
 
+def _picks_sets(project, run_key: str, need_particles: bool) -> dict:
+    """``{"tomograms": set, "particles": set}`` of a finished run: its own outputs first, then
+    those of the runs it came from."""
+    from tomopipe.export import lineage
+
+    run = project.find_run(run_key)
+    outputs = list(project.sets_of_run(run.id).values())
+    if run.status != "finished" or not outputs:
+        raise TomopipeError(f"run {run.id} ({run.name}) is {run.status} and has {len(outputs)} output(s): "
+                            f"picks need a finished run")
+    related = lineage(project, outputs[0])
+    sets = {kind: related[kind] for kind in ("tomograms", "particles") if kind in related}
+    wanted = ("tomograms", "particles") if need_particles else ("tomograms",)
+    missing = [kind for kind in wanted if kind not in sets]
+    if missing:
+        raise TomopipeError(f"run {run.id} ({run.name}) has no {' or '.join(missing)} (nor do the runs it came from)")
+    return sets
+
+
+def _edit_values(args) -> dict:
+    points = args.xyz if args.picks_command == "add" else args.near
+    values = {"units": args.units, ("add" if args.picks_command == "add" else "remove_near"):
+              ";".join(f"{args.ts}:{point}" for point in points)}
+    if args.picks_command == "remove":
+        if not args.near and not args.index:
+            raise TomopipeError("picks remove: give --near X,Y,Z or --index N")
+        values.update(radius_A=args.radius_A, remove_index=",".join(args.index))
+    return values
+
+
+def cmd_picks(args) -> int:
+    from tomopipe.engine.executors import LocalExecutor
+    from tomopipe.engine.runner import run_on_sets
+    from tomopipe.io.picks import PicksOptions, read_picks, write_picks
+    from tomopipe.model.particles import best_particles
+    from tomopipe.project.store import Project
+    from tomopipe.steps.picks import EditPicks, ImportPicks, edit_particles, import_options
+
+    with Project.open(args.project) as project:
+        if args.picks_command == "export":
+            sets = _picks_sets(project, args.run, need_particles=True)
+            particles = best_particles(project.read_items(sets["particles"].id, enabled_only=True),
+                                       args.min_score, args.max_number)
+            written = write_picks(args.out, particles, project.read_items(sets["tomograms"].id), args.format,
+                                  PicksOptions(units=args.units))
+            print(f"{len(particles)} pick(s) written: {', '.join(map(str, written)) or 'no file'}")
+            return 0
+        if args.picks_command == "import":
+            sets = {"tomograms": _picks_sets(project, args.tomograms, need_particles=False)["tomograms"]}
+            step, values = ImportPicks, {"path": str(args.file.resolve()), "format": args.format, "ts_id": args.ts_id,
+                                         "units": args.units, "coordinate_pixel_size_A": args.coordinate_pixel_size_A}
+            params = step.validate_params(args.name, values)
+            read_picks(params["path"], project.read_items(sets["tomograms"].id), params["format"],
+                       import_options(params))  # refuse bad input before a run is recorded
+        else:
+            sets = _picks_sets(project, args.run, need_particles=args.picks_command == "remove")
+            step, values = EditPicks, _edit_values(args)
+            particles = project.read_items(sets["particles"].id) if "particles" in sets else None
+            edit_particles(particles, project.read_items(sets["tomograms"].id),
+                           step.validate_params(args.name, values))  # refuse bad input before a run is recorded
+        inputs = {port.name: sets[port.kind] for port in step.inputs if port.kind in sets}
+        outcome = run_on_sets(project, step, args.name, values, inputs, LocalExecutor(1), verbose=args.verbose)
+    if outcome.status != "finished":
+        print(f"error: {outcome.message}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{key} {value}" for key, value in outcome.summary.items() if key != "seconds")
+    print(f"run {outcome.run.id} ({args.name}): {counts}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from tomopipe.export import export_project
     from tomopipe.project.store import Project
@@ -245,6 +358,7 @@ COMMANDS = {
     "status": cmd_status,
     "show": cmd_show,
     "exclude": cmd_exclude,
+    "picks": cmd_picks,
     "export": cmd_export,
     "inspect": cmd_inspect,
     "steps": cmd_steps,

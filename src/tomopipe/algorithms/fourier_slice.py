@@ -31,7 +31,7 @@ import torch
 from tomopipe.algorithms._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.algorithms._numba import numba
 
-__all__ = ["FourierSliceProjector"]
+__all__ = ["FourierSliceProjector", "sample_half_spectrum"]
 
 
 if _HAVE_NUMBA:
@@ -80,6 +80,32 @@ if _HAVE_NUMBA:
                     out_im[b, iy, ix] = sign * im
 
 
+def sample_half_spectrum(flat: torch.Tensor, p: int, q: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of a half spectrum ``[p, p, p//2+1]`` (flattened, DC at index 0,
+    wrapped z and y) at frequencies q [..., 3] (x, y, z) in its index units; qx < 0 reads the
+    Hermitian mate (conjugate at -q); zero beyond radius ``p//2 - 1``."""
+    flip = q[..., 0] < 0
+    q = torch.where(flip[..., None], -q, q)
+    radius = p // 2 - 1.0
+    inside = (q * q).sum(-1) <= radius * radius
+    q = torch.where(inside[..., None], q, torch.zeros_like(q))
+    fx, fy, fz = q[..., 0], q[..., 1], q[..., 2]
+    x0, y0, z0 = torch.floor(fx), torch.floor(fy), torch.floor(fz)
+    wx, wy, wz = fx - x0, fy - y0, fz - z0
+    nz, ny, nx = p, p, p // 2 + 1
+    x0 = x0.long()
+    y0, z0 = torch.remainder(y0.long(), ny), torch.remainder(z0.long(), nz)
+    y1, z1 = torch.remainder(y0 + 1, ny), torch.remainder(z0 + 1, nz)
+    out = torch.zeros(q.shape[:-1], dtype=flat.dtype, device=q.device)
+    for zi, wz_ in ((z0, 1 - wz), (z1, wz)):
+        for yi, wy_ in ((y0, 1 - wy), (y1, wy)):
+            wzy = wz_ * wy_
+            base = (zi * ny + yi) * nx + x0
+            out += flat[base] * (wzy * (1 - wx)) + flat[base + 1] * (wzy * wx)
+    out = torch.where(flip, out.conj(), out)
+    return torch.where(inside, out, torch.zeros_like(out))
+
+
 class FourierSliceProjector:
     """Projector of one cubic reference volume ``[N, N, N]`` (z, y, x), N even.
 
@@ -124,7 +150,6 @@ class FourierSliceProjector:
         else:
             self._flat = spectrum.reshape(-1).contiguous()
         del spectrum
-        self._dims = (p, p, p // 2 + 1)
         ky = torch.fft.fftfreq(n, d=1.0 / n, device=self.device)  # N-box index units
         kx = torch.fft.rfftfreq(n, d=1.0 / n, device=self.device)
         self._ky = ky[:, None].expand(n, n // 2 + 1).reshape(-1).float()
@@ -132,26 +157,7 @@ class FourierSliceProjector:
 
     def _sample_torch(self, q: torch.Tensor) -> torch.Tensor:
         """Trilinear interpolation of the half spectrum at padded-index frequencies q [..., 3] (x, y, z)."""
-        flip = q[..., 0] < 0
-        q = torch.where(flip[..., None], -q, q)
-        radius = self.p // 2 - 1.0
-        inside = (q * q).sum(-1) <= radius * radius
-        q = torch.where(inside[..., None], q, torch.zeros_like(q))
-        fx, fy, fz = q[..., 0], q[..., 1], q[..., 2]
-        x0, y0, z0 = torch.floor(fx), torch.floor(fy), torch.floor(fz)
-        wx, wy, wz = fx - x0, fy - y0, fz - z0
-        nz, ny, nx = self._dims
-        x0 = x0.long()
-        y0, z0 = torch.remainder(y0.long(), ny), torch.remainder(z0.long(), nz)
-        y1, z1 = torch.remainder(y0 + 1, ny), torch.remainder(z0 + 1, nz)
-        out = torch.zeros(q.shape[:-1], dtype=self._flat.dtype, device=q.device)
-        for zi, wz_ in ((z0, 1 - wz), (z1, wz)):
-            for yi, wy_ in ((y0, 1 - wy), (y1, wy)):
-                wzy = wz_ * wy_
-                base = (zi * ny + yi) * nx + x0
-                out += self._flat[base] * (wzy * (1 - wx)) + self._flat[base + 1] * (wzy * wx)
-        out = torch.where(flip, out.conj(), out)
-        return torch.where(inside, out, torch.zeros_like(out))
+        return sample_half_spectrum(self._flat, self.p, q)
 
     def slices(self, rotations: torch.Tensor, magnification: torch.Tensor) -> torch.Tensor:
         """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]."""

@@ -2,7 +2,7 @@
 
 ``APOFERRITIN_MODEL``: human apoferritin, PDB 6Z6U (full 24-mer, 1.25 Å cryo-EM model; wwPDB
 data, CC0 1.0), the deposited PDB-format file gzip-compressed. gemmi (and so
-:func:`tomopipe.simulate.structure.read_atomic_model`) reads it as it is.
+:func:`tomopipe.io.atomic_model.read_atomic_model`) reads it as it is.
 """
 
 from __future__ import annotations

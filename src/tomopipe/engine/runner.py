@@ -172,6 +172,13 @@ def run_on_outputs(project: Project, source_run: str | int, step_type: type[Step
     if not input_sets:
         raise TomopipeError(f"run {source.id} ({source.name}) has no {' or '.join(kinds)} output for a "
                             f"{step_type.type_name} step")
+    return run_on_sets(project, step_type, name, values, input_sets, executor, verbose), input_sets
+
+
+def run_on_sets(project: Project, step_type: type[Step], name: str, values: dict, input_sets: dict[str, SetRecord],
+                executor: Executor, verbose: bool = False) -> StepOutcome:
+    """Run one step outside a workflow, as a new run named ``name``, on finished sets (port -> set)."""
     step = WorkflowStep(name, step_type, step_type.validate_params(name, values), {})
-    signature = step_signature(step, {port: f"{source.signature}:{record.name}" for port, record in input_sets.items()})
-    return run_step(project, step, input_sets, signature, executor, verbose=verbose), input_sets
+    signature = step_signature(step, {port: f"{project.get_run(record.run_id).signature}:{record.name}"
+                                      for port, record in input_sets.items()})
+    return run_step(project, step, input_sets, signature, executor, verbose=verbose)

@@ -9,6 +9,10 @@ series; ``rlnMicrographName`` names a view as ``N@stack.mrc`` (RELION's image-in
 N from 1). Defocus handedness (``rlnTomoHand``) comes from the CTF estimation when there is one
 (``defocus_hand`` of the tilt series' acquisition, or the CTF set's column), else −1 (RELION's and
 the sheet's default, the only value a project without a CTF estimate can give).
+
+When the project holds tomograms and picks, ``tomograms.star`` (the tilt-series columns plus each
+tomogram's binning, size and file, as RELION 5's reconstruction writes it) and ``particles.star``
+(the enabled picks of the newest particle set, ``tomopipe.io.picks``) are written beside them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 import pandas as pd
 
 from tomopipe.errors import TomopipeError
-from tomopipe.io.star import write_star, write_tilt_series_star
-from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES
+from tomopipe.io.picks import relion5_particles_table
+from tomopipe.io.star import write_particles_star, write_star, write_tilt_series_star, write_tomograms_star
+from tomopipe.model.sets import CTF, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
 from tomopipe.project.store import Project, SetRecord
 
 DEFAULT_HAND = -1.0
@@ -105,8 +110,17 @@ def _hand(acquisition: dict, tilts: pd.DataFrame, ts_id: str) -> float:
 
 def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path]:
     base = next((sets[k] for k in (TILT_SERIES.name, TILT_SERIES_MOVIES.name) if k in sets), None)
-    if base is None:
+    picks = TOMOGRAMS.name in sets and PARTICLES.name in sets
+    if base is None and not picks:
         raise TomopipeError(f"{project.folder}: no tilt series to export to RELION 5")
+    written, global_rows = _export_tilt_series(project, sets, base, out) if base is not None else ([], [])
+    if picks:
+        written += export_picks(project, sets, out, {row["rlnTomoName"]: row for row in global_rows})
+    return written
+
+
+def _export_tilt_series(project: Project, sets: dict[str, SetRecord], base: SetRecord,
+                        out: Path) -> tuple[list[Path], list[dict]]:
     movies = sets.get(TILT_SERIES_MOVIES.name)
     tilts = merged_tilts(project, sets)
     written, global_rows = [], []
@@ -131,4 +145,50 @@ def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path
         })
     path = out / "tilt_series.star"
     write_star(path, {"global": pd.DataFrame(global_rows)})
-    return [path, *written]
+    return [path, *written], global_rows
+
+
+def _acquisition_row(ts_id: str, acquisition: dict, voxel_size_A: float) -> dict:
+    """The tilt-series columns of a tomograms.star row from a set's acquisition (no tilt series exported)."""
+    pixel_size_A = acquisition.get("pixel_size_A", voxel_size_A)
+    row = {"rlnTomoName": ts_id, "rlnVoltage": acquisition.get("voltage_kV"),
+           "rlnSphericalAberration": acquisition.get("spherical_aberration_mm"),
+           "rlnAmplitudeContrast": acquisition.get("amplitude_contrast"),
+           "rlnMicrographOriginalPixelSize": pixel_size_A, "rlnTomoTiltSeriesPixelSize": pixel_size_A,
+           "rlnTomoHand": float(acquisition.get("defocus_hand", DEFAULT_HAND)), "rlnOpticsGroupName": "optics1"}
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def tomograms_table(project: Project, tomograms: SetRecord, tilt_series_rows: dict[str, dict]) -> pd.DataFrame:
+    """RELION 5 ``tomograms.star`` rows: the tilt-series columns plus ``rlnTomoTomogramBinning``
+    (voxel size / tilt-series pixel size), ``rlnTomoSizeX/Y/Z`` (in tilt-series pixels, as RELION 5
+    gives them: the tomogram's size times its binning) and ``rlnTomoReconstructedTomogram``."""
+    items = project.read_items(tomograms.id, enabled_only=True).sort_values("ts_id", kind="stable")
+    acquisitions = tomograms.attrs.get("tilt_series", {})
+    rows = []
+    for tomogram in items.itertuples():
+        row = dict(tilt_series_rows.get(tomogram.ts_id)
+                   or _acquisition_row(tomogram.ts_id, acquisitions.get(tomogram.ts_id, {}), tomogram.voxel_size_A))
+        binning = tomogram.voxel_size_A / row["rlnTomoTiltSeriesPixelSize"]
+        row.update({"rlnTomoTomogramBinning": binning,
+                    **{f"rlnTomoSize{axis}": int(round(size * binning)) for axis, size in
+                       zip("XYZ", (tomogram.size_x_px, tomogram.size_y_px, tomogram.size_z_px))},
+                    "rlnTomoReconstructedTomogram": str(project.absolute_path(tomogram.tomogram_path))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def export_picks(project: Project, sets: dict[str, SetRecord], out: Path,
+                 tilt_series_rows: dict[str, dict]) -> list[Path]:
+    """``tomograms.star`` and the ``particles.star`` of the enabled picks of the set's tomograms,
+    one optics group (``optics1``) with the first tomogram's optics."""
+    tomograms = tomograms_table(project, sets[TOMOGRAMS.name], tilt_series_rows)
+    particles = project.read_items(sets[PARTICLES.name].id, enabled_only=True)
+    particles = particles[particles["ts_id"].isin(tomograms["rlnTomoName"])]
+    optics_columns = ["rlnOpticsGroupName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+                      "rlnTomoTiltSeriesPixelSize"]
+    optics = tomograms[[c for c in optics_columns if c in tomograms.columns]].head(1).assign(rlnOpticsGroup=1)
+    paths = [out / "tomograms.star", out / "particles.star"]
+    write_tomograms_star(paths[0], tomograms)
+    write_particles_star(paths[1], relion5_particles_table(particles), optics)
+    return paths

@@ -14,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from tomopipe.algorithms.filters import fourier_crop_bin
+from tomopipe.algorithms.potential import AtomicModel, atomic_potential_volume, interaction_constant_rad_per_V_A
+from tomopipe.io.atomic_model import read_atomic_model
 from tomopipe.io.mrc import write_mrc
 from tomopipe.simulate.config import SimulationConfig, SimulationConfigError
 from tomopipe.simulate.detector import (
@@ -27,10 +29,8 @@ from tomopipe.simulate.detector import (
 )
 from tomopipe.simulate.imaging import IceModel, Optics, ice_thickness_image, render_tilt_contrast
 from tomopipe.simulate.plan import generator_for, mdoc_tilt_axis_error_deg, plan_tilt_series
-from tomopipe.simulate.potential import atomic_potential_volume, interaction_constant_rad_per_V_A
 from tomopipe.simulate.projector import FourierSliceProjector
 from tomopipe.simulate.specimen import ice_mean_potential_V, ice_psd_sqrt_grid
-from tomopipe.simulate.structure import AtomicModel, read_atomic_model
 from tomopipe.simulate.writer import (
     GAIN_FILE_NAME,
     write_gain_file,

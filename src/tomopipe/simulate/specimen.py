@@ -1,12 +1,12 @@
 """The specimen: particles at random non-overlapping positions in an ice slab, and amorphous ice.
 
-Ice (independent atom model, same constants as :mod:`tomopipe.simulate.potential`):
+Ice (independent atom model, same constants as :mod:`tomopipe.algorithms.potential`):
 
 * Number density of water ``n = ρ·N_A / M_w`` (0.94 g/cm³ -> 0.0314 molecules/Å³); mean inner
   potential ``V̄ = K·n·f_w(0)`` with ``f_w = f_O + 2·f_H`` (≈ 4.6 V; measured values for vitreous
   ice are 3.5–4.5 V because bonding lowers it; override with ``ice_mean_potential_V``). A
   uniform potential only adds a constant phase and is invisible; it matters through solvent
-  exclusion (the particle maps are contrasts relative to the ice, see ``potential.py``).
+  exclusion (the particle maps are contrasts relative to the ice, see :mod:`tomopipe.algorithms.potential`).
 * Fluctuations: water molecules with the molecular form factor ``|F_w(q)|²`` (O + 2 H at the
   water geometry, d_OH = 0.96 Å, d_HH = 1.51 Å) and the structure factor ``S(q)`` of
   low-density amorphous ice give the power spectrum of the projected potential through a
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import gemmi
 import torch
 
-from tomopipe.simulate.potential import POTENTIAL_CONSTANT_V_A2
+from tomopipe.algorithms.potential import POTENTIAL_CONSTANT_V_A2
 
 __all__ = [
     "WATER_MOLAR_MASS_G",

@@ -7,6 +7,9 @@ from tomopipe.steps import (
     import_alignment,  # noqa: F401
     import_movies,  # noqa: F401
     motion_ctf,  # noqa: F401
+    pick_network,  # noqa: F401
+    pick_template,  # noqa: F401
+    picks,  # noqa: F401
     preprocess,  # noqa: F401
     reconstruct,  # noqa: F401
     xray_eraser,  # noqa: F401

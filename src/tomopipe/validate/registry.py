@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
+from tomopipe.model.sets import CTF, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
 from tomopipe.project.store import Project, SetRecord
+from tomopipe.validate.picking import score_picks
 from tomopipe.validate.score_alignment import score_alignment
 from tomopipe.validate.scores import score_ctf, score_import, score_motion
 from tomopipe.validate.tomogram import score_tomogram_set
@@ -104,3 +105,29 @@ def _tomograms(project: Project, record: SetRecord, items: pd.DataFrame, truth: 
     return [Score(ts_id, name, value) for ts_id, score in per_ts.items()
             for name, value in (("correlation", score.correlation), ("fsc_0_143_A", score.fsc_0_143_A),
                                 ("mirrored_correlation", score.mirrored_correlation))]
+
+
+PICK_MATCH_DISTANCE_A = 30.0  #: the CZII challenge's match distance for apoferritin (half its radius)
+
+
+@scorer(PARTICLES.name, "pick_template_matching", "pick_network")
+def _picks(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """Per tomogram: precision, recall, F1, F-beta 4 at 30 Å after the free translation (against the
+    true particles inside the tomogram when the set's attributes give its size); the median
+    orientation error modulo the template's symmetry when the picks have orientations."""
+    picking = record.attrs.get("picking", {})
+    true_particles = truth.particles
+    scores = []
+    tomograms = record.attrs.get("tomograms", {})
+    for ts_id, mine in items.groupby("ts_id", sort=True):
+        frame = tomograms.get(ts_id)
+        half_size_A = (tuple(0.5 * n * frame["voxel_size_A"] for n in frame["size_xyz_px"]) if frame else None)
+        score = score_picks(mine, true_particles[true_particles["rlnTomoName"] == ts_id], PICK_MATCH_DISTANCE_A,
+                            picking.get("symmetry", "C1"), bool(picking.get("orientation_known", False)),
+                            half_size_A)
+        shown = {"true_particles": score.n_true, "precision": score.precision, "recall": score.recall, "f1": score.f1,
+                 "f_beta4": score.f_beta4, "median_position_error_A": score.median_position_error_A}
+        if score.median_orientation_error_deg is not None:
+            shown["median_orientation_error_deg"] = score.median_orientation_error_deg
+        scores.extend(Score(str(ts_id), name, value) for name, value in shown.items())
+    return scores

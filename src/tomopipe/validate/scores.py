@@ -144,6 +144,8 @@ GOALS: dict[str, Goal] = {
     "correlation": Goal("at least", 0.4),
     "fsc_0_143_A": Goal("at most", 30.0),
     "mirrored_correlation": Goal("at most", 0.2),
+    # picking (per tilt series): the CZII challenge's matching at 30 Å after the free translation
+    "f1": Goal("at least", 0.95),
 }
 
 _UNITS = (("_e_per_A2", "e/Å²"), ("_s_per_tilt", "s/tilt"), ("_deg", "°"), ("_px", "px"), ("_A", "Å"))

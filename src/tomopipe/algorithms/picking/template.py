@@ -1,20 +1,28 @@
-"""Templates and masks for template matching: shapes, resampling to the tomogram's voxel size.
+"""Templates and masks for template matching: from shapes, maps and atomic models, resampled to the
+tomogram's voxel size.
 
 Conventions: volumes ``[z, y, x]`` float32, cubic boxes, centre voxel at ``box // 2`` (the FFT /
-RELION centre); lengths in Å; soft edges are raised cosines ``edge_A`` wide, centred on the
-nominal radius (value 0.5 there).
+RELION centre); lengths in Å; density positive = protein; soft edges are raised cosines ``edge_A``
+wide, centred on the nominal radius (value 0.5 there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from tomopipe.algorithms.filters import fast_fft_size
 from tomopipe.algorithms.fourier import crop_centered, embed_centered
+from tomopipe.algorithms.potential import AtomicModel, atomic_potential_volume
 from tomopipe.errors import TomopipeError
 
-__all__ = ["MaskDoesNotFitError", "check_mask_fits", "resample_volume", "shell_template", "spherical_mask"]
+__all__ = ["MaskDoesNotFitError", "check_mask_fits", "default_template_box_px", "resample_volume",
+           "shell_template", "spherical_mask", "template_from_atomic_model", "template_from_map"]
+
+#: Default template box: this many times the particle's diameter (room for the mask's soft edge).
+BOX_PER_DIAMETER = 1.2
 
 
 class MaskDoesNotFitError(TomopipeError):
@@ -89,3 +97,52 @@ def resample_volume(volume: torch.Tensor, voxel_size_A: float, target_voxel_size
     out = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dims)).real
     out = torch.roll(out, [n // 2 for n in new_shape], dims)
     return (out * (math.prod(new_shape) / math.prod(shape))).to(torch.float32)
+
+
+def default_template_box_px(diameter_A: float, voxel_size_A: float) -> int:
+    """Smallest even fast-FFT box (factors 2, 3, 5) of at least ``BOX_PER_DIAMETER`` × ``diameter_A``."""
+    if diameter_A <= 0 or voxel_size_A <= 0:
+        raise ValueError(f"diameter_A and voxel_size_A must be > 0, got {diameter_A}, {voxel_size_A}")
+    return fast_fft_size(math.ceil(BOX_PER_DIAMETER * diameter_A / voxel_size_A), even=True)
+
+
+def template_from_atomic_model(model: AtomicModel, voxel_size_A: float, box_px: int | None = None, *,
+                               extra_b_factor_A2: float = 0.0, ice_potential_V: float = 0.0,
+                               device: str | torch.device = "cpu") -> torch.Tensor:
+    """The potential (V, positive = protein) of ``model`` at the tomogram's ``voxel_size_A`` on an even
+    ``box_px``³ grid, the model's centre of mass on voxel ``box_px // 2``; float32 ``[z, y, x]``.
+
+    ``box_px`` defaults to :func:`default_template_box_px` of the model's diameter (twice the largest
+    atom distance from the centre of mass). ``extra_b_factor_A2`` blurs every atom;
+    ``ice_potential_V`` > 0 gives the contrast against the displaced ice
+    (:func:`~tomopipe.algorithms.potential.atomic_potential_volume`). A box narrower than the model
+    raises :class:`TomopipeError` (the grid is periodic: the model would wrap around).
+    """
+    if voxel_size_A <= 0:
+        raise ValueError(f"template_from_atomic_model: voxel_size_A must be > 0, got {voxel_size_A}")
+    positions_A = model.positions_A - model.centre_of_mass_A().to(model.positions_A.dtype)
+    diameter_A = 2.0 * float(torch.linalg.norm(positions_A, dim=1).max())
+    box_px = default_template_box_px(diameter_A, voxel_size_A) if box_px is None else int(box_px)
+    if box_px * voxel_size_A < diameter_A:
+        raise TomopipeError(
+            f"atomic model {model.source} ({diameter_A:.0f} Å across) does not fit in a template box of {box_px} × "
+            f"{voxel_size_A:g} Å: use a box of at least {math.ceil(diameter_A / voxel_size_A)} voxels")
+    centred = dataclasses.replace(model, positions_A=positions_A)
+    return atomic_potential_volume(centred, box_px, voxel_size_A, ice_potential_V=ice_potential_V,
+                                   extra_b_factor_A2=extra_b_factor_A2, device=device)
+
+
+def template_from_map(volume: torch.Tensor, voxel_size_A: float, target_voxel_size_A: float,
+                      box_px: int | None = None) -> torch.Tensor:
+    """A map ``[z, y, x]`` at ``voxel_size_A`` as a template at ``target_voxel_size_A`` in a cubic
+    ``box_px``³ box: Fourier-resampled (:func:`resample_volume`, values and so the mean kept), then
+    zero-padded or cropped about the centre voxel (``n // 2`` stays on ``box_px // 2``; the integral is
+    kept while the density lies inside the box). ``box_px`` defaults to the smallest even fast-FFT size
+    holding the resampled map. A box too small for the template's mask is refused where the mask is
+    made (:func:`check_mask_fits`). Float32."""
+    resampled = resample_volume(torch.as_tensor(volume), voxel_size_A, target_voxel_size_A)
+    box_px = fast_fft_size(max(resampled.shape), even=True) if box_px is None else int(box_px)
+    if box_px < 1:
+        raise ValueError(f"template_from_map: box_px must be >= 1, got {box_px}")
+    padded = embed_centered(resampled, [max(n, box_px) for n in resampled.shape])
+    return crop_centered(padded, (box_px,) * 3).contiguous()

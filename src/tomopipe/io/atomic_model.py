@@ -1,95 +1,20 @@
-"""Atomic models for the simulator: read a PDB/mmCIF file with gemmi, build the biological
-assembly, and return the atoms as tensors.
-
-Coordinates are Å, (x, y, z) in the model's frame, centred on the centroid of the atoms (the
-symmetry centre of a complete point-group assembly such as apoferritin). The centred model is
-the simulator's reference: a particle with RELION angles (rot, tilt, psi) is this model rotated by
-``A = (Rz(rot)·Ry(tilt)·Rz(psi))ᵀ`` about its centre and placed at its position.
+"""Atomic models from files: read a PDB/mmCIF file (optionally gzipped) with gemmi, build the
+biological assembly, and return the atoms as an :class:`~tomopipe.algorithms.potential.AtomicModel`
+(coordinates in Å, (x, y, z), centred on the centroid of the atoms; see that module for the frame).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import gemmi
 import numpy as np
 import torch
 
+from tomopipe.algorithms.potential import AtomicModel
 from tomopipe.errors import InputFileError
 
-__all__ = ["AtomicModel", "read_atomic_model", "scattering_coefficients", "element_symbol", "HYDROGEN_SMEAR_B_A2"]
-
-#: Extra B-factor of an implicit hydrogen placed on its carrier atom: a hydrogen ~1.05 Å from the
-#: carrier in a random direction has <u²> = d²/3 per axis, B = 8π²·<u²> ≈ 29 Å².
-HYDROGEN_SMEAR_B_A2 = 8.0 * 3.141592653589793**2 * 1.05**2 / 3.0
-
-
-@dataclass(frozen=True)
-class AtomicModel:
-    """Atoms of one (assembled) structure, centred on their centroid.
-
-    ``positions_A`` [n, 3] (x, y, z) in Å; ``element_index`` [n] into ``element_symbols``;
-    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n]; ``centre_A`` the centroid that
-    was subtracted (file frame); ``n_chains`` chains after assembly; ``hydrogens`` [n] the
-    implicit hydrogens carried by each atom (None when the file has its own or they are off).
-    """
-
-    positions_A: torch.Tensor
-    element_index: torch.Tensor
-    element_symbols: tuple[str, ...]
-    b_factors_A2: torch.Tensor
-    occupancies: torch.Tensor
-    centre_A: tuple[float, float, float]
-    n_chains: int
-    source: str
-    hydrogens: torch.Tensor | None = None  #: [n] implicit (united-atom) hydrogens on each atom
-
-    @property
-    def n_implicit_hydrogens(self) -> float:
-        return 0.0 if self.hydrogens is None else float(self.hydrogens.sum())
-
-    @property
-    def n_atoms(self) -> int:
-        return int(self.positions_A.shape[0])
-
-    @property
-    def radius_A(self) -> float:
-        """Largest distance of an atom centre from the model centre (Å)."""
-        return float(torch.linalg.norm(self.positions_A, dim=1).max()) if self.n_atoms else 0.0
-
-    def mass_Da(self) -> float:
-        """Sum of the atomic masses (Da) weighted by occupancy (hydrogens only if modelled)."""
-        masses = torch.tensor([gemmi.Element(s).weight for s in self.element_symbols], dtype=torch.float64)
-        total = float((masses[self.element_index] * self.occupancies.double()).sum())
-        return total + self.n_implicit_hydrogens * gemmi.Element("H").weight
-
-
-def element_symbol(name: str) -> str:
-    """Canonical element symbol (``'CA'`` -> ``'Ca'``); raises ValueError for unknown elements."""
-    el = gemmi.Element(name)
-    if el.atomic_number == 0:
-        raise ValueError(f"unknown chemical element {name!r}")
-    return el.name
-
-
-def scattering_coefficients(symbols) -> tuple[torch.Tensor, torch.Tensor]:
-    """Electron scattering factors of ITC Vol. C Table 4.3.2.2 (5 Gaussians), via gemmi.
-
-    ``f(s) = Σ_i a_i·exp(−b_i·s²)`` with ``s = sinθ/λ = |q|/2`` (q = 1/d in 1/Å), a_i in Å, b_i in Å².
-    Returns ``(a [n, 5], b [n, 5])`` float64 for the element symbols given.
-    """
-    a, b = [], []
-    for s in symbols:
-        el = gemmi.Element(s)
-        if el.atomic_number == 0:
-            raise ValueError(f"unknown chemical element {s!r}")
-        coef = el.c4322
-        if coef is None or len(coef.a) != 5:
-            raise ValueError(f"no electron scattering factors for element {s!r}")
-        a.append(list(coef.a))
-        b.append(list(coef.b))
-    return torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+__all__ = ["read_atomic_model"]
 
 
 def _has_real_operators(structure: gemmi.Structure, assembly: gemmi.Assembly) -> bool:
@@ -146,7 +71,7 @@ def read_atomic_model(
     """
     path = Path(path)
     if not path.exists():
-        raise InputFileError(path, "structure file not found (pass a PDB or mmCIF file with --structure)")
+        raise InputFileError(path, "structure file not found (expected a PDB or mmCIF file)")
     if not path.is_file():
         raise InputFileError(path, "structure path is not a file")
     try:
@@ -188,6 +113,9 @@ def read_atomic_model(
     if not xyz:
         raise InputFileError(path, "structure file holds no atoms")
     positions = np.asarray(xyz, dtype=np.float64)
+    occupancies = np.asarray(occ, dtype=np.float64)
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(occupancies))):
+        raise InputFileError(path, "non-finite atom coordinates or occupancies")
     centre = positions.mean(axis=0)
     symbols = tuple(sorted(set(elements)))
     lookup = {s: i for i, s in enumerate(symbols)}
@@ -199,7 +127,7 @@ def read_atomic_model(
         element_index=torch.tensor([lookup[e] for e in elements], dtype=torch.int64),
         element_symbols=symbols,
         b_factors_A2=torch.from_numpy(b),
-        occupancies=torch.tensor(occ, dtype=torch.float64).clamp(0.0, 1.0),
+        occupancies=torch.from_numpy(occupancies).clamp(0.0, 1.0),
         centre_A=tuple(float(c) for c in centre),
         n_chains=n_chains,
         source=str(path),

@@ -1,4 +1,5 @@
-"""Electrostatic potential of an atomic model on a voxel grid, in volts (independent atom model).
+"""Atomic models as tensors and their electrostatic potential on a voxel grid, in volts (independent
+atom model). Pure tensor code; the files are read by :mod:`tomopipe.io.atomic_model`.
 
 Physics (Kirkland, *Advanced Computing in Electron Microscopy*, ch. 5; ITC Vol. C 4.3.2.2):
 
@@ -22,28 +23,109 @@ Physics (Kirkland, *Advanced Computing in Electron Microscopy*, ch. 5; ITC Vol. 
   (:func:`interaction_constant_rad_per_V_A`).
 
 Volumes are ``[z, y, x]``; voxel ``(k, j, i)`` sits at ``((i − nx//2)·p, (j − ny//2)·p,
-(k − nz//2)·p)`` Å from the model centre.
+(k − nz//2)·p)`` Å from the model centre. An :class:`AtomicModel` holds coordinates in Å, (x, y, z)
+in the model's frame, centred on the centroid of the atoms (the symmetry centre of a complete
+point-group assembly such as apoferritin): a particle with RELION angles (rot, tilt, psi) is this
+model rotated by ``A = (Rz(rot)·Ry(tilt)·Rz(psi))ᵀ`` about its centre and placed at its position.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import gemmi
 import torch
 
 from tomopipe.algorithms.ctf import electron_wavelength_A
-from tomopipe.simulate.structure import HYDROGEN_SMEAR_B_A2, AtomicModel, scattering_coefficients
 
 __all__ = [
+    "AtomicModel",
+    "HYDROGEN_SMEAR_B_A2",
     "POTENTIAL_CONSTANT_V_A2",
     "PROTEIN_VOLUME_A3_PER_DA",
     "HYDROGEN_MASS_FRACTION",
+    "scattering_coefficients",
     "interaction_constant_rad_per_V_A",
     "excluded_volumes_A3",
     "atomic_potential_volume",
     "fourier_crop_volume",
 ]
+
+#: Extra B-factor of an implicit hydrogen placed on its carrier atom: a hydrogen ~1.05 Å from the
+#: carrier in a random direction has <u²> = d²/3 per axis, B = 8π²·<u²> ≈ 29 Å².
+HYDROGEN_SMEAR_B_A2 = 8.0 * 3.141592653589793**2 * 1.05**2 / 3.0
+
+
+@dataclass(frozen=True)
+class AtomicModel:
+    """Atoms of one (assembled) structure, centred on their centroid.
+
+    ``positions_A`` [n, 3] (x, y, z) in Å; ``element_index`` [n] into ``element_symbols``;
+    ``b_factors_A2`` [n] isotropic B (Å²); ``occupancies`` [n]; ``centre_A`` the centroid that
+    was subtracted (file frame); ``n_chains`` chains after assembly; ``hydrogens`` [n] the
+    implicit hydrogens carried by each atom (None when the file has its own or they are off).
+    """
+
+    positions_A: torch.Tensor
+    element_index: torch.Tensor
+    element_symbols: tuple[str, ...]
+    b_factors_A2: torch.Tensor
+    occupancies: torch.Tensor
+    centre_A: tuple[float, float, float]
+    n_chains: int
+    source: str
+    hydrogens: torch.Tensor | None = None  #: [n] implicit (united-atom) hydrogens on each atom
+
+    @property
+    def n_implicit_hydrogens(self) -> float:
+        return 0.0 if self.hydrogens is None else float(self.hydrogens.sum())
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions_A.shape[0])
+
+    @property
+    def radius_A(self) -> float:
+        """Largest distance of an atom centre from the model centre (Å)."""
+        return float(torch.linalg.norm(self.positions_A, dim=1).max()) if self.n_atoms else 0.0
+
+    def atom_masses_Da(self) -> torch.Tensor:
+        """[n] float64 mass (Da) of each atom weighted by its occupancy, plus its implicit hydrogens."""
+        masses = torch.tensor([gemmi.Element(s).weight for s in self.element_symbols], dtype=torch.float64)
+        per_atom = masses[self.element_index] * self.occupancies.double()
+        if self.hydrogens is not None:
+            per_atom = per_atom + self.hydrogens.double() * gemmi.Element("H").weight
+        return per_atom
+
+    def mass_Da(self) -> float:
+        """Sum of the atomic masses (Da) weighted by occupancy (hydrogens only if modelled)."""
+        return float(self.atom_masses_Da().sum())
+
+    def centre_of_mass_A(self) -> torch.Tensor:
+        """Mass-weighted centre (x, y, z) in Å in the model's frame (0 for a symmetric assembly), float64 [3]."""
+        masses = self.atom_masses_Da()
+        return (self.positions_A.double() * masses[:, None]).sum(0) / masses.sum()
+
+
+def scattering_coefficients(symbols) -> tuple[torch.Tensor, torch.Tensor]:
+    """Electron scattering factors of ITC Vol. C Table 4.3.2.2 (5 Gaussians), via gemmi.
+
+    ``f(s) = Σ_i a_i·exp(−b_i·s²)`` with ``s = sinθ/λ = |q|/2`` (q = 1/d in 1/Å), a_i in Å, b_i in Å².
+    Returns ``(a [n, 5], b [n, 5])`` float64 for the element symbols given.
+    """
+    a, b = [], []
+    for s in symbols:
+        el = gemmi.Element(s)
+        if el.atomic_number == 0:
+            raise ValueError(f"unknown chemical element {s!r}")
+        coef = el.c4322
+        if coef is None or len(coef.a) != 5:
+            raise ValueError(f"no electron scattering factors for element {s!r}")
+        a.append(list(coef.a))
+        b.append(list(coef.b))
+    return torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+
 
 _PLANCK_J_S = 6.62607015e-34
 _ELECTRON_MASS_KG = 9.1093837015e-31
@@ -56,7 +138,6 @@ POTENTIAL_CONSTANT_V_A2 = _PLANCK_J_S**2 / (2.0 * math.pi * _ELECTRON_MASS_KG * 
 PROTEIN_VOLUME_A3_PER_DA = 0.74 * 1.66053906660  # cm³/g × g/Da -> Å³/Da
 #: Hydrogen mass as a fraction of the heavy-atom mass of a protein (≈ 8 H per 110 Da residue).
 HYDROGEN_MASS_FRACTION = 0.075
-
 
 
 def interaction_constant_rad_per_V_A(voltage_kV: float) -> float:

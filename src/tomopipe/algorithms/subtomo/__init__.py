@@ -1,0 +1,1 @@
+"""Subtomogram averaging algorithms."""
