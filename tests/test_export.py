@@ -11,6 +11,7 @@ import pytest
 from conftest import write_acquisition
 from tomopipe.cli import main
 from tomopipe.io.imod import read_defocus, read_exclude_list, read_tlt, read_xf
+from tomopipe.io.picks import read_picks
 from tomopipe.io.star import read_star, read_tilt_series_star
 from tomopipe.model.alignment import xf_for_views
 from tomopipe.project.store import Project
@@ -156,6 +157,15 @@ def _check_relion5_export(project, sets, out):
         if "rot_z_deg" in views:
             np.testing.assert_allclose(table["rlnTomoZRot"], expected["rot_z_deg"], atol=1e-5)
             np.testing.assert_allclose(table["rlnTomoXShiftAngst"], expected["shift_x_A"], atol=1e-5)
+    assert (out / "particles.star").exists() == ("particles" in sets)
+    if "particles" in sets:  # the picks, read back as RELION 5 reads them, beside tomograms.star
+        picks = project.read_items(sets["particles"].id, enabled_only=True).sort_values(["ts_id", "x_A"])
+        back = read_picks(out / "particles.star", project.read_items(sets["tomograms"].id)).sort_values(
+            ["ts_id", "x_A"])
+        assert len(picks) > 0 and back["ts_id"].tolist() == picks["ts_id"].tolist()
+        np.testing.assert_allclose(back[["x_A", "y_A", "z_A"]], picks[["x_A", "y_A", "z_A"]], atol=1e-3)
+        tomograms = read_star(out / "tomograms.star")["global"]
+        assert sorted(tomograms["rlnTomoName"]) == sorted(picks["ts_id"].unique())
 
 
 def test_both_exports_after_each_step_of_the_tutorial(twin_data, tmp_path, one_thread):

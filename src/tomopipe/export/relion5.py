@@ -13,19 +13,32 @@ the sheet's default, the only value a project without a CTF estimate can give).
 When the project holds tomograms and picks, ``tomograms.star`` (the tilt-series columns plus each
 tomogram's binning, size and file, as RELION 5's reconstruction writes it) and ``particles.star``
 (the enabled picks of the newest particle set, ``tomopipe.io.picks``) are written beside them.
+A ``subtomograms`` set (extracted particles) is written as ``relion_tomo_subtomo`` writes it: one
+file per particle in ``Subtomograms/TS/`` (2-D: ``N_stack2d.mrcs``, one section per tilt of the
+extraction; 3-D: ``N_data.mrc`` and ``N_weights.mrc``), ``particles.star`` naming them
+(``rlnTomoParticleName`` TS/N, ``rlnTomoVisibleFrames``, ``rlnImageName``, ``rlnCtfImage``; the
+optics of CTF-premultiplied images at the extraction's binning) and ``optimisation_set.star``.
+A ``maps`` set (reconstruct_particle, postprocess) is written with RELION's names:
+``Refine3D/run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``, ``run_class001.mrc`` and
+``PostProcess/postprocess.mrc``, ``postprocess_masked.mrc``, ``postprocess.star`` (``general``: the
+resolution, B-factor, half maps, mask, randomisation resolution, Guinier fit; ``fsc``: the FSC
+curves per shell, as ``relion_postprocess`` writes them; paths relative to the export folder).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tomopipe.errors import TomopipeError
+from tomopipe.io.mrc import read_mrc, write_mrc
 from tomopipe.io.picks import relion5_particles_table
 from tomopipe.io.star import write_particles_star, write_star, write_tilt_series_star, write_tomograms_star
-from tomopipe.model.sets import CTF, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
+from tomopipe.model.sets import CTF, MAPS, PARTICLES, SUBTOMOGRAMS, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
+from tomopipe.model.subtomograms import tilts_used_mask, weights_first_section
 from tomopipe.project.store import Project, SetRecord
 
 DEFAULT_HAND = -1.0
@@ -111,11 +124,17 @@ def _hand(acquisition: dict, tilts: pd.DataFrame, ts_id: str) -> float:
 def export(project: Project, sets: dict[str, SetRecord], out: Path) -> list[Path]:
     base = next((sets[k] for k in (TILT_SERIES.name, TILT_SERIES_MOVIES.name) if k in sets), None)
     picks = TOMOGRAMS.name in sets and PARTICLES.name in sets
-    if base is None and not picks:
+    subtomograms = SUBTOMOGRAMS.name in sets
+    if base is None and not picks and not subtomograms and MAPS.name not in sets:
         raise TomopipeError(f"{project.folder}: no tilt series to export to RELION 5")
     written, global_rows = _export_tilt_series(project, sets, base, out) if base is not None else ([], [])
-    if picks:
-        written += export_picks(project, sets, out, {row["rlnTomoName"]: row for row in global_rows})
+    rows = {row["rlnTomoName"]: row for row in global_rows}
+    if subtomograms:
+        written += export_subtomograms(project, sets, out, rows)
+    elif picks:
+        written += export_picks(project, sets, out, rows)
+    if MAPS.name in sets:
+        written += export_maps(project, sets[MAPS.name], out)
     return written
 
 
@@ -185,10 +204,139 @@ def export_picks(project: Project, sets: dict[str, SetRecord], out: Path,
     tomograms = tomograms_table(project, sets[TOMOGRAMS.name], tilt_series_rows)
     particles = project.read_items(sets[PARTICLES.name].id, enabled_only=True)
     particles = particles[particles["ts_id"].isin(tomograms["rlnTomoName"])]
-    optics_columns = ["rlnOpticsGroupName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
-                      "rlnTomoTiltSeriesPixelSize"]
-    optics = tomograms[[c for c in optics_columns if c in tomograms.columns]].head(1).assign(rlnOpticsGroup=1)
     paths = [out / "tomograms.star", out / "particles.star"]
     write_tomograms_star(paths[0], tomograms)
-    write_particles_star(paths[1], relion5_particles_table(particles), optics)
+    write_particles_star(paths[1], relion5_particles_table(particles), _optics(tomograms))
     return paths
+
+
+def _optics(tomograms: pd.DataFrame) -> pd.DataFrame:
+    """One optics group (``optics1``) with the first tomogram's optics."""
+    columns = ["rlnOpticsGroupName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+               "rlnTomoTiltSeriesPixelSize"]
+    return tomograms[[c for c in columns if c in tomograms.columns]].head(1).assign(rlnOpticsGroup=1)
+
+
+def export_subtomograms(project: Project, sets: dict[str, SetRecord], out: Path,
+                        tilt_series_rows: dict[str, dict]) -> list[Path]:
+    """The enabled particles of the subtomograms set as RELION 5's extraction job writes them
+    (module docstring): per-particle files, ``tomograms.star`` (of the tomograms set when there is
+    one, else the tilt-series rows), ``particles.star`` and ``optimisation_set.star``."""
+    record = sets[SUBTOMOGRAMS.name]
+    extraction = record.attrs.get("extraction", {})
+    items = project.read_items(record.id, enabled_only=True)
+    if TOMOGRAMS.name in sets:
+        tomograms = tomograms_table(project, sets[TOMOGRAMS.name], tilt_series_rows)
+    else:
+        acquisitions = record.attrs.get("tilt_series", {})
+        tomograms = pd.DataFrame([tilt_series_rows.get(ts_id) or _acquisition_row(
+            ts_id, acquisitions.get(ts_id, {}), extraction["tilt_series_pixel_size_A"])
+            for ts_id in sorted(items["ts_id"].unique())])
+    items = items[items["ts_id"].isin(tomograms["rlnTomoName"])].reset_index(drop=True)
+    if items.empty:
+        raise TomopipeError(f"{project.folder}: no enabled extracted particle of an exported tomogram")
+    numbers = items.groupby("ts_id", sort=False).cumcount().to_numpy() + 1
+    table = relion5_particles_table(items)
+    table["rlnTomoParticleName"] = [f"{ts_id}/{n}" for ts_id, n in zip(items["ts_id"], numbers)]
+    table["rlnTomoVisibleFrames"] = ["[" + ",".join(str(int(u)) for u in tilts_used_mask(text)) + "]"
+                                     for text in items["tilts_used"]]
+    files = _particle_files(project, items, numbers, out / "Subtomograms", int(extraction["dimensions"]),
+                            float(extraction["pixel_size_A"]))
+    table["rlnImageName"] = [str(f[0]) for f in files]
+    if int(extraction["dimensions"]) == 3:
+        table["rlnCtfImage"] = [str(f[1]) for f in files]
+    optics = _optics(tomograms).assign(
+        rlnCtfDataAreCtfPremultiplied=1, rlnImageDimensionality=int(extraction["dimensions"]),
+        rlnTomoSubtomogramBinning=float(extraction["binning"]), rlnImagePixelSize=float(extraction["pixel_size_A"]),
+        rlnImageSize=int(extraction["crop_px"]))
+    paths = [out / "tomograms.star", out / "particles.star", out / "optimisation_set.star"]
+    write_tomograms_star(paths[0], tomograms)
+    write_star(paths[1], {"general": {"rlnTomoSubTomosAre2DStacks": int(int(extraction["dimensions"]) == 2)},
+                          "optics": optics, "particles": table})
+    write_star(paths[2], {"optimisation_set": {"rlnTomoParticlesFile": str(paths[1].resolve()),
+                                               "rlnTomoTomogramsFile": str(paths[0].resolve())}})
+    return paths + [path for pair in files for path in pair if path is not None]
+
+
+def _particle_files(project: Project, items: pd.DataFrame, numbers, folder: Path, dimensions: int,
+                    pixel_size_A: float) -> list[tuple[Path, Path | None]]:
+    """Each particle's sections copied to its own file(s): ``(image, weights or None)``, absolute paths."""
+    opened: dict[str, np.ndarray] = {}
+
+    def sections(stored: str, first: int, count: int) -> np.ndarray:
+        if stored not in opened:
+            opened[stored] = read_mrc(project.absolute_path(stored), mmap=True)[0]
+        return np.asarray(opened[stored][first:first + count])
+
+    out = []
+    for row, number in zip(items.itertuples(), numbers):
+        target = (folder / row.ts_id).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        first, count = int(row.data_section), int(row.n_sections)
+        if dimensions == 2:
+            image = target / f"{number}_stack2d.mrcs"
+            write_mrc(image, sections(row.data_path, first, count), pixel_size_A, stack=True)
+            out.append((image, None))
+            continue
+        image, weights = target / f"{number}_data.mrc", target / f"{number}_weights.mrc"
+        write_mrc(image, sections(row.data_path, first, count), pixel_size_A)
+        write_mrc(weights, sections(row.weights_path, weights_first_section(first), 2 * count), pixel_size_A)
+        out.append((image, weights))
+    return out
+
+
+# map_name in a maps set -> RELION's file (folder, name)
+MAP_FILES = {"half1": ("Refine3D", "run_half1_class001_unfil.mrc"),
+             "half2": ("Refine3D", "run_half2_class001_unfil.mrc"),
+             "full": ("Refine3D", "run_class001.mrc"), "sharpened": ("PostProcess", "postprocess.mrc"),
+             "masked": ("PostProcess", "postprocess_masked.mrc"), "mask": ("PostProcess", "postprocess_mask.mrc"),
+             "local_resolution": ("PostProcess", "relion_locres.mrc")}
+
+
+def export_maps(project: Project, maps: SetRecord, out: Path) -> list[Path]:
+    """The enabled maps of a ``maps`` set under RELION's names (module docstring), and
+    ``PostProcess/postprocess.star`` when the set comes from the postprocess step."""
+    items = project.read_items(maps.id, enabled_only=True)
+    written = {}
+    for row in items.itertuples():
+        if row.map_name not in MAP_FILES:
+            continue
+        path = out.joinpath(*MAP_FILES[row.map_name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(project.absolute_path(row.map_path), path)
+        written[row.map_name] = path
+    result = maps.attrs.get("postprocess")
+    if result is not None:
+        path = out / "PostProcess" / "postprocess.star"
+        write_star(path, postprocess_star_blocks(result, {name: str(p.relative_to(out)) for name, p in written.items()},
+                                                 float(items["voxel_size_A"].iloc[0]), int(items["box_px"].iloc[0])))
+        written["star"] = path
+    return list(written.values())
+
+
+def postprocess_star_blocks(result: dict, files: dict[str, str], voxel_size_A: float, box_px: int) -> dict:
+    """``general`` and ``fsc`` blocks of RELION's ``postprocess.star`` from the postprocess step's
+    attributes (``result``) and the exported files by map name. Without a mask RELION writes only the
+    unmasked FSC; with a mask whose unmasked FSC never fell below 0.8 nothing was randomised (0)."""
+    general = {"rlnFinalResolution": result["resolution_A"], "rlnBfactorUsedForSharpening": result["b_factor_A2"],
+               "rlnUnfilteredMapHalf1": files.get("half1", ""), "rlnUnfilteredMapHalf2": files.get("half2", ""),
+               "rlnMaskName": files.get("mask", result.get("mask", ""))}
+    if result.get("randomise_from_A") is not None:
+        general["rlnRandomiseFrom"] = result["randomise_from_A"]
+    if result.get("guinier"):
+        general.update({"rlnFittedSlopeGuinierPlot": result["guinier"]["slope_A2"],
+                        "rlnFittedInterceptGuinierPlot": result["guinier"]["intercept"],
+                        "rlnCorrelationFitGuinierPlot": result["guinier"]["correlation"]})
+    shells = np.arange(len(result["fsc_unmasked"]))
+    frequency = shells / (box_px * voxel_size_A)
+    fsc = {"rlnSpectralIndex": shells, "rlnResolution": frequency,
+           "rlnAngstromResolution": np.where(shells > 0, box_px * voxel_size_A / np.maximum(shells, 1), 999.0)}
+    if result.get("fsc_masked") is not None:
+        fsc.update({"rlnFourierShellCorrelationCorrected": result["fsc_corrected"],
+                    "rlnFourierShellCorrelationUnmaskedMaps": result["fsc_unmasked"],
+                    "rlnFourierShellCorrelationMaskedMaps": result["fsc_masked"],
+                    "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps":
+                        result["fsc_randomised_masked"] or np.zeros(shells.size)})
+    else:
+        fsc["rlnFourierShellCorrelationUnmaskedMaps"] = result["fsc_unmasked"]
+    return {"general": general, "fsc": pd.DataFrame(fsc)}

@@ -197,7 +197,28 @@ PARTICLES = SetKind(
      Column("half_set", "int", description="1 or 2: the independent half of the data set"),
      ENABLED))
 
-SET_KINDS = {kind.name: kind for kind in (TILT_SERIES_MOVIES, TILT_SERIES, CTF, TOMOGRAMS, PARTICLES)}
+SUBTOMOGRAMS = SetKind(
+    "subtomograms", "one item per extracted particle: its pseudo-subtomogram (RELION 5): the CTF-premultiplied "
+                    "crops of its tilts (2-D) or their Fourier insertion (3-D), with the particle's pose. The "
+                    "set's attributes hold 'extraction' (dimensions 2 or 3, pixel_size_A, binning, box_px, "
+                    "crop_px, ...) and, per tilt series, the tilt geometry the crops were cut with",
+    (*PARTICLES.columns,
+     Column("data_path", "str", description="MRC file holding the particle's data (stored path)"),
+     Column("data_section", "int", description="0-based first section of the particle in data_path"),
+     Column("n_sections", "int", description="sections of the particle: its tilts (2-D) or the box (3-D)"),
+     Column("tilts_used", "str", description="per tilt of the geometry, '1' when the crop is used, else '0'"),
+     Column("weights_path", "str", required=False,
+            description="3-D: MRC of the CTF² weights and multiplicity volumes (stored path)")))
+MAPS = SetKind(
+    "maps", "one item per map: half maps, the full map, post-processed maps, masks",
+    (Column("map_name", "str", description="half1, half2, full, masked, sharpened, mask, ..."),
+     Column("map_path", "str", description="MRC volume (stored path)"),
+     Column("voxel_size_A", "float", "Å", description="voxel size"),
+     Column("box_px", "int", "px", description="cubic box size"),
+     ENABLED))
+
+SET_KINDS = {kind.name: kind for kind in (TILT_SERIES_MOVIES, TILT_SERIES, CTF, TOMOGRAMS, PARTICLES, SUBTOMOGRAMS,
+                                          MAPS)}
 
 
 def set_kind(name: str) -> SetKind | None:

@@ -107,6 +107,17 @@ def acquisition_of(ctx, port: str, ts_id: str) -> dict:
     return acquisitions[ts_id]
 
 
+def ctf_hand(ctx, ts_id: str) -> int:
+    """The defocus handedness (RELION ``rlnTomoHand``) of a tilt series: ``defocus_hand`` of its
+    acquisition in the attributes of the input set 'ctf' (written by motion_ctf); a clear error
+    when it is not there."""
+    hand = ctx.input_attrs("ctf").get("tilt_series", {}).get(ts_id, {}).get("defocus_hand")
+    if hand not in (-1, 1):
+        ctx.fail(f"tilt series {ts_id!r}: the input set 'ctf' has no defocus handedness (defocus_hand = -1 or 1 in "
+                 f"its attributes, RELION rlnTomoHand; got {hand!r}): estimate the CTF again with motion_ctf")
+    return int(hand)
+
+
 def tilt_series_tasks(ctx, port: str, task_type: type[TiltSeriesTask] = TiltSeriesTask
                       ) -> tuple[pd.DataFrame, list[TiltSeriesTask]]:
     """All items of the input set (see :func:`tilt_series_items`) and one task per tilt series

@@ -37,23 +37,19 @@ from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import write_mrc
 from tomopipe.model.sets import ALIGNMENT_REQUIRED_NAMES, CTF, DEFOCUS_NAMES, TILT_SERIES, TOMOGRAMS
-from tomopipe.steps._tilt_series import TiltSeriesResult, TiltSeriesTask, acquisition_of, read_views, views_of
+from tomopipe.steps._tilt_series import (
+    TiltSeriesResult,
+    TiltSeriesTask,
+    acquisition_of,
+    ctf_hand,
+    read_views,
+    views_of,
+)
 from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
 
 CTF_ACQUISITION = ("voltage_kV", "spherical_aberration_mm", "amplitude_contrast")
-
-
-def ctf_hand(ctx, ts_id: str) -> int:
-    """The defocus handedness (RELION ``rlnTomoHand``) of a tilt series: ``defocus_hand`` of its
-    acquisition in the attributes of the input set 'ctf' (written by motion_ctf); a clear error
-    when it is not there."""
-    hand = ctx.input_attrs("ctf").get("tilt_series", {}).get(ts_id, {}).get("defocus_hand")
-    if hand not in (-1, 1):
-        ctx.fail(f"tilt series {ts_id!r}: the input set 'ctf' has no defocus handedness (defocus_hand = -1 or 1 in "
-                 f"its attributes, RELION rlnTomoHand; got {hand!r}): estimate the CTF again with motion_ctf")
-    return int(hand)
 
 
 def reconstruction_params(params: dict) -> ReconstructionParams:
