@@ -61,8 +61,9 @@ def _rows(project, outcome, step_type, label, truth, seconds) -> list[dict]:
     rotations = summary.get("rotations")
     rows = []
     for ts_id, values in sorted(scores.items()):
-        rows.append({"picker": label, "ts_id": ts_id, "picks": int(summary["picks"][ts_id]["picks"])
-                     if isinstance(summary.get("picks"), dict) else None,
+        picks = summary["picks"][ts_id]  # a count, or the template matcher's per-tomogram summary
+        picks = picks["picks"] if isinstance(picks, dict) else picks
+        rows.append({"picker": label, "ts_id": ts_id, "picks": int(picks),
                      "true": values.get("true_particles"), "precision": values.get("precision"),
                      "recall": values.get("recall"), "f1": values.get("f1"), "f_beta4": values.get("f_beta4"),
                      "median_orientation_error_deg": values.get("median_orientation_error_deg"),
@@ -87,6 +88,8 @@ def main() -> None:
     workflow_params = tomllib.loads(tutorial_workflow_path().read_text())["steps"]["pick"]
     pick_params = {k: v for k, v in workflow_params.items() if k not in ("type", "tomograms", "tilt_series", "ctf")}
     rows = []
+    notes = (f"{args.threads} torch threads; demo {args.demo}; CPU; angular step "
+             f"{'Crowther' if not args.angular_step else args.angular_step}")
     with tempfile.TemporaryDirectory() as folder:
         shutil.copytree(args.demo / "project", Path(folder) / "project")
         with Project.open(Path(folder) / "project") as project:
@@ -97,6 +100,7 @@ def main() -> None:
                                   LocalExecutor(1))
             rows += _rows(project, outcome, "pick_template_matching", "workflow (shell template)", truth,
                           time.perf_counter() - started)
+            report("picking", rows, notes)
             workflow_picks = project.sets_of_run(outcome.run.id)["particles"]
             if "model" not in skip:
                 params = {**pick_params, "template": str(APOFERRITIN_MODEL), "symmetry": "O",
@@ -106,6 +110,7 @@ def main() -> None:
                                       LocalExecutor(1))
                 rows += _rows(project, outcome, "pick_template_matching", "atomic model 6Z6U (upper bound)", truth,
                               time.perf_counter() - started)
+                report("picking", rows, notes)
             if "network" not in skip:
                 params = {"particle_diameter_A": pick_params["particle_diameter_A"],
                           "training_time_s": args.training_time, "device": "cpu"}
@@ -115,8 +120,7 @@ def main() -> None:
                                       LocalExecutor(1))
                 rows += _rows(project, outcome, "pick_network", "network (trained on the workflow's picks)", truth,
                               time.perf_counter() - started)
-    report("picking", rows, f"{args.threads} torch threads; demo {args.demo}; CPU; "
-                            f"angular step {'Crowther' if not args.angular_step else args.angular_step}")
+    report("picking", rows, notes)
 
 
 if __name__ == "__main__":

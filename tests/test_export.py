@@ -82,7 +82,8 @@ def test_export_of_an_empty_project_is_refused(tmp_path, capsys):
 # The tutorial workflow on a tiny twin with parameters that fit it (11 tilts of 256 px; align at bin 2
 # with 300 Å patches instead of bin 10 with 500 Å, which would leave 25 px views), one view excluded by hand.
 STAGE_OVERRIDES = ["motion.ctf_window_px=128", 'exclude.exclude_tilts="TS_01:2"', "preprocess.binning=2",
-                   "align.patch_size_A=300", "reconstruct.thickness_px=32"]
+                   "align.patch_size_A=300", "reconstruct.thickness_px=32", *(f"{step}.{value}" for step in (
+                       "extract3d", "extract2d") for value in ("binning=2", "box_px=48"))]
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +159,9 @@ def _check_relion5_export(project, sets, out):
             np.testing.assert_allclose(table["rlnTomoZRot"], expected["rot_z_deg"], atol=1e-5)
             np.testing.assert_allclose(table["rlnTomoXShiftAngst"], expected["shift_x_A"], atol=1e-5)
     assert (out / "particles.star").exists() == ("particles" in sets)
-    if "particles" in sets:  # the picks, read back as RELION 5 reads them, beside tomograms.star
-        picks = project.read_items(sets["particles"].id, enabled_only=True).sort_values(["ts_id", "x_A"])
+    if "particles" in sets:  # the picks (or the extracted ones), read back as RELION 5 reads them
+        source = sets.get("subtomograms", sets["particles"])
+        picks = project.read_items(source.id, enabled_only=True).sort_values(["ts_id", "x_A"])
         back = read_picks(out / "particles.star", project.read_items(sets["tomograms"].id)).sort_values(
             ["ts_id", "x_A"])
         assert len(picks) > 0 and back["ts_id"].tolist() == picks["ts_id"].tolist()

@@ -212,8 +212,10 @@ def test_postprocess_with_auto_mask_and_bad_input():
         pp.postprocess(half1, half2, PIX, torch.ones(N, N, N) * 2)
     with pytest.raises(TomopipeError, match="do not correlate"):
         pp.postprocess(half1, -half1, PIX)  # FSC = -1
+    unfitted = pp.postprocess(half1, half2, PIX, fit_low_A=1.02 * result.resolution_A, generator=gen)
+    assert unfitted.guinier is None and unfitted.b_factor_A2 == 0.0  # too few shells to fit: no sharpening
     with pytest.raises(TomopipeError, match="Guinier fit needs 3"):
-        pp.postprocess(half1, half2, PIX, fit_low_A=1.02 * result.resolution_A)
+        pp.guinier_plot(torch.fft.rfftn(half1), N, PIX, 1.02 * result.resolution_A, result.resolution_A)
 
 
 def test_local_resolution_follows_the_local_noise():
@@ -268,3 +270,13 @@ def test_apoferritin_auto_mask_resolution_and_b_factor(apoferritin_map):
     fitted = [pp.postprocess(*halves(v, 0.3 * float(apoferritin_map.std())), pix, auto_mask_threshold=threshold,
                              generator=gen).b_factor_A2 for v in (apoferritin_map, blurred)]
     assert abs((fitted[1] - fitted[0]) / -150.0 - 1) < 0.15, fitted
+
+
+def test_no_b_factor_fit_below_the_fit_range_leaves_the_map_unsharpened():
+    """A map at ~16 Å (bin 10) has no shell between 10 Å and its resolution: B = 0, no Guinier plot."""
+    gen = torch.Generator().manual_seed(11)
+    signal = _field(0.0, gen)
+    half1, half2 = (signal + 0.05 * torch.randn(signal.shape, generator=gen) for _ in range(2))
+    result = pp.postprocess(half1, half2, 8.0, generator=gen)
+    assert result.resolution_A > 10.0
+    assert result.guinier is None and result.b_factor_A2 == 0.0

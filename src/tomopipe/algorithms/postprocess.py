@@ -176,6 +176,19 @@ def _fsc_weights(fsc_curve: torch.Tensor) -> torch.Tensor:
     return weights
 
 
+def _guinier_range(n: int, pixel_size_A: float, fit_low_A: float, fit_high_A: float) -> torch.Tensor:
+    """Shells (bool ``[n//2 + 1]``, DC excluded) whose resolution n·pixel_size_A / i lies in
+    [``fit_high_A``, ``fit_low_A``]."""
+    shells = torch.arange(n // 2 + 1)
+    resolution_A = n * pixel_size_A / shells.clamp_min(1)
+    return (shells > 0) & (resolution_A <= fit_low_A) & (resolution_A >= fit_high_A)
+
+
+def guinier_shells(n: int, pixel_size_A: float, fit_low_A: float, fit_high_A: float) -> int:
+    """How many shells of an n³ map a Guinier fit from ``fit_low_A`` to ``fit_high_A`` would use."""
+    return int(_guinier_range(n, pixel_size_A, fit_low_A, fit_high_A).sum())
+
+
 def guinier_plot(spectrum: torch.Tensor, n: int, pixel_size_A: float, fit_low_A: float, fit_high_A: float
                  ) -> GuinierPlot:
     """The Guinier plot of an rfft ``spectrum`` of an n³ map, with a straight line fitted to the shells
@@ -189,9 +202,7 @@ def guinier_plot(spectrum: torch.Tensor, n: int, pixel_size_A: float, fit_low_A:
     mean_amplitude = (total / count).cpu()
     k2 = shell_frequencies_per_A(n, pixel_size_A) ** 2
     ln_amplitude = torch.where(mean_amplitude > 0, torch.log(mean_amplitude.clamp_min(1e-300)), math.nan)
-    shells = torch.arange(n_shells)
-    resolution_A = n * pixel_size_A / shells.clamp_min(1)
-    used = (shells > 0) & (resolution_A <= fit_low_A) & (resolution_A >= fit_high_A) & (mean_amplitude > 0)
+    used = _guinier_range(n, pixel_size_A, fit_low_A, fit_high_A) & (mean_amplitude > 0)
     if int(used.sum()) < 3:
         raise TomopipeError(
             f"B-factor fit: only {int(used.sum())} shells between {fit_low_A:g} Å and the resolution "
@@ -220,8 +231,9 @@ def postprocess(half1: torch.Tensor, half2: torch.Tensor, pixel_size_A: float, m
     :func:`auto_mask` from the average of the half maps low-passed at ``auto_mask_lowpass_A``
     (relion_mask_create's ``--lowpass``; None: not filtered). Without either, no correction is
     needed and the unmasked FSC gives the resolution. ``b_factor_A2``: the B-factor to apply
-    (negative sharpens); None fits it to the Guinier plot from ``fit_low_A`` to the resolution.
-    ``generator`` draws the random phases.
+    (negative sharpens); None fits it to the Guinier plot from ``fit_low_A`` to the resolution, or
+    applies none (B = 0, ``guinier`` None) when fewer than 3 shells lie in that range (a map at
+    worse than ~10 Å: RELION too fits only from 10 Å on). ``generator`` draws the random phases.
     """
     n = _check_cube(half1, "postprocess: half map 1")
     _check_cube(half2, "postprocess: half map 2")
@@ -250,6 +262,8 @@ def postprocess(half1: torch.Tensor, half2: torch.Tensor, pixel_size_A: float, m
     resolution_A = fsc_resolution_A(fsc_curve, pixel_size_A, FSC_THRESHOLD, n)
     weights = _shell_lookup(_fsc_weights(fsc_curve), n).to(h1.device)
     guinier = None
+    if b_factor_A2 is None and guinier_shells(n, pixel_size_A, fit_low_A, resolution_A) < 3:
+        b_factor_A2 = 0.0  # too few shells between fit_low_A and the resolution to fit: no sharpening
     if b_factor_A2 is None:  # fitted on the masked map (solvent noise left out); the map written is unmasked
         fitted = average * mask.to(average.device, torch.float64) if mask is not None else average
         guinier = guinier_plot(torch.fft.rfftn(fitted) * weights, n, pixel_size_A, fit_low_A, resolution_A)

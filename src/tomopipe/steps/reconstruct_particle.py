@@ -38,7 +38,7 @@ from tomopipe.algorithms.fsc import fsc, fsc_resolution_A, shell_frequencies_per
 from tomopipe.algorithms.geometry import euler_relion_to_matrix
 from tomopipe.algorithms.picking.template import spherical_mask
 from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, centred_rfft2, ssnr_from_fsc
-from tomopipe.algorithms.subtomo.extract import TiltGeometry, _TiltCtf, particle_tilt_positions
+from tomopipe.algorithms.subtomo.extract import TiltCtfWeights, TiltGeometry, particle_tilt_positions
 from tomopipe.algorithms.symmetry import symmetry_group
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
@@ -102,27 +102,6 @@ def _read_crops(row: dict, sections: np.ndarray, cache: dict) -> torch.Tensor:
     return crops
 
 
-class TiltWeights:
-    """``(CTF·D)²`` on the rfft2 grid of ``size`` px (the padded box) for (tilt, particle) pairs: per tilt
-    its CTF at the particle's defocus times the exposure filter D at the tilt's pre-exposure (``D²``
-    alone when the crops were extracted without the CTF), each tilt's grids computed once
-    (:class:`~tomopipe.algorithms.subtomo.extract._TiltCtf`, the extraction's own CTF)."""
-
-    def __init__(self, geometry: TiltGeometry, pixel_size_A: float, size: int, apply_ctf: bool, device):
-        self.tilts = [_TiltCtf(geometry, i, pixel_size_A, size, device) for i in range(geometry.n_tilts)]
-        self.apply_ctf = apply_ctf
-
-    def __call__(self, tilts: torch.Tensor, defocus_u_A: torch.Tensor) -> torch.Tensor:
-        """Weights ``[k, size, size//2+1]`` of k pairs: tilt indices ``[k]``, the particles' defocus U ``[k]``."""
-        first = self.tilts[0].dose
-        out = torch.empty((tilts.numel(), *first.shape), dtype=first.dtype, device=first.device)
-        for t in torch.unique(tilts).tolist():
-            pairs = torch.nonzero(tilts == t).reshape(-1)
-            ctf = self.tilts[t]
-            out[pairs.to(out.device)] = ctf.ctf(defocus_u_A[pairs]) * ctf.dose if self.apply_ctf else ctf.dose
-        return out.square_()
-
-
 def _fit_box(crops: torch.Tensor, box_px: int) -> torch.Tensor:
     """Crops cut or zero-padded about their centre ``c//2`` to ``box_px``."""
     c = crops.shape[-1]
@@ -142,7 +121,7 @@ def insert_tilt_series(task: InsertTask) -> dict:
     defocus = particle_tilt_positions(g, positions, 2, task.binning).defocus_A  # [m, n, 3]; box unused
     accumulators = {half: FourierAccumulator(task.box_px, task.pad_factor, device=device) for half in (1, 2)}
     size = accumulators[1].p if task.exact_insertion else task.box_px  # the grid of the inserted spectra
-    weights = TiltWeights(g, g.pixel_size_A * task.binning, size, task.apply_ctf, device)
+    weights = TiltCtfWeights(g, g.pixel_size_A * task.binning, size, task.apply_ctf, device)
     slices = {1: 0, 2: 0}
     pending = {1: [], 2: []}
     cache: dict = {}

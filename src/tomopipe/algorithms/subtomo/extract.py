@@ -44,7 +44,7 @@ from tomopipe.algorithms.fourier import crop_centered, phase_ramp_2d
 from tomopipe.algorithms.geometry import project_points, projection_rotations
 from tomopipe.errors import TomopipeError
 
-__all__ = ["TiltGeometry", "ParticleTiltPositions", "ParticleCrops", "binned_image_shape",
+__all__ = ["TiltGeometry", "ParticleTiltPositions", "ParticleCrops", "TiltCtf", "TiltCtfWeights", "binned_image_shape",
            "particle_tilt_positions", "circle_crop", "extract_crops"]
 
 TiltImages = torch.Tensor | Callable[[int], torch.Tensor]
@@ -251,7 +251,7 @@ def _tilt_image(images: TiltImages, index: int, geometry: TiltGeometry, binning:
     return image
 
 
-class _TiltCtf:
+class TiltCtf:
     """CTF and exposure filter of one tilt on an rfft2 grid of ``size`` px, for any particle.
 
     A particle's defocus differs from the tilt centre's by the same δ on U and V, so its phase is
@@ -281,6 +281,27 @@ class _TiltCtf:
         return torch.addcmul(self.chi, delta, self.phase_per_A).sin_()
 
 
+class TiltCtfWeights:
+    """``(CTF·D)²`` on the rfft2 grid of ``size`` px for (tilt, particle) pairs: per tilt its CTF at the
+    particle's defocus times the exposure filter D at the tilt's pre-exposure (``D²`` alone when the crops
+    were extracted without the CTF), each tilt's grids computed once (:class:`TiltCtf`, the extraction's
+    own CTF); what :class:`ParticleCrops` holds as ``ctf2``, for crops read back from disk."""
+
+    def __init__(self, geometry: TiltGeometry, pixel_size_A: float, size: int, apply_ctf: bool, device):
+        self.tilts = [TiltCtf(geometry, i, pixel_size_A, size, device) for i in range(geometry.n_tilts)]
+        self.apply_ctf = apply_ctf
+
+    def __call__(self, tilts: torch.Tensor, defocus_u_A: torch.Tensor) -> torch.Tensor:
+        """Weights ``[k, size, size//2+1]`` of k pairs: tilt indices ``[k]``, the particles' defocus U ``[k]``."""
+        first = self.tilts[0].dose
+        out = torch.empty((tilts.numel(), *first.shape), dtype=first.dtype, device=first.device)
+        for t in torch.unique(tilts).tolist():
+            pairs = torch.nonzero(tilts == t).reshape(-1)
+            ctf = self.tilts[t]
+            out[pairs.to(out.device)] = ctf.ctf(defocus_u_A[pairs]) * ctf.dose if self.apply_ctf else ctf.dose
+        return out.square_()
+
+
 @dataclass(frozen=True)
 class _BoxSettings:
     box_px: int
@@ -291,8 +312,8 @@ class _BoxSettings:
     disc: torch.Tensor | None     # soft disc on the crop
 
 
-def _extract_batch(image: torch.Tensor, xy_px: torch.Tensor, defocus_u_A: torch.Tensor, box: _TiltCtf,
-                   crop: _TiltCtf, s: _BoxSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _extract_batch(image: torch.Tensor, xy_px: torch.Tensor, defocus_u_A: torch.Tensor, box: TiltCtf,
+                   crop: TiltCtf, s: _BoxSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops ``[b, c, c]`` and weights ``[b, c, c//2+1]`` of b particles visible in one binned tilt image."""
     device = image.device
     n = s.box_px
@@ -371,7 +392,7 @@ def extract_crops(images: TiltImages, geometry: TiltGeometry, positions_A, box_p
         if particles.numel() == 0:
             continue
         image = _tilt_image(images, i, geometry, binning, device)
-        box, crop = (_TiltCtf(geometry, i, pixel_A, size, device) for size in (box_px, crop_px))
+        box, crop = (TiltCtf(geometry, i, pixel_A, size, device) for size in (box_px, crop_px))
         for batch in particles.split(batch_size):
             c, w = _extract_batch(image, where.xy_px[batch, i], where.defocus_A[batch, i, 0], box, crop, settings)
             crops[batch, i] = c.cpu()
