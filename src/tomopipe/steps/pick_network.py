@@ -35,7 +35,14 @@ from tomopipe.algorithms.picking.train import TrainingConfig, train_picker
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError
 from tomopipe.io.mrc import read_mrc
-from tomopipe.model.particles import XYZ_A, TomogramFrame, check_particles, particles_table, tomogram_frames
+from tomopipe.model.particles import (
+    XYZ_A,
+    TomogramFrame,
+    check_particles,
+    particle_set_attrs,
+    particles_table,
+    tomogram_frames,
+)
 from tomopipe.model.sets import PARTICLES, TOMOGRAMS
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
@@ -147,7 +154,7 @@ class PickNetwork(Step):
             log.info("%s: %d picks", ts_id, len(peaks))
         out = pd.concat(tables, ignore_index=True)
         out["half_set"] = np.random.default_rng(p["seed"]).permutation(np.arange(len(out)) % 2 + 1)
-        attrs = {"tilt_series": copy.deepcopy(ctx.input_attrs("tomograms").get("tilt_series", {})),
+        attrs = {**particle_set_attrs(tomograms, copy.deepcopy(ctx.input_attrs("tomograms"))),
                  "picking": {"method": "pick_network", "orientation_known": False, "binning": binning,
                              "voxel_size_A": voxel_sizes[0], "particle_diameter_A": p["particle_diameter_A"],
                              "weights": ctx.stored_path(weights_path)}}
