@@ -201,7 +201,8 @@ def test_killed_step_is_not_finished_and_reruns_cleanly(setup):
 #: that fit its 128-px binned views, no point-tracking stage, a thin tomogram)
 TINY_WORKFLOW_OVERRIDES = ("motion.ctf_window_px=128", "preprocess.binning=2", "align.patch_size_A=300",
                            "align.point_tracking=false", "align.interpolated_stack=false",
-                           "reconstruct.thickness_px=32")
+                           "reconstruct.thickness_px=32", "extract3d.binning=2", "extract3d.box_px=48",
+                           "extract2d.binning=2", "extract2d.box_px=48")
 
 
 def _tiny_acquisition(folder, n_tilt_series: int):
@@ -219,7 +220,7 @@ def _run_tutorial(project_dir, data, executor):
 
     overrides = [f'import.files_directory="{data}"', f'import.gain_image="{data / "gain_ref.mrc"}"',
                  "import.gain_flip_y=true", *TINY_WORKFLOW_OVERRIDES]
-    return _run(project_dir, tutorial_workflow_path(), overrides, executor=executor)
+    return _run(project_dir, tutorial_workflow_path(), overrides, until="extract2d", executor=executor)
 
 
 def _outputs(project_dir) -> dict:
@@ -268,8 +269,8 @@ def _assert_same_file(a, b):
 @pytest.mark.usefixtures("one_thread")  # as in the Dask workers: the same sums in the same order
 def test_local_and_dask_executors_give_identical_outputs(tmp_path):
     """import -> motion + CTF -> exclude -> X-ray eraser -> preprocess -> align -> assign ->
-    reconstruct -> pick on two tilt series, locally (in this process) and on a Dask LocalCluster of two
-    worker processes: the same items in every output set and the same data in every file they
+    reconstruct -> pick -> extract (3-D, 2-D) on two tilt series, locally (in this process) and on a
+    Dask LocalCluster of two worker processes: the same items in every output set and the same data in every file they
     point to (~30 s on 2 cores)."""
     data = _tiny_acquisition(tmp_path / "data", n_tilt_series=2)
     local = _run_tutorial(tmp_path / "local", data, LocalExecutor(1))
@@ -279,11 +280,11 @@ def test_local_and_dask_executors_give_identical_outputs(tmp_path):
     finally:
         dask.close()
     steps = [o.name for o in local.outcomes]
-    assert steps[0] == "import" and steps[-1] == "pick"
+    assert steps[0] == "import" and steps[-1] == "extract2d"
     assert [o.status for o in local.outcomes] == [o.status for o in on_dask.outcomes] == ["finished"] * len(steps)
     local_sets, dask_sets = _outputs(tmp_path / "local"), _outputs(tmp_path / "dask")
     assert local_sets.keys() == dask_sets.keys()
-    assert ("reconstruct", "tomograms") in local_sets and ("pick", "particles") in local_sets
+    assert ("pick", "particles") in local_sets and ("extract3d", "subtomograms") in local_sets
     for key, items in local_sets.items():
         pd.testing.assert_frame_equal(items, dask_sets[key], check_exact=False, rtol=1e-5)
         for column in (c for c in items.columns if c.endswith("_path")):

@@ -7,7 +7,9 @@ Pure torch, any device; float64 internally, float32 out unless float64 goes in.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -205,6 +207,22 @@ def _crop_full_axis(spec: torch.Tensor, dim: int, n_new: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _cyclic_shift(x: torch.Tensor, shifts: Sequence[int], dims: Sequence[int]) -> torch.Tensor:
+    """``torch.roll(x, shifts, dims)`` as one copy of 2^len(dims) blocks (torch.roll copies once per axis)."""
+    pieces = []
+    for d, shift in zip(dims, shifts):
+        n = x.shape[d]
+        s = shift % n
+        pieces.append((((d, slice(0, n - s)), (d, slice(s, n))), ((d, slice(n - s, n)), (d, slice(0, s)))))
+    out = torch.empty_like(x)
+    for combo in itertools.product(*pieces):
+        source, target = [slice(None)] * x.ndim, [slice(None)] * x.ndim
+        for (d, a), (_, b) in combo:
+            source[d], target[d] = a, b
+        out[tuple(target)] = x[tuple(source)]
+    return out
+
+
 def fourier_crop_bin(image: torch.Tensor, factor: float, ndim: int = 2) -> torch.Tensor:
     """Antialiased binning by Fourier cropping, for any factor >= 1 (integer or not).
 
@@ -225,11 +243,11 @@ def fourier_crop_bin(image: torch.Tensor, factor: float, ndim: int = 2) -> torch
     dims = tuple(range(-ndim, 0))
     work_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
     # move the centre n//2 to index 0, crop, and move index 0 back to n_new//2
-    centred = torch.roll(image.to(work_dtype), shifts=[-(n // 2) for n in shape], dims=dims)
+    centred = _cyclic_shift(image.to(work_dtype), [-(n // 2) for n in shape], dims)
     spec = torch.fft.rfftn(centred, dim=dims)
     for d, n_new in zip(dims[:-1], new_shape[:-1]):
         spec = _crop_full_axis(spec, d, n_new)
     spec = spec[..., : new_shape[-1] // 2 + 1]
-    out = torch.roll(torch.fft.irfftn(spec, s=new_shape, dim=dims), shifts=[n // 2 for n in new_shape], dims=dims)
+    out = _cyclic_shift(torch.fft.irfftn(spec, s=new_shape, dim=dims), [n // 2 for n in new_shape], dims)
     scale = math.prod(new_shape) / math.prod(shape)
     return (out * scale).to(image.dtype if image.is_floating_point() else torch.get_default_dtype())

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -37,14 +36,16 @@ from tomopipe.algorithms.fourier import crop_centered, embed_centered
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A, shell_frequencies_per_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix
 from tomopipe.algorithms.picking.template import spherical_mask
-from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, centred_rfft2, ssnr_from_fsc
+from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, centred_rfft2
 from tomopipe.algorithms.subtomo.extract import TiltCtfWeights, TiltGeometry, particle_tilt_positions
+from tomopipe.algorithms.subtomo.half_maps import reconstruct_maps, sum_accumulators
 from tomopipe.algorithms.symmetry import symmetry_group
 from tomopipe.engine.step_api import Param, Port, Step, register
-from tomopipe.errors import InputFileError, TomopipeError
-from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.errors import TomopipeError
+from tomopipe.io.mrc import write_mrc
+from tomopipe.io.subtomograms import read_crops, tilt_sections
 from tomopipe.model.sets import MAPS, SUBTOMOGRAMS
-from tomopipe.model.subtomograms import geometry_from_attrs, tilts_used_mask
+from tomopipe.model.subtomograms import geometry_from_attrs
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")
@@ -72,34 +73,6 @@ class InsertTask:
     exact_insertion: bool
     device: str
     batch_slices: int = 256
-
-
-def _tilt_sections(row: dict, n_tilts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tilt indices used, their sections in the particle's stack): the stack holds every tilt of the
-    geometry (``n_sections`` = n tilts, :mod:`tomopipe.model.subtomograms`)."""
-    used = tilts_used_mask(row["tilts_used"])
-    if used.size != n_tilts or int(row["n_sections"]) != n_tilts:
-        raise InputFileError(f"{row['data_path']} (particle at section {row['data_section']})",
-                             f"tilts_used names {used.size} tilts and n_sections is {row['n_sections']}, the tilt "
-                             f"geometry has {n_tilts}")
-    tilts = np.nonzero(used)[0]
-    return tilts, tilts + int(row["data_section"])
-
-
-def _read_crops(row: dict, sections: np.ndarray, cache: dict) -> torch.Tensor:
-    """The particle's crops ``[k, c, c]`` float32 from its (memory-mapped) MRC stack."""
-    path = row["data_path"]
-    if path not in cache:
-        cache[path] = read_mrc(path, mmap=True)[0]
-    stack = cache[path]
-    if stack.ndim != 3 or stack.shape[-1] != stack.shape[-2] or sections.size and sections.max() >= stack.shape[0]:
-        raise InputFileError(path, f"expected a stack of square crops holding sections {sections.min()} .. "
-                                   f"{sections.max()}, got shape {stack.shape}")
-    crops = torch.from_numpy(np.asarray(stack[sections], dtype=np.float32))
-    if not bool(torch.isfinite(crops).all()):
-        raise InputFileError(path, f"the crops at sections {sections.min()} .. {sections.max()} have NaN or "
-                                   f"infinite values")
-    return crops
 
 
 def _fit_box(crops: torch.Tensor, box_px: int) -> torch.Tensor:
@@ -138,43 +111,19 @@ def insert_tilt_series(task: InsertTask) -> dict:
 
     for index, row in enumerate(rows):
         half = int(row["half_set"])
-        tilts, sections = _tilt_sections(row, g.n_tilts)
+        tilts, sections = tilt_sections(row, g.n_tilts)
         if tilts.size == 0:
             continue
         t = torch.from_numpy(tilts)
-        pending[half].append((_read_crops(row, sections, cache), t, torch.full_like(t, index)))
+        pending[half].append((read_crops(row, sections, cache), t, torch.full_like(t, index)))
         if sum(p[1].numel() for p in pending[half]) >= task.batch_slices:
             flush(half)
     for half in (1, 2):
         flush(half)
     # results travel between processes on the CPU
     return {"ts_id": task.ts_id, "slices": slices,
-            "accumulators": {h: acc if acc.device.type == "cpu" else _sum([acc], "cpu")
+            "accumulators": {h: acc if acc.device.type == "cpu" else sum_accumulators([acc], "cpu")
                              for h, acc in accumulators.items()}}
-
-
-def _sum(parts, device) -> FourierAccumulator:
-    """One accumulator on ``device`` holding all of ``parts`` (same box and padding)."""
-    parts = list(parts)
-    total = FourierAccumulator(parts[0].n, parts[0].pad, parts[0].density_compensation, device=device)
-    for acc in parts:
-        total.add(acc)
-    return total
-
-
-def reconstruct_maps(halves: dict[int, FourierAccumulator], regularisation: str, wiener_snr: float
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Half maps and full map (module docstring) and the FSC of the half maps returned (unmasked: a
-    mask would correlate the halves' noise, RELION takes the SSNR from the unmasked FSC too)."""
-    constant = 1.0 / wiener_snr
-    maps = {f"half{h}": acc.reconstruct(wiener_constant=constant) for h, acc in halves.items()}
-    curve = fsc(maps["half1"].double(), maps["half2"].double())
-    if regularisation == "wiener":
-        return {**maps, "full": _sum(halves.values(), halves[1].device).reconstruct(wiener_constant=constant)}, curve
-    ssnr = ssnr_from_fsc(curve)
-    maps = {f"half{h}": acc.reconstruct(ssnr=ssnr) for h, acc in halves.items()}
-    maps["full"] = _sum(halves.values(), halves[1].device).reconstruct(ssnr=2.0 * ssnr)
-    return maps, fsc(maps["half1"].double(), maps["half2"].double())
 
 
 @register
@@ -256,7 +205,7 @@ class ReconstructParticle(Step):
         results = ctx.map(insert_tilt_series, tasks, desc="reconstruct particle")
         insert_s = time.perf_counter() - start
         device = compute_device(p["device"])
-        halves = {h: _sum((r["accumulators"][h] for r in results), device) for h in (1, 2)}
+        halves = {h: sum_accumulators((r["accumulators"][h] for r in results), device) for h in (1, 2)}
         for acc in halves.values():
             if point_group.shape[0] > 1:  # C1 leaves the grids as they are
                 acc.symmetrise(point_group)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from tomopipe.model.sets import CTF, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
+from tomopipe.model.sets import CTF, MAPS, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
 from tomopipe.project.store import Project, SetRecord
+from tomopipe.validate.aligned_map_score import score_aligned_map_file
 from tomopipe.validate.picking import score_picks
 from tomopipe.validate.score_alignment import score_alignment
 from tomopipe.validate.scores import score_ctf, score_import, score_motion
@@ -131,3 +132,15 @@ def _picks(project: Project, record: SetRecord, items: pd.DataFrame, truth: Trut
             shown["median_orientation_error_deg"] = score.median_orientation_error_deg
         scores.extend(Score(str(ts_id), name, value) for name, value in shown.items())
     return scores
+
+
+@scorer(MAPS.name, "initial_model")
+def _initial_model(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """The de novo map superimposed on the true map first (it has no frame of its own): FSC 0.5 against the
+    truth, and the hand (the map, not its mirror image, fits better)."""
+    model = record.attrs.get("initial_model", {})
+    path = project.absolute_path(items.loc[items["map_name"] == "full", "map_path"].iloc[0])
+    score = score_aligned_map_file(path, truth, model.get("symmetry", "C1"), model.get("params", {}).get(
+        "mask_diameter_A"))
+    return _whole_set({"fsc_0_5_truth_A": score.resolution_fsc_0_5_A, "right_hand": score.right_hand,
+                       "correlation": score.correlation, "other_hand_correlation": score.other_hand_correlation})

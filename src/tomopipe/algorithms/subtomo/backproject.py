@@ -24,11 +24,13 @@ BackProjector::reconstruct): ``F = data / (weight + regularisation(shell))``, in
 padded grid, the centre N//2 kept, then divided by ``sinc²(x/P)`` per axis (the real-space
 response of trilinear insertion, "gridding correction"). Images are line sums (Σ_z V over
 voxels): a projection from :class:`FourierSliceProjector` (V·Å) divided by the voxel size gives
-back V. On the CPU a compiled (numba) kernel inserts; torch's ``index_add_`` elsewhere (GPU).
+back V. On the CPU compiled (numba) kernels insert and symmetrise; torch (``index_add_``, gathers)
+elsewhere (GPU). Reconstruction runs in float32 (the FFT of the padded grid dominates its cost).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,7 +38,6 @@ import torch
 
 from tomopipe.algorithms._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.algorithms._numba import numba
-from tomopipe.algorithms.fourier import crop_centered, embed_centered
 from tomopipe.algorithms.fourier_slice import sample_half_spectrum
 from tomopipe.algorithms.symmetry import symmetry_group
 
@@ -46,21 +47,33 @@ __all__ = ["FourierAccumulator", "PseudoSubtomogram", "centred_rfft2", "pseudo_s
 if _HAVE_NUMBA:
 
     @numba.njit(fastmath=True, cache=True)
-    def _add(row, x, c, re, im, w):  # pragma: no cover - compiled
-        """Add c·(re, im, w, 1) to voxel x of a packed grid row."""
-        row[x, 0] += c * re
-        row[x, 1] += c * im
-        row[x, 2] += c * w
-        row[x, 3] += c
+    def _add(grid, z, y, x, c, re, im, w):  # pragma: no cover - compiled
+        """Add c·(re, im, w, 1) to voxel (z, y, x) of the packed grid."""
+        grid[z, y, x, 0] += c * re
+        grid[z, y, x, 1] += c * im
+        grid[z, y, x, 2] += c * w
+        grid[z, y, x, 3] += c
+
+    @numba.njit(fastmath=True, cache=True)
+    def _add_pair(grid, z, y, x, c, wx, re, im, w):  # pragma: no cover - compiled
+        """Add c·(1 - wx) and c·wx times (re, im, w, 1) to voxels x and x + 1 of row (z, y)."""
+        _add(grid, z, y, x, c * (1.0 - wx), re, im, w)
+        _add(grid, z, y, x + 1, c * wx, re, im, w)
+
+    @numba.njit(fastmath=True, cache=True)
+    def _wrap(i, p):  # pragma: no cover - compiled
+        """Index i in [-p, 2p) wrapped to [0, p) (cheaper than Python's modulo)."""
+        return i + p if i < 0 else (i - p if i >= p else i)
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _insert_numba(sl_re, sl_im, ctf_w, rot, scale, compensate, grid, slabs):  # pragma: no cover - compiled
+    def _insert_numba(slices, ctf_w, rot, scale, compensate, grid, slabs):  # pragma: no cover - compiled
         """Trilinear insertion into the Hermitian-complete packed grid [P, P, P//2+1, (re, im, weight, mult)].
 
-        Each of ``slabs`` threads owns a slab of z planes and writes only there (every thread walks
-        all samples): no private grids, and the sums come out in the same order as with one thread.
+        ``slices`` ``[k, M, M//2+1, (re, im)]``. Each of ``slabs`` threads owns a slab of z planes and writes
+        only there (every thread walks all samples): no private grids, and the sums come out in the same
+        order as with one thread.
         """
-        count, n, nkx = sl_re.shape
+        count, n, nkx = ctf_w.shape
         p = grid.shape[0]
         rad2 = (p // 2 - 1.0) ** 2
         for t in numba.prange(slabs):
@@ -79,32 +92,87 @@ if _HAVE_NUMBA:
                         sign = 1.0
                         if qx < 0:
                             qx, qz, sign = -qx, -qz, -1.0
-                        z0 = int(math.floor(qz)) % p
-                        z1 = (z0 + 1) % p
+                        fz = math.floor(qz)
+                        z0 = _wrap(int(fz), p)
+                        z1 = _wrap(z0 + 1, p)
                         x0 = int(qx)
-                        mine = lo <= z0 < hi or lo <= z1 < hi
-                        if x0 == 0:  # the plane qx = 0 also receives the conjugate at (0, -y, -z)
-                            mine = mine or lo <= (p - z0) % p < hi or lo <= (p - z1) % p < hi
-                        if not mine:
+                        own0, own1 = lo <= z0 < hi, lo <= z1 < hi
+                        # the plane qx = 0 also receives the conjugate at (0, -y, -z)
+                        m0, m1 = _wrap(p - z0, p), _wrap(p - z1, p)
+                        mirror0 = x0 == 0 and lo <= m0 < hi
+                        mirror1 = x0 == 0 and lo <= m1 < hi
+                        if not (own0 or own1 or mirror0 or mirror1):
                             continue
                         qy = sign * (ix * uy + ky * vy)
                         half = 0.5 if ix == 0 else 1.0
                         ramp = max(math.sqrt(r2), 1.0) if compensate else 1.0
-                        re = sl_re[b, iy, ix] * ramp
-                        im = sign * sl_im[b, iy, ix] * ramp
+                        re = slices[b, iy, ix, 0] * ramp
+                        im = sign * slices[b, iy, ix, 1] * ramp
                         w = ctf_w[b, iy, ix] * ramp
                         fy = math.floor(qy)
-                        wx, wy, wz = qx - x0, qy - fy, qz - math.floor(qz)
-                        y0 = int(fy) % p
-                        for zi, cz in ((z0, 1.0 - wz), (z1, wz)):
-                            for yi, cy in ((y0, 1.0 - wy), ((y0 + 1) % p, wy)):
-                                c0 = cz * cy * (1.0 - wx) * half
-                                if lo <= zi < hi:
-                                    row = grid[zi, yi]
-                                    _add(row, x0, c0, re, im, w)
-                                    _add(row, x0 + 1, cz * cy * wx * half, re, im, w)
-                                if x0 == 0 and lo <= (p - zi) % p < hi:
-                                    _add(grid[(p - zi) % p, (p - yi) % p], 0, c0, re, -im, w)
+                        wx, wy, wz = qx - x0, qy - fy, qz - fz
+                        y0 = _wrap(int(fy), p)
+                        y1 = _wrap(y0 + 1, p)
+                        c0, c1 = (1.0 - wz) * half, wz * half
+                        if own0:
+                            _add_pair(grid, z0, y0, x0, c0 * (1.0 - wy), wx, re, im, w)
+                            _add_pair(grid, z0, y1, x0, c0 * wy, wx, re, im, w)
+                        if mirror0:
+                            _add(grid, m0, _wrap(p - y0, p), 0, c0 * (1.0 - wy) * (1.0 - wx), re, -im, w)
+                            _add(grid, m0, _wrap(p - y1, p), 0, c0 * wy * (1.0 - wx), re, -im, w)
+                        if own1:
+                            _add_pair(grid, z1, y0, x0, c1 * (1.0 - wy), wx, re, im, w)
+                            _add_pair(grid, z1, y1, x0, c1 * wy, wx, re, im, w)
+                        if mirror1:
+                            _add(grid, m1, _wrap(p - y0, p), 0, c1 * (1.0 - wy) * (1.0 - wx), re, -im, w)
+                            _add(grid, m1, _wrap(p - y1, p), 0, c1 * wy * (1.0 - wx), re, -im, w)
+
+    @numba.njit(fastmath=True, cache=True)
+    def _gather_pair(grid, z, y, x, c, wx):  # pragma: no cover - compiled
+        """c·((1 - wx)·G(z, y, x) + wx·G(z, y, x + 1)) for the 4 channels of the packed grid."""
+        c0, c1 = c * (1.0 - wx), c * wx
+        return (c0 * grid[z, y, x, 0] + c1 * grid[z, y, x + 1, 0], c0 * grid[z, y, x, 1] + c1 * grid[z, y, x + 1, 1],
+                c0 * grid[z, y, x, 2] + c1 * grid[z, y, x + 1, 2], c0 * grid[z, y, x, 3] + c1 * grid[z, y, x + 1, 3])
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _symmetrise_numba(grid, ops, out):  # pragma: no cover - compiled
+        """``out(q) = Σ_g grid(g·q)`` on the packed grid, trilinear, one z plane per iteration (as
+        :meth:`FourierAccumulator._symmetrise_torch`); voxels past the insertion sphere stay zero."""
+        p, h = grid.shape[0], grid.shape[2]
+        rad2 = (p // 2 - 1.0) ** 2
+        for z in numba.prange(p):
+            kz = z if z < p // 2 else z - p
+            for y in range(p):
+                ky = y if y < p // 2 else y - p
+                for x in range(h):
+                    if x * x + ky * ky + kz * kz > rad2:
+                        continue
+                    re = im = w = m = 0.0
+                    for g in range(ops.shape[0]):
+                        qx = ops[g, 0, 0] * x + ops[g, 0, 1] * ky + ops[g, 0, 2] * kz
+                        qy = ops[g, 1, 0] * x + ops[g, 1, 1] * ky + ops[g, 1, 2] * kz
+                        qz = ops[g, 2, 0] * x + ops[g, 2, 1] * ky + ops[g, 2, 2] * kz
+                        sign = 1.0
+                        if qx < 0:  # the Hermitian mate: conjugate at -q
+                            qx, qy, qz, sign = -qx, -qy, -qz, -1.0
+                        x0 = int(qx)  # |g·q| = |q| <= P/2 - 1: x0 + 1 <= P/2, no test (rounding would drop edge voxels)
+                        fy, fz = math.floor(qy), math.floor(qz)
+                        wx, wy, wz = qx - x0, qy - fy, qz - fz
+                        y0, z0 = _wrap(int(fy), p), _wrap(int(fz), p)
+                        y1, z1 = _wrap(y0 + 1, p), _wrap(z0 + 1, p)
+                        a0, a1 = 1.0 - wz, wz
+                        g_re, g_im, g_w, g_m = _gather_pair(grid, z0, y0, x0, a0 * (1.0 - wy), wx)
+                        for zi, yi, c in ((z0, y1, a0 * wy), (z1, y0, a1 * (1.0 - wy)), (z1, y1, a1 * wy)):
+                            d_re, d_im, d_w, d_m = _gather_pair(grid, zi, yi, x0, c, wx)
+                            g_re, g_im, g_w, g_m = g_re + d_re, g_im + d_im, g_w + d_w, g_m + d_m
+                        re += g_re
+                        im += sign * g_im
+                        w += g_w
+                        m += g_m
+                    out[z, y, x, 0] = re
+                    out[z, y, x, 1] = im
+                    out[z, y, x, 2] = w
+                    out[z, y, x, 3] = m
 
 
 def centred_rfft2(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -114,14 +182,31 @@ def centred_rfft2(images: torch.Tensor, size: int | None = None) -> torch.Tensor
     size = n if size is None else int(size)
     if images.ndim < 2 or images.shape[-2] != n or size < n:
         raise ValueError(f"centred_rfft2: need square images no larger than {size}, got {tuple(images.shape)}")
-    padded = embed_centered(images.float(), (*images.shape[:-2], size, size))
-    return torch.fft.rfft2(torch.fft.ifftshift(padded, dim=(-2, -1)))
+    h = n // 2
+    images = images.float()
+    padded = images.new_zeros((*images.shape[:-2], size, size))  # pixel j goes to (j - N//2) mod size
+    padded[..., :n - h, :n - h] = images[..., h:, h:]
+    padded[..., :n - h, size - h:] = images[..., h:, :h]
+    padded[..., size - h:, :n - h] = images[..., :h, h:]
+    padded[..., size - h:, size - h:] = images[..., :h, :h]
+    return torch.fft.rfft2(padded)
 
 
 def ssnr_from_fsc(fsc_curve: torch.Tensor, min_fsc: float = 1e-3) -> torch.Tensor:
     """SSNR of each half map, ``FSC / (1 - FSC)`` per shell (RELION: the FSC clipped to [min_fsc, 0.999])."""
     f = torch.as_tensor(fsc_curve, dtype=torch.float64).clamp(min_fsc, 0.999)
     return f / (1.0 - f)
+
+
+@functools.lru_cache(maxsize=1)
+def _shell_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Shell ``round(|q| / pad)`` (at most N//2 + 1) of each voxel of the padded half spectrum, flattened
+    (cached: every reconstruction of a run uses the same grid)."""
+    p = n * pad
+    ky = torch.fft.fftfreq(p, d=1.0 / p, device=device, dtype=torch.float64)
+    kx = torch.arange(p // 2 + 1, device=device, dtype=torch.float64)
+    radius = torch.sqrt(ky[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx ** 2)
+    return torch.round(radius / pad).long().clamp(max=n // 2 + 1).reshape(-1)
 
 
 def _gridding_kernel(n: int, p: int, device) -> torch.Tensor:
@@ -192,7 +277,7 @@ class FourierAccumulator:
                  else ctf_weights[sl].to(self.device, torch.float32))
             r = rotations[sl].to(self.device, torch.float32)
             if self.use_compiled:
-                _insert_numba(s.real.contiguous().numpy(), s.imag.contiguous().numpy(), w.contiguous().numpy(),
+                _insert_numba(torch.view_as_real(s.contiguous()).numpy(), w.contiguous().numpy(),
                               r.contiguous().numpy(), scale, self.density_compensation, self._grid.numpy(),
                               min(numba.get_num_threads(), self.p))
             else:
@@ -246,6 +331,15 @@ class FourierAccumulator:
         the insertion sphere (|q| > P/2 - 1, partly filled by its edge samples) become zero."""
         g = (symmetry_group(group) if isinstance(group, str) else torch.as_tensor(group)).to(self.device,
                                                                                           torch.float32)
+        if self.use_compiled:
+            out = torch.zeros_like(self._grid)
+            _symmetrise_numba(self._grid.numpy(), g.double().numpy(), out.numpy())
+            self._grid = out
+        else:
+            self._symmetrise_torch(g, chunk)
+
+    def _symmetrise_torch(self, g: torch.Tensor, chunk: int) -> None:
+        """The torch version of the compiled symmetrisation (group ``g`` ``[m, 3, 3]`` float32)."""
         p = self.p
         ky = torch.fft.fftfreq(p, d=1.0 / p, device=self.device).float()
         kx = torch.arange(p // 2 + 1, device=self.device, dtype=torch.float32)
@@ -270,32 +364,30 @@ class FourierAccumulator:
         mean weight divided by its SSNR. Voxels with no weight stay zero.
         """
         n, p = self.n, self.p
-        denominator = self.weight.double() + float(wiener_constant)
+        denominator = self.weight + float(wiener_constant)
         if ssnr is not None:
-            denominator = denominator + self._shell_regularisation(torch.as_tensor(ssnr, dtype=torch.float64))
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        spectrum = torch.where(denominator > 0, self.data.to(torch.complex128) / safe, torch.zeros_like(safe))
-        padded = torch.fft.fftshift(torch.fft.irfftn(spectrum, s=(p, p, p)))
-        kernel = _gridding_kernel(n, p, self.device).double()
-        volume = crop_centered(padded, (n, n, n)) / (kernel[:, None, None] * kernel[None, :, None] * kernel)
-        return volume.float()
+            denominator += self._shell_regularisation(torch.as_tensor(ssnr, dtype=torch.float64))
+        denominator.masked_fill_(denominator <= 0, math.inf)  # no weight: the voxel stays zero
+        padded = torch.fft.irfftn(self.data / denominator, s=(p, p, p))
+        # the centre N//2 of the fftshifted grid: indices i - N//2 (mod P) of the unshifted one
+        index = torch.remainder(torch.arange(n, device=self.device) - n // 2, p)
+        volume = padded.index_select(0, index).index_select(1, index).index_select(2, index)
+        kernel = _gridding_kernel(n, p, self.device)
+        return volume / (kernel[:, None, None] * kernel[None, :, None] * kernel)
 
     def _shell_regularisation(self, ssnr: torch.Tensor) -> torch.Tensor:
-        """``mean weight(shell) / SSNR(shell)`` on the padded grid; shell = round(|q| / pad)."""
-        n, p = self.n, self.p
+        """``mean weight(shell) / SSNR(shell)`` on the padded grid (float32); shell = round(|q| / pad)."""
+        n = self.n
         if ssnr.shape != (n // 2 + 1,):
             raise ValueError(f"reconstruct: ssnr needs {n // 2 + 1} shells, got {tuple(ssnr.shape)}")
-        ky = torch.fft.fftfreq(p, d=1.0 / p, device=self.device, dtype=torch.float64)
-        kx = torch.arange(p // 2 + 1, device=self.device, dtype=torch.float64)
-        radius = torch.sqrt(ky[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx ** 2)
-        shell = torch.round(radius / self.pad).long().clamp(max=n // 2 + 1).reshape(-1)
-        w = self.weight.double().reshape(-1)
+        shell = _shell_index(n, self.pad, self.device)
+        w = self.weight.reshape(-1).double()
         count = torch.bincount(shell, weights=(w > 0).double(), minlength=n // 2 + 2)[: n // 2 + 1]
         total = torch.bincount(shell, weights=w, minlength=n // 2 + 2)[: n // 2 + 1]
         mean = total / count.clamp(min=1)
         per_shell = torch.cat([mean / ssnr.to(self.device).clamp(min=1e-12), torch.zeros(1, dtype=torch.float64,
                                                                                           device=self.device)])
-        return per_shell[shell].reshape(self.weight.shape)
+        return per_shell.float()[shell].reshape(self.weight.shape)
 
 
 @dataclass(frozen=True)

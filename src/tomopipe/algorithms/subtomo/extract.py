@@ -32,6 +32,7 @@ Memory: tilts are binned one at a time and particles processed in batches, so at
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,6 +252,25 @@ def _tilt_image(images: TiltImages, index: int, geometry: TiltGeometry, binning:
     return image
 
 
+@functools.lru_cache(maxsize=96)
+def _tilt_ctf_grids(pixel_A: float, size: int, centre: tuple, optics: tuple, pre_exposure_e_per_A2: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(χ_c, π·λ·k², D) float32 on the rfft2 grid of ``size`` for a tilt's defocus ``centre`` (U, V Å, angle
+    °), ``optics`` (kV, Cs mm, amplitude contrast, phase shift °) and pre-exposure, at the specimen pixel
+    ``pixel_A``; cached, as every chunk of particles (and the reconstruction) asks for the same tilts (the
+    callers must not change them in place)."""
+    voltage_kV, cs_mm, amplitude, phase_deg = optics
+    pixel = torch.tensor(pixel_A, dtype=torch.float64)
+    sin_cos = [ctf_2d((size, size), pixel, *centre, voltage_kV, cs_mm, amplitude, phase_deg + extra)
+               for extra in (0.0, 90.0)]
+    k = radial_frequency_grid((size, size), pixel)
+    to = dict(device=device, dtype=torch.float32)
+    chi = torch.atan2(sin_cos[0].double(), sin_cos[1].double()).to(**to)
+    wavelength_A = electron_wavelength_A(torch.tensor(voltage_kV, dtype=torch.float64))
+    phase_per_A = (math.pi * wavelength_A * k**2).to(**to)
+    return chi, phase_per_A, exposure_filter(k, pre_exposure_e_per_A2, voltage_kV).to(**to)
+
+
 class TiltCtf:
     """CTF and exposure filter of one tilt on an rfft2 grid of ``size`` px, for any particle.
 
@@ -262,17 +282,12 @@ class TiltCtf:
 
     def __init__(self, geometry: TiltGeometry, i: int, pixel_A: float, size: int, device: torch.device):
         g = geometry
-        pixel = torch.tensor(pixel_A / float(g.magnification[i]), dtype=torch.float64)  # specimen frequencies
-        centre = [float(g.defocus_u_A[i]), float(g.defocus_v_A[i]), float(g.defocus_angle_deg[i])]
-        phase = float(g.phase_shift_deg[i])
-        sin_cos = [ctf_2d((size, size), pixel, *centre, g.voltage_kV, g.spherical_aberration_mm, g.amplitude_contrast,
-                          phase + extra) for extra in (0.0, 90.0)]
-        k = radial_frequency_grid((size, size), pixel)
-        to = dict(device=device, dtype=torch.float32)
-        self.chi = torch.atan2(sin_cos[0].double(), sin_cos[1].double()).to(**to)
-        wavelength_A = electron_wavelength_A(torch.tensor(g.voltage_kV, dtype=torch.float64))
-        self.phase_per_A = (math.pi * wavelength_A * k**2).to(**to)
-        self.dose = exposure_filter(k, float(g.pre_exposure_e_per_A2[i]), g.voltage_kV).to(**to)
+        centre = (float(g.defocus_u_A[i]), float(g.defocus_v_A[i]), float(g.defocus_angle_deg[i]))
+        optics = (float(g.voltage_kV), float(g.spherical_aberration_mm), float(g.amplitude_contrast),
+                  float(g.phase_shift_deg[i]))
+        self.chi, self.phase_per_A, self.dose = _tilt_ctf_grids(
+            pixel_A / float(g.magnification[i]), int(size), centre, optics, float(g.pre_exposure_e_per_A2[i]),
+            torch.device(device))
         self.centre_defocus_u_A = centre[0]
 
     def ctf(self, defocus_u_A: torch.Tensor) -> torch.Tensor:
@@ -298,7 +313,7 @@ class TiltCtfWeights:
         for t in torch.unique(tilts).tolist():
             pairs = torch.nonzero(tilts == t).reshape(-1)
             ctf = self.tilts[t]
-            out[pairs.to(out.device)] = ctf.ctf(defocus_u_A[pairs]) * ctf.dose if self.apply_ctf else ctf.dose
+            out[pairs.to(out.device)] = ctf.ctf(defocus_u_A[pairs]).mul_(ctf.dose) if self.apply_ctf else ctf.dose
         return out.square_()
 
 

@@ -1,0 +1,254 @@
+"""Gold-standard 3-D auto-refine on 2-D pseudo-subtomograms (RELION 5 ``relion_refine --auto_refine --ios``).
+
+Two half sets, each refined against its own reference; the references share only the frequencies
+below ``join_below_A`` (40 Å, RELION). Per iteration:
+
+1. pose search (:mod:`~tomopipe.algorithms.subtomo.pose_search`) of every particle against its half's
+   reference up to the current resolution limit, the angular step ``initial_step_deg`` in the first
+   iteration and halved each iteration down to ``finest_step_deg`` (the offset step with it). While the
+   step is coarser than ``local_from_deg``: global searches (RELION), on the asymmetric unit's grid of
+   ``initial_step_deg`` with the offsets ``offset_range_A`` / ``offset_step_A``, then local refinement of
+   the best rotations down to the step (:func:`coarse_to_fine_search`; no prior: the picks carry no
+   orientation); then local searches: rotations within 1.5 previous steps and offsets within two offset
+   steps of the previous pose, with a Gaussian prior on it (angle ``prior_angle_deg``, offset
+   ``offset_range_A``);
+2. each half reconstructed with the new poses (crops moved back by their shifts, inserted with
+   ``R_tilt·A``, symmetrised), regularised by the SSNR of the half-map FSC (RELION), and the resolution
+   at FSC 0.143 of the unmasked half maps;
+3. next references: each half map with the frequencies below ``join_below_A`` averaged over the two
+   halves, low-passed at the resolution, times the soft spherical mask; the noise power per tilt series
+   and half re-estimated from the residual of the crops against the new references at the new poses.
+
+Converged when the resolution has not improved for two iterations with the step at its finest
+(RELION's rule), or after ``max_iterations``. Shifts are 3-D, Å, tomogram frame (particle centre =
+position + shift); rotations reference -> particle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tomopipe.algorithms.filters import bandpass
+from tomopipe.algorithms.fourier_slice import FourierSliceProjector
+from tomopipe.algorithms.fsc import fsc_resolution_A
+from tomopipe.algorithms.subtomo.backproject import FourierAccumulator
+from tomopipe.algorithms.subtomo.half_maps import reconstruct_maps
+from tomopipe.algorithms.subtomo.pose_search import (
+    ParticleStacks,
+    PosePrior,
+    coarse_to_fine_search,
+    estimate_noise_power,
+    local_search,
+)
+from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
+from tomopipe.errors import TomopipeError
+
+__all__ = ["RefineSettings", "RefineSeries", "RefineResult", "auto_refine", "centring_phases"]
+
+log = logging.getLogger("tomopipe")
+
+FSC_THRESHOLD = 0.143
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """The loop's parameters (module docstring); lengths in Å, angles in degrees."""
+
+    symmetry: str
+    initial_lowpass_A: float
+    initial_step_deg: float
+    finest_step_deg: float
+    local_from_deg: float
+    offset_range_A: float
+    offset_step_A: float
+    prior_angle_deg: float
+    max_iterations: int
+    join_below_A: float = 40.0
+    pad_factor: int = 2
+
+
+@dataclass
+class RefineSeries:
+    """The particles of one tilt series: ``stacks`` (all of them, ``noise_power`` unused), ``half`` ``[m]``
+    (1 or 2), the current ``rotations`` ``[m, 3, 3]`` and ``shifts_A`` ``[m, 3]`` (float64)."""
+
+    stacks: ParticleStacks
+    half: torch.Tensor
+    rotations: torch.Tensor
+    shifts_A: torch.Tensor = field(default=None)
+
+    def __post_init__(self):
+        m = self.stacks.crops_ft.shape[0]
+        if self.shifts_A is None:
+            self.shifts_A = torch.zeros((m, 3), dtype=torch.float64)
+        if tuple(self.half.shape) != (m,) or tuple(self.rotations.shape) != (m, 3, 3):
+            raise TomopipeError(f"auto-refine: {m} particles need half [{m}] and rotations [{m}, 3, 3], got "
+                                f"{tuple(self.half.shape)}, {tuple(self.rotations.shape)}")
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Maps (``half1``, ``half2``, ``full``), the final half-map FSC and resolution (Å), the per-iteration
+    log (resolution_A, angular_step_deg, mean pose changes) and the series with their refined poses."""
+
+    maps: dict[str, torch.Tensor]
+    fsc: torch.Tensor
+    resolution_A: float
+    iterations: list[dict]
+    series: list[RefineSeries]
+
+
+def centring_phases(stacks: ParticleStacks, shifts_A: torch.Tensor) -> torch.Tensor:
+    """``e^{+2πi k·s_i/c}`` ``[m, n, c, c//2+1]`` for shifts ``[m, 3]`` (Å, tomogram frame): times a crop's
+    spectrum, it moves the particle at ``s_i = m_i·[R_i·t]_xy / pixel`` back to the crop's centre."""
+    c, device = stacks.crop_px, stacks.crops_ft.device
+    r = stacks.tilt_rotations.to(device, torch.float64)
+    s = torch.einsum("iab,mb->mia", r[:, :2], shifts_A.to(device, torch.float64))
+    s = s * (stacks.magnification.to(device, torch.float64)[:, None] / stacks.pixel_size_A)
+    ky = torch.fft.fftfreq(c, d=1.0 / c, device=device, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(c, d=1.0 / c, device=device, dtype=torch.float64)[None, :]
+    angle = (2.0 * math.pi / c) * (s[..., 0, None, None] * kx + s[..., 1, None, None] * ky)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+
+
+def _subset(stacks: ParticleStacks, which: torch.Tensor, noise_power: torch.Tensor) -> ParticleStacks:
+    return ParticleStacks(stacks.crops_ft[which], stacks.ctf2[which], stacks.tilt_rotations, stacks.pixel_size_A,
+                          noise_power, stacks.magnification)
+
+
+def _predicted(projector: FourierSliceProjector, stacks: ParticleStacks, rotations: torch.Tensor,
+               shifts_A: torch.Tensor) -> torch.Tensor:
+    """The reference's slices at the particles' poses, moved by their shifts ``[m, n, c, c//2+1]``."""
+    m, n = stacks.crops_ft.shape[:2]
+    tilts = stacks.tilt_rotations.to(torch.float64)
+    mag = stacks.magnification.repeat(m)
+    slices = projector.slices((tilts[None] @ rotations[:, None]).reshape(-1, 3, 3).float(), mag)
+    slices = slices.reshape(m, n, *slices.shape[-2:]).to(stacks.crops_ft.device) * (mag ** 2).reshape(m, n, 1, 1)
+    return slices * centring_phases(stacks, shifts_A).conj()
+
+
+def _noise_power(series: RefineSeries, half: int, projector: FourierSliceProjector | None) -> torch.Tensor:
+    """σ² per shell of one half of a tilt series: from ``|X|²`` without a reference (first iteration)."""
+    which = torch.nonzero(series.half == half).reshape(-1)
+    s = series.stacks
+    predicted = None if projector is None else _predicted(projector, _subset(s, which, s.noise_power),
+                                                          series.rotations[which], series.shifts_A[which])
+    return estimate_noise_power(s.crops_ft[which], s.ctf2[which], predicted)
+
+
+def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, noise: torch.Tensor,
+            settings: RefineSettings, step_deg: float, previous_step_deg: float, offset_step_A: float,
+            max_frequency_px: float) -> None:
+    """New poses of one half of a tilt series (module docstring, step 1), in place."""
+    which = torch.nonzero(series.half == half).reshape(-1)
+    data = _subset(series.stacks, which, noise)
+    if step_deg > settings.local_from_deg:
+        finer = [settings.initial_step_deg / 2**k for k in range(1, 12)]
+        result = coarse_to_fine_search(projector, data, symmetry=settings.symmetry,
+                                       global_step_deg=settings.initial_step_deg,
+                                       local_steps_deg=tuple(s for s in finer if s >= step_deg * (1 - 1e-6)),
+                                       offset_range_A=settings.offset_range_A, offset_step_A=settings.offset_step_A,
+                                       max_frequency_px=max_frequency_px)
+    else:
+        rotations, shifts = series.rotations[which], series.shifts_A[which]
+        prior = PosePrior(rotations, shifts, settings.prior_angle_deg, settings.offset_range_A)
+        result = local_search(projector, data, rotations[:, None], shifts, step_deg, 1.5 * previous_step_deg,
+                              2.0 * offset_step_A, offset_step_A, max_frequency_px, prior=prior,
+                              symmetry=settings.symmetry)
+    series.rotations[which] = result.best_rotations.to(torch.float64).cpu()
+    series.shifts_A[which] = result.best_shifts_A.to(torch.float64).cpu()
+
+
+def _reconstruct(series: list[RefineSeries], group: torch.Tensor, pad_factor: int, device
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Half maps and full map at the current poses and their FSC (module docstring, step 2)."""
+    c = series[0].stacks.crop_px
+    halves = {h: FourierAccumulator(c, pad_factor, device=device) for h in (1, 2)}
+    for s in series:
+        st = s.stacks
+        spectra = st.crops_ft * centring_phases(st, s.shifts_A)
+        rotations = st.tilt_rotations.to(torch.float64)[None] @ s.rotations[:, None]  # [m, n, 3, 3]
+        used = (st.ctf2.flatten(2) > 0).any(-1)  # [m, n]
+        for h in (1, 2):
+            pick = used & (s.half == h).to(used.device)[:, None]
+            halves[h].insert(spectra[pick], rotations[pick.cpu()].float(), st.ctf2[pick])
+    for acc in halves.values():
+        if group.shape[0] > 1:
+            acc.symmetrise(group)
+    return reconstruct_maps(halves, "fsc", 1.0)
+
+
+def _references(maps: dict[str, torch.Tensor], pixel_A: float, resolution_A: float, join_below_A: float,
+                mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Next reference of each half (module docstring, step 3)."""
+    n = mask.shape[0]
+    spectra = {h: torch.fft.rfftn(maps[f"half{h}"].double()) for h in (1, 2)}
+    low = bandpass((n, n, n), pixel_A, high_A=join_below_A, falloff_per_A=0.0).to(torch.float64) > 0
+    joined = 0.5 * (spectra[1] + spectra[2])
+    lowpass = bandpass((n, n, n), pixel_A, high_A=max(resolution_A, 2.0 * pixel_A)).to(torch.float64)
+    return {h: torch.fft.irfftn(torch.where(low, joined, ft) * lowpass, s=(n, n, n)).float() * mask
+            for h, ft in spectra.items()}
+
+
+def _band_px(crop_px: int, pixel_A: float, resolution_A: float) -> float:
+    """The search's band limit: the resolution plus 2 shells, below Nyquist."""
+    return min(crop_px * pixel_A / resolution_A + 2.0, crop_px // 2 - 0.5)
+
+
+def _pose_changes(series: list[RefineSeries], before: list[tuple[torch.Tensor, torch.Tensor]], symmetry: str
+                  ) -> tuple[float, float]:
+    angles = torch.cat([misorientation_deg(r, s.rotations, symmetry) for s, (r, _) in zip(series, before)])
+    offsets = torch.cat([(s.shifts_A - t).norm(dim=-1) for s, (_, t) in zip(series, before)])
+    return float(angles.mean()), float(offsets.mean())
+
+
+def auto_refine(series: list[RefineSeries], reference: torch.Tensor, mask: torch.Tensor, settings: RefineSettings,
+                device=None) -> RefineResult:
+    """Run the loop (module docstring) from ``reference`` (box = the crops', same voxel size, absolute
+    greyscale: not rescaled) with the soft ``mask``; updates the series' poses in place."""
+    if not series:
+        raise TomopipeError("auto-refine: no particles")
+    stacks0 = series[0].stacks
+    c, pixel_A = stacks0.crop_px, stacks0.pixel_size_A
+    if tuple(reference.shape) != (c, c, c) or tuple(mask.shape) != (c, c, c):
+        raise TomopipeError(f"auto-refine: the reference {tuple(reference.shape)} and mask {tuple(mask.shape)} must "
+                            f"be boxes of {c} px, the crops' size")
+    group = symmetry_group(settings.symmetry)
+    device = torch.device(device or stacks0.crops_ft.device)
+    start = bandpass((c, c, c), pixel_A, high_A=settings.initial_lowpass_A).to(torch.float64)
+    initial = torch.fft.irfftn(torch.fft.rfftn(reference.double()) * start, s=(c, c, c)).float() * mask
+    references = {1: initial, 2: initial}
+    noise = {(i, h): _noise_power(s, h, None) for i, s in enumerate(series) for h in (1, 2)}
+    resolution_A, step, offset_step = settings.initial_lowpass_A, settings.initial_step_deg, settings.offset_step_A
+    best_A, stalled, iterations = math.inf, 0, []
+    for iteration in range(1, settings.max_iterations + 1):
+        previous_step = step
+        if iteration > 1 and step > settings.finest_step_deg:  # the offsets refine with the angles
+            step, offset_step = max(settings.finest_step_deg, step / 2), offset_step / 2
+        projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
+        band_px = _band_px(c, pixel_A, resolution_A)
+        before = [(s.rotations.clone(), s.shifts_A.clone()) for s in series]
+        for i, s in enumerate(series):
+            for h in (1, 2):
+                _search(s, h, projectors[h], noise[i, h], settings, step, previous_step, offset_step, band_px)
+        maps, curve = _reconstruct(series, group, settings.pad_factor, device)
+        found_A = fsc_resolution_A(curve, pixel_A, FSC_THRESHOLD, c)
+        resolution_A = found_A if math.isfinite(found_A) else resolution_A
+        references = _references(maps, pixel_A, resolution_A, settings.join_below_A, mask.to(maps["half1"].device))
+        projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
+        noise = {(i, h): _noise_power(s, h, projectors[h]) for i, s in enumerate(series) for h in (1, 2)}
+        angle_deg, offset_A = _pose_changes(series, before, settings.symmetry)
+        iterations.append({"iteration": iteration, "resolution_A": resolution_A, "angular_step_deg": step,
+                           "offset_step_A": offset_step, "band_px": band_px, "mean_angle_change_deg": angle_deg,
+                           "mean_offset_change_A": offset_A})
+        log.info("auto-refine iteration %d: %.2f A, step %.3g deg, pose change %.2f deg %.2f A", iteration,
+                 resolution_A, step, angle_deg, offset_A)
+        stalled = stalled + 1 if resolution_A >= best_A * (1 - 1e-3) else 0
+        best_A = min(best_A, resolution_A)
+        if stalled >= 2 and step <= settings.finest_step_deg:
+            break
+    return RefineResult(maps, curve, resolution_A, iterations, series)

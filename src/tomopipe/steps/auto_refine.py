@@ -1,0 +1,212 @@
+"""Seed step "reliontomo - 3D auto-refine": gold-standard refinement of the particles' poses and the map
+(RELION 5 ``relion_refine --auto_refine --ios`` on 2-D pseudo-subtomograms; the loop in
+:mod:`tomopipe.algorithms.subtomo.auto_refine`).
+
+Inputs: a ``subtomograms`` set of 2-D extractions (crops CTF-premultiplied and dose-weighted,
+:mod:`tomopipe.model.subtomograms`) with ``half_set`` 1/2, and a ``maps`` set whose ``full`` map (else
+its ``initial`` map) is the reference, on absolute greyscale (not rescaled). A reference of another voxel
+size is Fourier-resampled to the crops' (noted in the log and the attributes); its box must then equal
+the crops' (a clear error otherwise). The crops are masked with zeros outside a soft disc of
+``mask_diameter_A`` (RELION ``--zero_mask``) and the references with the soft sphere of that diameter.
+
+``tilt_prior_deg``: RELION's prior on the particle's tilt angle is the width of the Gaussian prior on the
+previous orientation; the picks carry no orientation, so the first (global) iteration has none and the
+local iterations use this width around the previous pose.
+
+Outputs: a ``maps`` set (``run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``,
+``run_class001.mrc``) whose attributes hold the per-iteration log (resolution, angular step, mean pose
+changes), the final FSC curve and resolution; and the ``subtomograms`` with the refined poses: angles
+(``rot_deg``, ``tilt_deg``, ``psi_deg``) and positions moved by the shifts (particle centre = position +
+shift, Å from the tomogram centre).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from tomopipe.algorithms.fsc import shell_frequencies_per_A
+from tomopipe.algorithms.geometry import euler_relion_to_matrix, matrix_to_euler_relion
+from tomopipe.algorithms.picking.template import resample_volume, spherical_mask
+from tomopipe.algorithms.so3 import crowther_angular_step_deg
+from tomopipe.algorithms.subtomo.auto_refine import RefineSeries, RefineSettings, auto_refine
+from tomopipe.algorithms.subtomo.backproject import centred_rfft2
+from tomopipe.algorithms.subtomo.extract import TiltCtfWeights, circle_crop, particle_tilt_positions
+from tomopipe.algorithms.subtomo.pose_search import ParticleStacks
+from tomopipe.algorithms.symmetry import symmetry_group
+from tomopipe.engine.step_api import Param, Port, Step, register
+from tomopipe.errors import TomopipeError
+from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.io.subtomograms import read_crops, tilt_sections
+from tomopipe.model.sets import MAPS, SUBTOMOGRAMS
+from tomopipe.model.subtomograms import geometry_from_attrs
+from tomopipe.steps.base import DEVICE_PARAM, compute_device
+
+log = logging.getLogger("tomopipe")
+
+MAP_FILES = {"half1": "run_half1_class001_unfil.mrc", "half2": "run_half2_class001_unfil.mrc",
+             "full": "run_class001.mrc"}
+POSE_COLUMNS = ("x_A", "y_A", "z_A", "rot_deg", "tilt_deg", "psi_deg", "half_set")
+MASK_EDGE_PX = 3.0  # soft edge of the masks, pixels
+
+
+def _series(ctx, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: float, device) -> RefineSeries:
+    """One tilt series' particles as the loop reads them: masked crops' spectra and their (CTF·D)²."""
+    extraction = attrs["extraction"]
+    g = geometry_from_attrs(attrs, ts_id).geometry
+    pixel_A, c = float(extraction["pixel_size_A"]), int(extraction["crop_px"])
+    m, n = len(rows), g.n_tilts
+    crops = torch.zeros((m, n, c, c), dtype=torch.float32)
+    used = torch.zeros((m, n), dtype=torch.bool)
+    cache: dict = {}
+    for j, row in enumerate(rows):
+        row = dict(row, data_path=str(ctx.resolve(row["data_path"])))
+        tilts, sections = tilt_sections(row, n)
+        crops[j, tilts] = read_crops(row, sections, cache)
+        used[j, tilts] = True
+    positions = torch.tensor([[r["x_A"], r["y_A"], r["z_A"]] for r in rows], dtype=torch.float64)
+    defocus = particle_tilt_positions(g, positions, 2, float(extraction.get("binning", 1.0))).defocus_A[..., 0]
+    weights = TiltCtfWeights(g, pixel_A, c, bool(extraction.get("apply_ctf", True)), device)
+    tilt_index = torch.arange(n).repeat(m)
+    ctf2 = weights(tilt_index, defocus.reshape(-1)).reshape(m, n, c, c // 2 + 1) * used.to(device)[..., None, None]
+    spectra = centred_rfft2(circle_crop(crops.to(device), mask_diameter_px, MASK_EDGE_PX))
+    stacks = ParticleStacks(spectra, ctf2, g.rotations.float(), pixel_A, torch.ones(c // 2 + 1), g.magnification)
+    poses = euler_relion_to_matrix(*(torch.tensor([r[k] for r in rows], dtype=torch.float64)
+                                     for k in ("rot_deg", "tilt_deg", "psi_deg")))
+    return RefineSeries(stacks, torch.tensor([int(r["half_set"]) for r in rows]), poses)
+
+
+def _reference(ctx, pixel_A: float, crop_px: int) -> tuple[torch.Tensor, str]:
+    """The reference volume on the crops' grid and a note of what was done to it."""
+    items = ctx.input_items("reference", enabled_only=True)
+    names = items["map_name"].tolist() if "map_name" in items.columns else []
+    name = next((k for k in ("full", "initial") if k in names), None)
+    if name is None:
+        ctx.fail(f"the input set 'reference' needs a map named 'full' or 'initial', it has {names or 'none'}")
+    path = ctx.resolve(items.loc[items["map_name"] == name, "map_path"].iloc[0])
+    volume, voxel_A = read_mrc(path)
+    volume = torch.from_numpy(volume).float()
+    note = f"reference {path.name} ({name}), {voxel_A:.4g} A voxels"
+    if abs(voxel_A - pixel_A) > 1e-3 * pixel_A:
+        volume = resample_volume(volume, voxel_A, pixel_A)
+        note += f", resampled to {pixel_A:.4g} A"
+    if tuple(volume.shape) != (crop_px,) * 3:
+        ctx.fail(f"the reference {path} is a box of {tuple(volume.shape)} at the crops' {pixel_A:.4g} A voxels; "
+                 f"the particles' crops are {crop_px} px: re-extract or resize the reference to {crop_px} px")
+    return volume, note
+
+
+def _checked_items(ctx) -> tuple[pd.DataFrame, dict]:
+    items = ctx.input_items("subtomograms", enabled_only=True)
+    attrs = ctx.input_attrs("subtomograms")
+    extraction = attrs.get("extraction", {})
+    if int(extraction.get("dimensions", 2)) != 2:
+        ctx.fail("auto-refine needs 2-D extractions (per-tilt crops): extract the particles with dimensions = 2")
+    missing = [c for c in ("ts_id", "data_path", "data_section", "n_sections", "tilts_used", *POSE_COLUMNS)
+               if c not in items.columns]
+    if missing:
+        ctx.fail(f"the input set 'subtomograms' has no column(s) {', '.join(missing)}")
+    if not float(extraction.get("pixel_size_A", 0)) > 0 or int(extraction.get("crop_px", 0)) < 4:
+        ctx.fail(f"the input set's attributes lack the extraction's pixel_size_A and crop_px (got {extraction})")
+    bad = sorted(set(items["half_set"].tolist()) - {1, 2})
+    if bad:
+        ctx.fail(f"half_set must be 1 or 2, found {bad}")
+    counts = {h: int((items["half_set"] == h).sum()) for h in (1, 2)}
+    if min(counts.values()) < 2:
+        ctx.fail(f"too few particles for two half sets: {counts[1]} in half 1, {counts[2]} in half 2 (at least 2 "
+                 f"in each)")
+    return items, attrs
+
+
+@register
+class AutoRefine(Step):
+    type_name = "auto_refine"
+    title = "reliontomo - 3D auto-refine"
+    description = ("Gold-standard refinement: two half sets, each searched (global on the asymmetric unit, then "
+                   "local with finer steps and a prior on the previous pose) against its own reference, "
+                   "reconstructed, FSC-filtered and masked, until the resolution stops improving.")
+    params = (
+        Param("symmetry", "str", "point group (RELION: C1, Cn, Dn, T, O, I)", default="O"),
+        Param("initial_lowpass_A", "float", "low-pass of the initial reference (Å)", default=60.0, min=1e-3),
+        Param("mask_diameter_A", "float", "diameter of the soft mask of the particles and references (Å)",
+              default=150.0, min=1e-3),
+        Param("initial_angular_step_deg", "float", "angular step of the first, global search", default=7.5,
+              min=0.1, max=30.0),
+        Param("offset_range_px", "float", "offset search range (crop pixels)", default=5.0, min=0.0),
+        Param("offset_step_px", "float", "offset step of the first search (crop pixels)", default=1.0, min=1e-3),
+        Param("local_searches_from_deg", "float", "global searches while the angular step is coarser, then local "
+                                                  "searches around the previous pose (deg); the finest step is at "
+                                                  "most this", default=1.8, min=0.05),
+        Param("tilt_prior_deg", "float", "width of the Gaussian prior on the previous orientation in local "
+                                         "searches (deg)", default=10.0, min=1e-3),
+        Param("max_iterations", "int", "stop after this many iterations", default=10, min=1),
+        DEVICE_PARAM,
+    )
+    inputs = (Port("subtomograms", SUBTOMOGRAMS.name, "extracted particles (2-D crops) with half sets"),
+              Port("reference", MAPS.name, "the initial reference: its 'full' or 'initial' map"))
+    outputs = (Port("maps", MAPS.name, "half maps and the full map"),
+               Port("subtomograms", SUBTOMOGRAMS.name, "the particles with their refined poses"))
+
+    def run(self, ctx):
+        p = ctx.params
+        try:
+            symmetry_group(p["symmetry"])
+        except TomopipeError as error:
+            ctx.fail(str(error))
+        items, attrs = _checked_items(ctx)
+        pixel_A, crop_px = float(attrs["extraction"]["pixel_size_A"]), int(attrs["extraction"]["crop_px"])
+        try:
+            mask = spherical_mask(crop_px, pixel_A, p["mask_diameter_A"], MASK_EDGE_PX * pixel_A)
+        except TomopipeError as error:
+            ctx.fail(str(error))
+        reference, note = _reference(ctx, pixel_A, crop_px)
+        device = compute_device(p["device"])
+        groups = [(str(ts), g.to_dict("records")) for ts, g in items.groupby("ts_id", sort=True)]
+        try:
+            series = [_series(ctx, rows, attrs, ts, p["mask_diameter_A"] / pixel_A, device) for ts, rows in groups]
+        except TomopipeError as error:
+            ctx.fail(str(error))
+        finest = min(p["local_searches_from_deg"], 0.5 * crowther_angular_step_deg(p["mask_diameter_A"], 2 * pixel_A))
+        settings = RefineSettings(p["symmetry"], p["initial_lowpass_A"], p["initial_angular_step_deg"], finest,
+                                  p["local_searches_from_deg"], p["offset_range_px"] * pixel_A,
+                                  p["offset_step_px"] * pixel_A, p["tilt_prior_deg"], p["max_iterations"])
+        log.info("auto-refine: %s", note)
+        start = time.perf_counter()
+        result = auto_refine(series, reference, mask, settings, device)
+        seconds = time.perf_counter() - start
+        rows = []
+        for name, volume in result.maps.items():
+            path = Path(ctx.folder) / MAP_FILES[name]
+            write_mrc(path, volume.cpu().numpy(), pixel_A)
+            rows.append({"map_name": name, "map_path": ctx.stored_path(path), "voxel_size_A": pixel_A,
+                         "box_px": crop_px, "enabled": True})
+        refine_attrs = {"iterations": result.iterations, "resolution_A": result.resolution_A,
+                        "fsc": {"shell_frequencies_per_A": shell_frequencies_per_A(crop_px, pixel_A).tolist(),
+                                "fsc": result.fsc.tolist()},
+                        "finest_step_deg": finest, "reference": note, "symmetry": p["symmetry"]}
+        ctx.add_output("maps", pd.DataFrame(rows), {"tilt_series": copy.deepcopy(attrs.get("tilt_series", {})),
+                                                   "refinement": {k: p[k] for k in p if k != "device"},
+                                                   **refine_attrs})
+        ctx.add_output("subtomograms", _refined_items(groups, result.series), copy.deepcopy(attrs))
+        log.info("auto-refine: %d iterations, %.2f A in %.1f s", len(result.iterations), result.resolution_A, seconds)
+        return {"iterations": len(result.iterations), "resolution_A": result.resolution_A, "seconds": seconds,
+                "nyquist_A": 2 * pixel_A}
+
+
+def _refined_items(groups: list[tuple[str, list[dict]]], series: list[RefineSeries]) -> pd.DataFrame:
+    """The input rows with the refined angles and the positions moved by the shifts (stored paths kept)."""
+    out = []
+    for (_, rows), s in zip(groups, series):
+        rot, tilt, psi = matrix_to_euler_relion(s.rotations)
+        for j, row in enumerate(rows):
+            row = dict(row)
+            for k, axis in enumerate(("x_A", "y_A", "z_A")):
+                row[axis] = float(row[axis]) + float(s.shifts_A[j, k])
+            row.update(rot_deg=float(rot[j]), tilt_deg=float(tilt[j]), psi_deg=float(psi[j]))
+            out.append(row)
+    return pd.DataFrame(out)
