@@ -286,7 +286,8 @@ def test_local_and_dask_executors_give_identical_outputs(tmp_path):
     assert local_sets.keys() == dask_sets.keys()
     assert ("pick", "particles") in local_sets and ("extract3d", "subtomograms") in local_sets
     for key, items in local_sets.items():
-        pd.testing.assert_frame_equal(items, dask_sets[key], check_exact=False, rtol=1e-5)
+        # sub-voxel peak positions amplify float32 rounding (summation order): 1e-3 absolute (Å, °) at most
+        pd.testing.assert_frame_equal(items, dask_sets[key], check_exact=False, rtol=1e-5, atol=1e-3)
         for column in (c for c in items.columns if c.endswith("_path")):
             for stored in items[column].unique():
                 if not str(stored).startswith("runs/"):
