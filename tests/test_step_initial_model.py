@@ -130,7 +130,7 @@ def test_scores_against_the_truth_align_the_map_first(finished, tmp_path):
         record = project.sets_of_run(run_id)["maps"]
         scores = {s.name: s.value for s in scores_of_set(project, record, "initial_model", Truth(tmp_path))}
         volume, _ = read_mrc(project.absolute_path(project.read_items(record.id)["map_path"][0]))
-    assert scores["right_hand"] and scores["correlation"] > scores["other_hand_correlation"]
+    assert scores["right_hand"] and scores["map_correlation"] > scores["other_hand_map_correlation"]
     assert scores["fsc_0_5_truth_A"] <= 3.0 * PIXEL_A  # shell N/3 or finer: 1.5 × the Nyquist resolution
     mirrored = torch.flip(torch.from_numpy(volume), dims=(0,))
     assert not score_aligned_map(mirrored, PIXEL_A, Truth(tmp_path), "O", 170.0).right_hand

@@ -143,4 +143,5 @@ def _initial_model(project: Project, record: SetRecord, items: pd.DataFrame, tru
     score = score_aligned_map_file(path, truth, model.get("symmetry", "C1"), model.get("params", {}).get(
         "mask_diameter_A"))
     return _whole_set({"fsc_0_5_truth_A": score.resolution_fsc_0_5_A, "right_hand": score.right_hand,
-                       "correlation": score.correlation, "other_hand_correlation": score.other_hand_correlation})
+                       "map_correlation": score.correlation,
+                       "other_hand_map_correlation": score.other_hand_correlation})
