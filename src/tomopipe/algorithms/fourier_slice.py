@@ -31,7 +31,14 @@ import torch
 from tomopipe.algorithms._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.algorithms._numba import numba
 
-__all__ = ["FourierSliceProjector", "sample_half_spectrum"]
+__all__ = ["FourierSliceProjector", "gridding_kernel", "sample_half_spectrum"]
+
+
+def gridding_kernel(n: int, p: int, device=None) -> torch.Tensor:
+    """``sinc²((i - n//2) / p)`` ``[n]`` (normalised sinc): the real-space response of trilinear
+    interpolation on a grid of p samples, centred on voxel n//2; float32."""
+    d = torch.arange(n, dtype=torch.float64, device=device) - n // 2
+    return (torch.sinc(d / p) ** 2).float()
 
 
 if _HAVE_NUMBA:
@@ -127,8 +134,7 @@ class FourierSliceProjector:
         self.pad = int(pad_factor)
         self.p = p = n * self.pad
         self.pixel_size_A = float(pixel_size_A)
-        d = torch.arange(n, dtype=torch.float64, device=self.device) - n // 2
-        kernel = (torch.sinc(d / p) ** 2).float()  # normalised sinc: sin(πx) / (πx)
+        kernel = gridding_kernel(n, p, self.device)
         corrected = volume.float() / (kernel[:, None, None] * kernel[None, :, None] * kernel[None, None, :])
         # zero-padded volume with its centre (voxel n//2) at index 0, wrapped ("ifftshifted")
         padded = torch.zeros((p, p, p), dtype=torch.float32, device=self.device)

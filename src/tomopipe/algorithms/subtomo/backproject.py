@@ -38,7 +38,7 @@ import torch
 
 from tomopipe.algorithms._numba import HAVE_NUMBA as _HAVE_NUMBA
 from tomopipe.algorithms._numba import numba
-from tomopipe.algorithms.fourier_slice import sample_half_spectrum
+from tomopipe.algorithms.fourier_slice import gridding_kernel, sample_half_spectrum
 from tomopipe.algorithms.symmetry import symmetry_group
 
 __all__ = ["FourierAccumulator", "PseudoSubtomogram", "centred_rfft2", "pseudo_subtomogram", "ssnr_from_fsc"]
@@ -209,12 +209,6 @@ def _shell_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
     return torch.round(radius / pad).long().clamp(max=n // 2 + 1).reshape(-1)
 
 
-def _gridding_kernel(n: int, p: int, device) -> torch.Tensor:
-    """``sinc²((i - n//2) / p)`` ``[n]``: the real-space response of trilinear interpolation on a p grid."""
-    d = torch.arange(n, dtype=torch.float64, device=device) - n // 2
-    return (torch.sinc(d / p) ** 2).float()
-
-
 class FourierAccumulator:
     """Data (Σ CTF·F, complex), weight (Σ CTF²) and multiplicity (Σ interpolation weights) of a
     box of ``box_px`` (even) on a ``pad_factor``-times padded half spectrum (module docstring).
@@ -372,7 +366,7 @@ class FourierAccumulator:
         # the centre N//2 of the fftshifted grid: indices i - N//2 (mod P) of the unshifted one
         index = torch.remainder(torch.arange(n, device=self.device) - n // 2, p)
         volume = padded.index_select(0, index).index_select(1, index).index_select(2, index)
-        kernel = _gridding_kernel(n, p, self.device)
+        kernel = gridding_kernel(n, p, self.device)
         return volume / (kernel[:, None, None] * kernel[None, :, None] * kernel)
 
     def _shell_regularisation(self, ssnr: torch.Tensor) -> torch.Tensor:

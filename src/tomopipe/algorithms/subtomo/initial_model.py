@@ -55,9 +55,9 @@ import torch
 
 from tomopipe.algorithms._rotation import rotation_vector_to_matrix
 from tomopipe.algorithms.fourier import embed_centered
+from tomopipe.algorithms.fourier_slice import gridding_kernel
 from tomopipe.algorithms.picking.template import spherical_mask
 from tomopipe.algorithms.so3 import crowther_angular_step_deg, local_so3_grid, so3_grid_asymmetric
-from tomopipe.algorithms.subtomo.backproject import _gridding_kernel
 from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.errors import TomopipeError
 
@@ -161,7 +161,7 @@ def _padded_spectrum(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
     zero-padded to P = pad·N, pre-divided by the trilinear kernel's response (``sinc²(x/P)`` per axis)."""
     n = volume.shape[-1]
     p = pad * n
-    kernel = _gridding_kernel(n, p, volume.device)
+    kernel = gridding_kernel(n, p, volume.device)
     corrected = volume.float() / (kernel[:, None, None] * kernel[None, :, None] * kernel)
     spectrum = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(embed_centered(corrected, (p, p, p)))))
     return torch.stack([spectrum.real, spectrum.imag])[None]
