@@ -10,9 +10,7 @@ true map and of the particles reconstructed with the orientations they carry (st
 Writes into the project given, so pass a copy of the demo (``cp -r DEMO /tmp/O_work``). Reports
 iterations, time, peak memory, the gold-standard resolution against Nyquist, the map's FSC 0.5 against
 the true map and its hand, and the particles' orientation error modulo the symmetry and offset error
-against the truth: each refined particle is matched to the nearest true
-particle after the one translation per tilt series that the alignment leaves free
-(:func:`tomopipe.validate.picking.free_translation_A`, as in bench_true_pose_map.py).
+against the truth (:func:`tomopipe.validate.refinement.pose_errors`, as the demo scores them).
 
     python benchmarks/bench_auto_refine.py --demo /tmp/O_work [--threads 2] [--max-iterations 8]
                                            [--initial-lowpass 60]
@@ -35,8 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
 from bench_true_pose_map import _finished_sets  # noqa: E402
 from tomopipe.algorithms.filters import bandpass  # noqa: E402
-from tomopipe.algorithms.geometry import euler_relion_to_matrix  # noqa: E402
-from tomopipe.algorithms.symmetry import misorientation_deg  # noqa: E402
 from tomopipe.engine.executors import LocalExecutor  # noqa: E402
 from tomopipe.engine.runner import run_on_sets  # noqa: E402
 from tomopipe.io.mrc import read_mrc, write_mrc  # noqa: E402
@@ -44,7 +40,7 @@ from tomopipe.project.store import Project  # noqa: E402
 from tomopipe.steps.auto_refine import AutoRefine  # noqa: E402
 from tomopipe.steps.reconstruct_particle import ReconstructParticle  # noqa: E402
 from tomopipe.validate.map_score import score_map, true_map_like  # noqa: E402
-from tomopipe.validate.picking import TRUTH_EULER, TRUTH_XYZ, free_translation_A  # noqa: E402
+from tomopipe.validate.refinement import pose_errors  # noqa: E402
 from tomopipe.validate.truth import Truth  # noqa: E402
 
 
@@ -86,35 +82,6 @@ def _data_greyscale(project: Project, subtomograms, true_map: np.ndarray, voxel_
     return float((a * b).sum() / (a * a).sum())
 
 
-def _rotations(table: pd.DataFrame, columns) -> torch.Tensor:
-    return euler_relion_to_matrix(*(torch.tensor(table[c].to_numpy(np.float64)) for c in columns))
-
-
-def pose_errors(before: pd.DataFrame, after: pd.DataFrame, truth: Truth, symmetry: str) -> dict:
-    """Orientation error (deg, modulo ``symmetry``) and offset error (Å) of the refined particles against
-    the nearest true particle, and the offset error of the picks they started from."""
-    angles, offsets, picked = [], [], []
-    for ts_id, mine in truth.particles.groupby("rlnTomoName", sort=True):
-        start = before[before["ts_id"] == ts_id]
-        refined = after[after["ts_id"] == ts_id]
-        xyz0 = start[["x_A", "y_A", "z_A"]].to_numpy(np.float64)
-        true_xyz = mine[list(TRUTH_XYZ)].to_numpy(np.float64)
-        true_xyz = true_xyz - free_translation_A(xyz0, true_xyz)
-        nearest = np.linalg.norm(xyz0[:, None] - true_xyz[None], axis=-1).argmin(1)
-        xyz = refined[["x_A", "y_A", "z_A"]].to_numpy(np.float64)
-        offsets.append(np.linalg.norm(xyz - true_xyz[nearest], axis=1))
-        picked.append(np.linalg.norm(xyz0 - true_xyz[nearest], axis=1))
-        truth_rot = _rotations(mine.iloc[nearest], TRUTH_EULER)
-        angles.append(misorientation_deg(_rotations(refined, ("rot_deg", "tilt_deg", "psi_deg")), truth_rot,
-                                         symmetry).numpy())
-    angles, offsets, picked = (np.concatenate(v) for v in (angles, offsets, picked))
-    return {"orientation_error_median_deg": round(float(np.median(angles)), 2),
-            "orientation_error_mean_deg": round(float(angles.mean()), 2),
-            "within_5_deg": round(float((angles <= 5).mean()), 3),
-            "offset_error_median_A": round(float(np.median(offsets)), 2),
-            "pick_offset_error_median_A": round(float(np.median(picked)), 2)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, required=True, help="a COPY of the output folder of `tomopipe demo`")
@@ -143,8 +110,7 @@ def main() -> None:
             raise SystemExit(f"auto_refine: {outcome.message}")
         sets = project.sets_of_run(outcome.run.id)
         attrs = sets["maps"].attrs
-        errors = pose_errors(project.read_items(subtomograms.id), project.read_items(sets["subtomograms"].id), truth,
-                             args.symmetry)
+        errors = pose_errors(project.read_items(sets["subtomograms"].id), truth, args.symmetry).summary()
         items = project.read_items(sets["maps"].id).set_index("map_name")
         full, _ = read_mrc(project.absolute_path(items.loc["full", "map_path"]))
     score = score_map(torch.from_numpy(np.ascontiguousarray(full, np.float32)), voxel_A, truth, args.mask_diameter)

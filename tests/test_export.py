@@ -83,7 +83,10 @@ def test_export_of_an_empty_project_is_refused(tmp_path, capsys):
 # with 300 Å patches instead of bin 10 with 500 Å, which would leave 25 px views), one view excluded by hand.
 STAGE_OVERRIDES = ["motion.ctf_window_px=128", 'exclude.exclude_tilts="TS_01:2"', "preprocess.binning=2",
                    "align.patch_size_A=300", "reconstruct.thickness_px=32", *(f"{step}.{value}" for step in (
-                       "extract3d", "extract2d") for value in ("binning=2", "box_px=48")), "initial_model.batch_size=8"]
+                       "extract3d", "extract2d", "extract_bin4", "extract_bin2") for value in (
+                       "binning=2", "box_px=48", "crop_px=24")), "initial_model.batch_size=8",
+                   *(f"{step}.max_iterations=2" for step in ("refine_bin10", "refine_bin4", "refine_bin2")),
+                   "postprocess.mask_diameter_A=140"]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,15 @@ def _check_relion5_export(project, sets, out):
     assert (out / "particles.star").exists() == ("particles" in sets)
     if "subtomograms" in sets:  # extracted (or refined: centres may have moved past an edge) particles
         exported = read_particles_star(out / "particles.star")[0]
-        assert len(exported) == len(project.read_items(sets["subtomograms"].id, enabled_only=True)) > 0
+        items = project.read_items(sets["subtomograms"].id, enabled_only=True)
+        assert len(exported) == len(items) > 0
+        refined = "refined" in sets["subtomograms"].attrs  # an auto-refine's: also Refine3D/run_data.star
+        assert (out / "Refine3D" / "run_data.star").exists() == refined
+        if refined:
+            run_data = read_particles_star(out / "Refine3D" / "run_data.star")[0]
+            for axis in "xyz":
+                np.testing.assert_allclose(run_data[f"rlnOrigin{axis.upper()}Angst"], items[f"origin_{axis}_A"])
+            np.testing.assert_allclose(run_data["rlnAngleTilt"], items["tilt_deg"])
     elif "particles" in sets:  # the picks, read back as RELION 5 reads them
         picks = project.read_items(sets["particles"].id, enabled_only=True).sort_values(["ts_id", "x_A"])
         back = read_picks(out / "particles.star", project.read_items(sets["tomograms"].id)).sort_values(

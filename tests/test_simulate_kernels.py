@@ -37,6 +37,23 @@ def test_projector_kernels_agree():
     assert torch.allclose(flat, volume.sum(0) * 2.0, atol=0.05 * float(flat.max()))
 
 
+def test_band_limited_slices_are_the_full_slices_inside_the_band():
+    """``slices(max_radius=r)`` (the pose search's band): the full slices where kx² + ky² ≤ r², zero beyond,
+    on the compiled and the torch paths."""
+    g = torch.Generator().manual_seed(2)
+    volume = torch.randn((16, 16, 16), generator=g)
+    q, _ = torch.linalg.qr(torch.randn(5, 3, 3, generator=g, dtype=torch.float64))
+    ky = torch.fft.fftfreq(16, d=1 / 16)[:, None]
+    kx = torch.fft.rfftfreq(16, d=1 / 16)[None, :]
+    inside = kx**2 + ky**2 <= 5.5**2
+    for compiled in (True, False):
+        projector = FourierSliceProjector(volume, 2.0, pad_factor=2, use_compiled=compiled)
+        full = projector.slices(q.float(), torch.ones(5))
+        band = projector.slices(q.float(), torch.ones(5), 5.5)
+        assert torch.allclose(band[:, inside], full[:, inside], atol=1e-6)
+        assert bool((band[:, ~inside] == 0).all()) and bool((full[:, ~inside] != 0).any())
+
+
 def test_layer_accumulation_kernel_agrees():
     g = torch.Generator().manual_seed(1)
     shape = (32, 17)

@@ -44,8 +44,9 @@ def gridding_kernel(n: int, p: int, device=None) -> torch.Tensor:
 if _HAVE_NUMBA:
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _slices_numba(vol_re, vol_im, rot, scale, n, out_re, out_im):  # pragma: no cover - compiled
-        """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y)."""
+    def _slices_numba(vol_re, vol_im, rot, scale, n, band2, out_re, out_im):  # pragma: no cover - compiled
+        """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y); zero where
+        kx² + ky² > band2 (N-box index units)."""
         p = vol_re.shape[0]
         half = p // 2
         rad2 = (half - 1.0) ** 2
@@ -57,6 +58,10 @@ if _HAVE_NUMBA:
             for iy in range(n):
                 ky = iy if iy < n // 2 else iy - n
                 for ix in range(nkx):
+                    if ix * ix + ky * ky > band2:
+                        out_re[b, iy, ix] = 0.0
+                        out_im[b, iy, ix] = 0.0
+                        continue
                     qx = ix * ux + ky * vx
                     qy = ix * uy + ky * vy
                     qz = ix * uz + ky * vz
@@ -165,21 +170,27 @@ class FourierSliceProjector:
         """Trilinear interpolation of the half spectrum at padded-index frequencies q [..., 3] (x, y, z)."""
         return sample_half_spectrum(self._flat, self.p, q)
 
-    def slices(self, rotations: torch.Tensor, magnification: torch.Tensor) -> torch.Tensor:
-        """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]."""
+    def slices(self, rotations: torch.Tensor, magnification: torch.Tensor, max_radius: float | None = None
+               ) -> torch.Tensor:
+        """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]; with
+        ``max_radius`` (cycles per N-box) only the frequencies within it are sampled, the rest are zero."""
         n = self.n
         count = rotations.shape[0]
         scale = (self.pad * magnification).float()
+        band2 = float(n * n) if max_radius is None else float(max_radius) ** 2
         if self.use_compiled:
             rot = rotations.detach().to("cpu", torch.float32).contiguous().numpy()
             out_re = np.empty((count, n, n // 2 + 1), dtype=np.float32)
             out_im = np.empty_like(out_re)
-            _slices_numba(self._re, self._im, rot, scale.cpu().numpy(), n, out_re, out_im)
+            _slices_numba(self._re, self._im, rot, scale.cpu().numpy(), n, band2, out_re, out_im)
             return torch.complex(torch.from_numpy(out_re), torch.from_numpy(out_im))
         r = rotations.to(device=self.device, dtype=torch.float32)
-        kx, ky = self._kx[None] * scale[:, None], self._ky[None] * scale[:, None]
+        inside = self._kx**2 + self._ky**2 <= band2
+        kx, ky = self._kx[inside][None] * scale[:, None], self._ky[inside][None] * scale[:, None]
         q = kx[..., None] * r[:, None, 0, :] + ky[..., None] * r[:, None, 1, :]  # Mᵀ·(kx, ky, 0)
-        return self._sample_torch(q).reshape(count, n, n // 2 + 1)
+        out = torch.zeros((count, n * (n // 2 + 1)), dtype=torch.complex64, device=self.device)
+        out[:, inside] = self._sample_torch(q)
+        return out.reshape(count, n, n // 2 + 1)
 
     def project(
         self,

@@ -17,7 +17,9 @@ A ``subtomograms`` set (extracted particles) is written as ``relion_tomo_subtomo
 file per particle in ``Subtomograms/TS/`` (2-D: ``N_stack2d.mrcs``, one section per tilt of the
 extraction; 3-D: ``N_data.mrc`` and ``N_weights.mrc``), ``particles.star`` naming them
 (``rlnTomoParticleName`` TS/N, ``rlnTomoVisibleFrames``, ``rlnImageName``, ``rlnCtfImage``; the
-optics of CTF-premultiplied images at the extraction's binning) and ``optimisation_set.star``.
+optics of CTF-premultiplied images at the extraction's binning) and ``optimisation_set.star``; the
+particles of an auto-refine (``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/Y/ZAngst``) also as
+``Refine3D/run_data.star``.
 A ``maps`` set (reconstruct_particle, postprocess) is written with RELION's names:
 ``Refine3D/run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``, ``run_class001.mrc`` and
 ``PostProcess/postprocess.mrc``, ``postprocess_masked.mrc``, ``postprocess.star`` (``general``: the
@@ -251,8 +253,13 @@ def export_subtomograms(project: Project, sets: dict[str, SetRecord], out: Path,
         rlnImageSize=int(extraction["crop_px"]))
     paths = [out / "tomograms.star", out / "particles.star", out / "optimisation_set.star"]
     write_tomograms_star(paths[0], tomograms)
-    write_star(paths[1], {"general": {"rlnTomoSubTomosAre2DStacks": int(int(extraction["dimensions"]) == 2)},
-                          "optics": optics, "particles": table})
+    blocks = {"general": {"rlnTomoSubTomosAre2DStacks": int(int(extraction["dimensions"]) == 2)},
+              "optics": optics, "particles": table}
+    write_star(paths[1], blocks)
+    if "refined" in record.attrs:  # an auto-refine's particles: also as relion_refine names them
+        paths.append(out / "Refine3D" / "run_data.star")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        write_star(paths[-1], blocks)
     write_star(paths[2], {"optimisation_set": {"rlnTomoParticlesFile": str(paths[1].resolve()),
                                                "rlnTomoTomogramsFile": str(paths[0].resolve())}})
     return paths + [path for pair in files for path in pair if path is not None]

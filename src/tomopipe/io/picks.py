@@ -165,6 +165,9 @@ def relion5_particles_table(particles: pd.DataFrame, optics_group: int = 1) -> p
     if np.isfinite(angles).any():
         for i, name in enumerate(("Rot", "Tilt", "Psi")):
             table[f"rlnAngle{name}"] = np.nan_to_num(angles[:, i], nan=0.0)
+    for axis in "xyz":
+        if f"origin_{axis}_A" in particles.columns:
+            table[f"rlnOrigin{axis.upper()}Angst"] = particles[f"origin_{axis}_A"].fillna(0.0).to_numpy(np.float64)
     score = particles["score"].to_numpy(np.float64)
     if np.isfinite(score).any():
         table["rlnAutopickFigureOfMerit"] = np.where(np.isfinite(score), score, RELION_NO_SCORE)

@@ -208,7 +208,11 @@ SUBTOMOGRAMS = SetKind(
      Column("n_sections", "int", description="sections of the particle: its tilts (2-D) or the box (3-D)"),
      Column("tilts_used", "str", description="per tilt of the geometry, '1' when the crop is used, else '0'"),
      Column("weights_path", "str", required=False,
-            description="3-D: MRC of the CTF² weights and multiplicity volumes (stored path)")))
+            description="3-D: MRC of the CTF² weights and multiplicity volumes (stored path)"),
+     *(Column(f"origin_{axis}_A", "float", "Å", required=False,
+              description=f"RELION rlnOrigin{axis.upper()}Angst: the particle's centre is the position minus the "
+                          f"origin (tomogram frame); the crops are cut at the position")
+       for axis in "xyz")))
 MAPS = SetKind(
     "maps", "one item per map: half maps, the full map, post-processed maps, masks",
     (Column("map_name", "str", description="half1, half2, full, masked, sharpened, mask, ..."),

@@ -82,3 +82,19 @@ def tilts_used_mask(text: str) -> np.ndarray:
 def weights_first_section(data_section: int) -> int:
     """3-D: the first section of a particle's weights (Σ CTF² then multiplicity) in ``weights_path``."""
     return 2 * int(data_section)
+
+
+ORIGIN_COLUMNS = ("origin_x_A", "origin_y_A", "origin_z_A")
+
+
+def particle_shifts_A(rows) -> np.ndarray:
+    """``[m, 3]`` shifts (Å, tomogram frame) from the positions the crops were cut at to the particles'
+    centres: minus the RELION origins of the rows (dicts or a table), zero where a set has none."""
+    table = rows if hasattr(rows, "columns") else None
+    if table is None:
+        return np.array([[-float(r.get(c, 0.0) or 0.0) for c in ORIGIN_COLUMNS] for r in rows], dtype=np.float64)
+    present = [c for c in ORIGIN_COLUMNS if c in table.columns]
+    out = np.zeros((len(table), 3), dtype=np.float64)
+    for c in present:
+        out[:, ORIGIN_COLUMNS.index(c)] = -table[c].fillna(0.0).to_numpy(np.float64)
+    return out

@@ -3,8 +3,10 @@
 :mod:`tomopipe.algorithms.subtomo.auto_refine`).
 
 Inputs: a ``subtomograms`` set of 2-D extractions (crops CTF-premultiplied and dose-weighted,
-:mod:`tomopipe.model.subtomograms`) with ``half_set`` 1/2, and a ``maps`` set whose ``full`` map (else
-its ``initial`` map) is the reference, on absolute greyscale (not rescaled). A reference of another voxel
+:mod:`tomopipe.model.subtomograms`) with ``half_set`` 1/2, and a ``maps`` set that gives the reference on
+absolute greyscale (not rescaled): its ``half1`` and ``half2`` maps, one per half set, when it has both
+(a reconstruction or refinement of the same half sets: the halves stay independent), else its ``full``
+map (else its ``initial`` map) for both. A reference of another voxel
 size is Fourier-resampled to the crops' (noted in the log and the attributes); its box must then equal
 the crops' (a clear error otherwise). The crops are masked with zeros outside a soft disc of
 ``mask_diameter_A`` (RELION ``--zero_mask``) and the references with the soft sphere of that diameter.
@@ -16,8 +18,9 @@ local iterations use this width around the previous pose.
 Outputs: a ``maps`` set (``run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``,
 ``run_class001.mrc``) whose attributes hold the per-iteration log (resolution, angular step, mean pose
 changes), the final FSC curve and resolution; and the ``subtomograms`` with the refined poses: angles
-(``rot_deg``, ``tilt_deg``, ``psi_deg``) and positions moved by the shifts (particle centre = position +
-shift, Å from the tomogram centre).
+(``rot_deg``, ``tilt_deg``, ``psi_deg``) and origins (``origin_x_A``...: RELION's ``rlnOriginX/Y/ZAngst``,
+particle centre = position − origin, Å, tomogram frame), the positions and crops left as extracted.
+Input origins (a refined set refined again) are the starting shifts.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import read_mrc, write_mrc
 from tomopipe.io.subtomograms import read_crops, tilt_sections
 from tomopipe.model.sets import MAPS, SUBTOMOGRAMS
-from tomopipe.model.subtomograms import geometry_from_attrs
+from tomopipe.model.subtomograms import ORIGIN_COLUMNS, geometry_from_attrs, particle_shifts_A
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")
@@ -55,8 +58,10 @@ POSE_COLUMNS = ("x_A", "y_A", "z_A", "rot_deg", "tilt_deg", "psi_deg", "half_set
 MASK_EDGE_PX = 3.0  # soft edge of the masks, pixels
 
 
-def _series(ctx, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: float, device) -> RefineSeries:
-    """One tilt series' particles as the loop reads them: masked crops' spectra and their (CTF·D)²."""
+def refine_series(resolve, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: float, device
+                  ) -> RefineSeries:
+    """One tilt series' particles as the loop reads them: masked crops' spectra and their (CTF·D)², the
+    poses and shifts of the rows (``resolve`` maps a stored path to a file)."""
     extraction = attrs["extraction"]
     g = geometry_from_attrs(attrs, ts_id).geometry
     pixel_A, c = float(extraction["pixel_size_A"]), int(extraction["crop_px"])
@@ -65,11 +70,12 @@ def _series(ctx, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: fl
     used = torch.zeros((m, n), dtype=torch.bool)
     cache: dict = {}
     for j, row in enumerate(rows):
-        row = dict(row, data_path=str(ctx.resolve(row["data_path"])))
+        row = dict(row, data_path=str(resolve(row["data_path"])))
         tilts, sections = tilt_sections(row, n)
         crops[j, tilts] = read_crops(row, sections, cache)
         used[j, tilts] = True
-    positions = torch.tensor([[r["x_A"], r["y_A"], r["z_A"]] for r in rows], dtype=torch.float64)
+    shifts_A = torch.from_numpy(particle_shifts_A(rows))
+    positions = torch.tensor([[r["x_A"], r["y_A"], r["z_A"]] for r in rows], dtype=torch.float64) + shifts_A
     defocus = particle_tilt_positions(g, positions, 2, float(extraction.get("binning", 1.0))).defocus_A[..., 0]
     weights = TiltCtfWeights(g, pixel_A, c, bool(extraction.get("apply_ctf", True)), device)
     tilt_index = torch.arange(n).repeat(m)
@@ -78,27 +84,36 @@ def _series(ctx, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: fl
     stacks = ParticleStacks(spectra, ctf2, g.rotations.float(), pixel_A, torch.ones(c // 2 + 1), g.magnification)
     poses = euler_relion_to_matrix(*(torch.tensor([r[k] for r in rows], dtype=torch.float64)
                                      for k in ("rot_deg", "tilt_deg", "psi_deg")))
-    return RefineSeries(stacks, torch.tensor([int(r["half_set"]) for r in rows]), poses)
+    return RefineSeries(stacks, torch.tensor([int(r["half_set"]) for r in rows]), poses, shifts_A.clone())
 
 
-def _reference(ctx, pixel_A: float, crop_px: int) -> tuple[torch.Tensor, str]:
-    """The reference volume on the crops' grid and a note of what was done to it."""
+def _reference(ctx, pixel_A: float, crop_px: int) -> tuple[dict[int, torch.Tensor] | torch.Tensor, str]:
+    """The reference on the crops' grid (the half maps when the set has both, else its 'full' or 'initial'
+    map) and a note of what was done to it."""
     items = ctx.input_items("reference", enabled_only=True)
     names = items["map_name"].tolist() if "map_name" in items.columns else []
-    name = next((k for k in ("full", "initial") if k in names), None)
-    if name is None:
-        ctx.fail(f"the input set 'reference' needs a map named 'full' or 'initial', it has {names or 'none'}")
-    path = ctx.resolve(items.loc[items["map_name"] == name, "map_path"].iloc[0])
-    volume, voxel_A = read_mrc(path)
-    volume = torch.from_numpy(volume).float()
-    note = f"reference {path.name} ({name}), {voxel_A:.4g} A voxels"
-    if abs(voxel_A - pixel_A) > 1e-3 * pixel_A:
-        volume = resample_volume(volume, voxel_A, pixel_A)
-        note += f", resampled to {pixel_A:.4g} A"
-    if tuple(volume.shape) != (crop_px,) * 3:
-        ctx.fail(f"the reference {path} is a box of {tuple(volume.shape)} at the crops' {pixel_A:.4g} A voxels; "
-                 f"the particles' crops are {crop_px} px: re-extract or resize the reference to {crop_px} px")
-    return volume, note
+    if {"half1", "half2"} <= set(names):
+        wanted = {1: "half1", 2: "half2"}
+    else:
+        name = next((k for k in ("full", "initial") if k in names), None)
+        if name is None:
+            ctx.fail(f"the input set 'reference' needs maps named 'half1' and 'half2', 'full' or 'initial', it has "
+                     f"{names or 'none'}")
+        wanted = {0: name}
+    volumes, notes = {}, []
+    for key, name in wanted.items():
+        path = ctx.resolve(items.loc[items["map_name"] == name, "map_path"].iloc[0])
+        volume, voxel_A = read_mrc(path)
+        volume = torch.from_numpy(volume).float()
+        notes.append(f"{path.name} ({name}), {voxel_A:.4g} A voxels")
+        if abs(voxel_A - pixel_A) > 1e-3 * pixel_A:
+            volume = resample_volume(volume, voxel_A, pixel_A)
+            notes[-1] += f", resampled to {pixel_A:.4g} A"
+        if tuple(volume.shape) != (crop_px,) * 3:
+            ctx.fail(f"the reference {path} is a box of {tuple(volume.shape)} at the crops' {pixel_A:.4g} A voxels; "
+                     f"the particles' crops are {crop_px} px: re-extract or resize the reference to {crop_px} px")
+        volumes[key] = volume
+    return volumes.get(0, volumes), "reference " + "; ".join(notes)
 
 
 def _checked_items(ctx) -> tuple[pd.DataFrame, dict]:
@@ -168,7 +183,8 @@ class AutoRefine(Step):
         device = compute_device(p["device"])
         groups = [(str(ts), g.to_dict("records")) for ts, g in items.groupby("ts_id", sort=True)]
         try:
-            series = [_series(ctx, rows, attrs, ts, p["mask_diameter_A"] / pixel_A, device) for ts, rows in groups]
+            series = [refine_series(ctx.resolve, rows, attrs, ts, p["mask_diameter_A"] / pixel_A, device)
+                      for ts, rows in groups]
         except TomopipeError as error:
             ctx.fail(str(error))
         finest = min(p["local_searches_from_deg"], 0.5 * crowther_angular_step_deg(p["mask_diameter_A"], 2 * pixel_A))
@@ -192,21 +208,22 @@ class AutoRefine(Step):
         ctx.add_output("maps", pd.DataFrame(rows), {"tilt_series": copy.deepcopy(attrs.get("tilt_series", {})),
                                                    "refinement": {k: p[k] for k in p if k != "device"},
                                                    **refine_attrs})
-        ctx.add_output("subtomograms", _refined_items(groups, result.series), copy.deepcopy(attrs))
+        ctx.add_output("subtomograms", _refined_items(groups, result.series),
+                       {**copy.deepcopy(attrs), "refined": {"resolution_A": result.resolution_A,
+                                                            "symmetry": p["symmetry"]}})
         log.info("auto-refine: %d iterations, %.2f A in %.1f s", len(result.iterations), result.resolution_A, seconds)
         return {"iterations": len(result.iterations), "resolution_A": result.resolution_A, "seconds": seconds,
                 "nyquist_A": 2 * pixel_A}
 
 
 def _refined_items(groups: list[tuple[str, list[dict]]], series: list[RefineSeries]) -> pd.DataFrame:
-    """The input rows with the refined angles and the positions moved by the shifts (stored paths kept)."""
+    """The input rows with the refined angles and origins (RELION: centre = position − origin; the
+    positions stay where the crops were cut; stored paths kept)."""
     out = []
     for (_, rows), s in zip(groups, series):
         rot, tilt, psi = matrix_to_euler_relion(s.rotations)
         for j, row in enumerate(rows):
-            row = dict(row)
-            for k, axis in enumerate(("x_A", "y_A", "z_A")):
-                row[axis] = float(row[axis]) + float(s.shifts_A[j, k])
-            row.update(rot_deg=float(rot[j]), tilt_deg=float(tilt[j]), psi_deg=float(psi[j]))
+            row = dict(row, rot_deg=float(rot[j]), tilt_deg=float(tilt[j]), psi_deg=float(psi[j]))
+            row.update({name: -float(s.shifts_A[j, k]) for k, name in enumerate(ORIGIN_COLUMNS)})
             out.append(row)
     return pd.DataFrame(out)

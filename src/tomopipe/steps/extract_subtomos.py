@@ -4,7 +4,8 @@ particles, straight from the aligned tilt series (:mod:`tomopipe.algorithms.subt
 Inputs: ``tilt_series`` with alignment columns (any pixel size: the binning is relative to it),
 ``ctf`` (defocus per tilt; the defocus hand of each tilt series in its attributes) and the
 particles: a ``particles`` set (picks) or a ``subtomograms`` set (a refined set re-extracted at
-another binning keeps its positions, poses and half sets). The tilts used are those enabled in
+another binning keeps its poses and half sets; each particle is cut at its centre, the position minus
+its RELION origin, and written with none). The tilts used are those enabled in
 both the tilt series and the CTF set (excluded views are left out), in ``tilt_index`` order.
 
 Per particle and tilt (RELION 5 ``relion_tomo_subtomo``): a ``box_px`` box at the particle's
@@ -42,7 +43,7 @@ from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.io.mrc import write_mrc
 from tomopipe.model.particles import XYZ_A, TomogramFrame, check_particles
 from tomopipe.model.sets import ALIGNMENT_REQUIRED_NAMES, CTF, DEFOCUS_NAMES, PARTICLES, SUBTOMOGRAMS, TILT_SERIES
-from tomopipe.model.subtomograms import geometry_attrs, geometry_from_attrs, tilts_used_string
+from tomopipe.model.subtomograms import geometry_attrs, geometry_from_attrs, particle_shifts_A, tilts_used_string
 from tomopipe.steps._tilt_series import View, acquisition_of, ctf_hand, read_views, tilt_series_items, views_of
 from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
@@ -215,6 +216,7 @@ class ExtractSubtomos(Step):
         particles = ctx.input_items(port, enabled_only=True)
         if particles.empty:
             ctx.fail(f"the input set {port!r} has no enabled particle")
+        shifts_A = particle_shifts_A(particles)  # RELION origins: the crops are cut at the centres
         particles = particles[[c.name for c in PARTICLES.columns]].reset_index(drop=True)
         particle_attrs = ctx.input_attrs(port)
         self._check_sizes(ctx, particle_attrs)
@@ -223,10 +225,11 @@ class ExtractSubtomos(Step):
         if unknown:
             ctx.fail(f"particles of tilt series {', '.join(map(repr, unknown))} but the input 'tilt_series' has no "
                      f"enabled view of it (tilt series: {', '.join(sorted(views['ts_id'].unique())) or 'none'})")
-        if particle_attrs.get("tomograms"):
+        if particle_attrs.get("tomograms") and port == "particles":  # refined centres may sit past an edge
             frames = {ts_id: TomogramFrame(ts_id, tuple(f["size_xyz_px"]), float(f["voxel_size_A"]))
                       for ts_id, f in particle_attrs["tomograms"].items()}
             check_particles(particles, frames, f"input {port!r}")
+        particles[list(XYZ_A)] = particles[list(XYZ_A)].to_numpy(np.float64) + shifts_A
         pixels = {round(float(a["pixel_size_A"]), 6) for ts_id, a in ctx.input_attrs("tilt_series").get(
             "tilt_series", {}).items() if ts_id in set(particles["ts_id"]) and "pixel_size_A" in a}
         if len(pixels) > 1:
@@ -241,7 +244,8 @@ class ExtractSubtomos(Step):
                                      group[list(XYZ_A)].to_numpy(np.float64), dict(p), str(ctx.folder)))
         results = ctx.map(extract_tilt_series, tasks, desc="extract subtomos")
         items = self._items(ctx, particles, results)
-        attrs = {key: value for key, value in particle_attrs.items() if key not in ("extraction", "geometry")}
+        attrs = {key: value for key, value in particle_attrs.items()
+                 if key not in ("extraction", "geometry", "refined")}
         attrs.update({"tilt_series": ctx.input_attrs("tilt_series").get("tilt_series", {}),
                       "extraction": self._extraction_attrs(ctx, particle_attrs, tasks),
                       "geometry": geometries})

@@ -36,7 +36,7 @@ from tomopipe.algorithms.fourier import crop_centered, embed_centered
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A, shell_frequencies_per_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix
 from tomopipe.algorithms.picking.template import spherical_mask
-from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, centred_rfft2
+from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, centred_rfft2, projected_shifts_px, shift_phases
 from tomopipe.algorithms.subtomo.extract import TiltCtfWeights, TiltGeometry, particle_tilt_positions
 from tomopipe.algorithms.subtomo.half_maps import reconstruct_maps, sum_accumulators
 from tomopipe.algorithms.symmetry import symmetry_group
@@ -45,7 +45,7 @@ from tomopipe.errors import TomopipeError
 from tomopipe.io.mrc import write_mrc
 from tomopipe.io.subtomograms import read_crops, tilt_sections
 from tomopipe.model.sets import MAPS, SUBTOMOGRAMS
-from tomopipe.model.subtomograms import geometry_from_attrs
+from tomopipe.model.subtomograms import geometry_from_attrs, particle_shifts_A
 from tomopipe.steps.base import DEVICE_PARAM, compute_device
 
 log = logging.getLogger("tomopipe")
@@ -88,10 +88,13 @@ def insert_tilt_series(task: InsertTask) -> dict:
     device = compute_device(task.device)
     g = task.geometry
     rows = task.particles
-    positions = torch.tensor([[r["x_A"], r["y_A"], r["z_A"]] for r in rows], dtype=torch.float64)
+    shifts_A = torch.from_numpy(particle_shifts_A(rows))  # crop position -> particle centre
+    positions = torch.tensor([[r["x_A"], r["y_A"], r["z_A"]] for r in rows], dtype=torch.float64) + shifts_A
     poses = euler_relion_to_matrix(*(torch.tensor([r[c] for r in rows], dtype=torch.float64)
                                      for c in ("rot_deg", "tilt_deg", "psi_deg")))
     defocus = particle_tilt_positions(g, positions, 2, task.binning).defocus_A  # [m, n, 3]; box unused
+    shifted = bool(shifts_A.abs().max() > 0) if len(rows) else False
+    shifts_px = projected_shifts_px(g.rotations, g.magnification, shifts_A, g.pixel_size_A * task.binning)
     accumulators = {half: FourierAccumulator(task.box_px, task.pad_factor, device=device) for half in (1, 2)}
     size = accumulators[1].p if task.exact_insertion else task.box_px  # the grid of the inserted spectra
     weights = TiltCtfWeights(g, g.pixel_size_A * task.binning, size, task.apply_ctf, device)
@@ -105,6 +108,8 @@ def insert_tilt_series(task: InsertTask) -> dict:
         crops, tilts, which = (torch.cat([p[j] for p in pending[half]]) for j in range(3))
         acc = accumulators[half]
         spectra = centred_rfft2(_fit_box(crops, task.box_px).to(device), size)
+        if shifted:
+            spectra = spectra * shift_phases(shifts_px[which, tilts].to(device), size)
         acc.insert(spectra, (g.rotations[tilts] @ poses[which]).float(), weights(tilts, defocus[which, tilts, 0]))
         slices[half] += int(tilts.numel())
         pending[half] = []

@@ -11,8 +11,10 @@ import pandas as pd
 
 from tomopipe.model.sets import CTF, MAPS, PARTICLES, TILT_SERIES, TILT_SERIES_MOVIES, TOMOGRAMS
 from tomopipe.project.store import Project, SetRecord
+from tomopipe.steps.auto_refine import refine_series
 from tomopipe.validate.aligned_map_score import score_aligned_map_file
 from tomopipe.validate.picking import score_picks
+from tomopipe.validate.refinement import pose_errors, true_pose_reconstruction, true_pose_scores
 from tomopipe.validate.score_alignment import score_alignment
 from tomopipe.validate.scores import score_ctf, score_import, score_motion
 from tomopipe.validate.tomogram import score_tomogram_set
@@ -145,3 +147,39 @@ def _initial_model(project: Project, record: SetRecord, items: pd.DataFrame, tru
     return _whole_set({"fsc_0_5_truth_A": score.resolution_fsc_0_5_A, "right_hand": score.right_hand,
                        "map_correlation": score.correlation,
                        "other_hand_map_correlation": score.other_hand_correlation})
+
+
+@scorer(MAPS.name, "auto_refine")
+def _refined_map(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """Gold-standard resolution against Nyquist; the map superimposed on the truth (FSC 0.5, hand); the
+    refined particles' orientation and offset errors; the map the same crops give with the true poses
+    and the ratios to it (:mod:`tomopipe.validate.refinement`)."""
+    attrs = record.attrs
+    symmetry, mask_A = attrs.get("symmetry", "C1"), float(attrs["refinement"]["mask_diameter_A"])
+    full = items.loc[items["map_name"] == "full"].iloc[0]
+    voxel_A = float(full["voxel_size_A"])
+    score = score_aligned_map_file(project.absolute_path(full["map_path"]), truth, symmetry, mask_A)
+    particles = project.sets_of_run(record.run_id)["subtomograms"]
+    rows = project.read_items(particles.id, enabled_only=True)
+    groups = [(str(ts_id), group) for ts_id, group in rows.groupby("ts_id", sort=True)]
+    series = [refine_series(project.absolute_path, group.to_dict("records"), particles.attrs, ts_id, mask_A / voxel_A,
+                            "cpu") for ts_id, group in groups]
+    maps, curve = true_pose_reconstruction(series, [g for _, g in groups], truth, symmetry, 2, "cpu")
+    limit = true_pose_scores(maps, curve, voxel_A, truth, mask_A)
+    gold_A = float(attrs["resolution_A"])
+    return _whole_set({"gold_standard_A": round(gold_A, 2), "nyquist_A": round(2 * voxel_A, 2),
+                       "gold_over_nyquist": round(gold_A / (2 * voxel_A), 3),
+                       "fsc_0_5_truth_A": score.resolution_fsc_0_5_A, "right_hand": score.right_hand,
+                       "gold_vs_truth": round(gold_A / score.resolution_fsc_0_5_A, 3),
+                       **pose_errors(rows, truth, symmetry).summary(), **limit,
+                       "truth_resolution_over_true_pose_map": round(
+                           score.resolution_fsc_0_5_A / limit["true_pose_fsc_0_5_truth_A"], 3)})
+
+
+@scorer(MAPS.name, "postprocess")
+def _postprocessed_map(project: Project, record: SetRecord, items: pd.DataFrame, truth: Truth) -> list[Score]:
+    """The masked, phase-randomisation-corrected gold-standard resolution and the B-factor (the map against
+    the truth is the refinement's row: the same half maps)."""
+    result = record.attrs["postprocess"]
+    return _whole_set({"resolution_A": round(float(result["resolution_A"]), 2),
+                       "b_factor_A2": result.get("b_factor_A2")})

@@ -5,11 +5,13 @@ below ``join_below_A`` (40 Å, RELION). Per iteration:
 
 1. pose search (:mod:`~tomopipe.algorithms.subtomo.pose_search`) of every particle against its half's
    reference up to the current resolution limit, the angular step ``initial_step_deg`` in the first
-   iteration and halved each iteration down to ``finest_step_deg`` (the offset step with it). While the
+   iteration, halved (the offset step with it) down to ``finest_step_deg`` after an iteration that gained
+   less than one Fourier shell of resolution or moved the particles by less than half the step on average
+   (RELION's auto-sampling: a finer step only once the current one has given what it can). While the
    step is coarser than ``local_from_deg``: global searches (RELION), on the asymmetric unit's grid of
    ``initial_step_deg`` with the offsets ``offset_range_A`` / ``offset_step_A``, then local refinement of
    the best rotations down to the step (:func:`coarse_to_fine_search`; no prior: the picks carry no
-   orientation); then local searches: rotations within 1.5 previous steps and offsets within two offset
+   orientation); then local searches: rotations within two steps and offsets within two offset
    steps of the previous pose, with a Gaussian prior on it (angle ``prior_angle_deg``, offset
    ``offset_range_A``);
 2. each half reconstructed with the new poses (crops moved back by their shifts, inserted with
@@ -35,7 +37,7 @@ import torch
 from tomopipe.algorithms.filters import bandpass
 from tomopipe.algorithms.fourier_slice import FourierSliceProjector
 from tomopipe.algorithms.fsc import fsc_resolution_A
-from tomopipe.algorithms.subtomo.backproject import FourierAccumulator
+from tomopipe.algorithms.subtomo.backproject import FourierAccumulator, projected_shifts_px, shift_phases
 from tomopipe.algorithms.subtomo.half_maps import reconstruct_maps
 from tomopipe.algorithms.subtomo.pose_search import (
     ParticleStacks,
@@ -47,7 +49,7 @@ from tomopipe.algorithms.subtomo.pose_search import (
 from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.errors import TomopipeError
 
-__all__ = ["RefineSettings", "RefineSeries", "RefineResult", "auto_refine", "centring_phases"]
+__all__ = ["RefineSettings", "RefineSeries", "RefineResult", "auto_refine", "centring_phases", "reconstruct_series"]
 
 log = logging.getLogger("tomopipe")
 
@@ -105,14 +107,9 @@ class RefineResult:
 def centring_phases(stacks: ParticleStacks, shifts_A: torch.Tensor) -> torch.Tensor:
     """``e^{+2πi k·s_i/c}`` ``[m, n, c, c//2+1]`` for shifts ``[m, 3]`` (Å, tomogram frame): times a crop's
     spectrum, it moves the particle at ``s_i = m_i·[R_i·t]_xy / pixel`` back to the crop's centre."""
-    c, device = stacks.crop_px, stacks.crops_ft.device
-    r = stacks.tilt_rotations.to(device, torch.float64)
-    s = torch.einsum("iab,mb->mia", r[:, :2], shifts_A.to(device, torch.float64))
-    s = s * (stacks.magnification.to(device, torch.float64)[:, None] / stacks.pixel_size_A)
-    ky = torch.fft.fftfreq(c, d=1.0 / c, device=device, dtype=torch.float64)[:, None]
-    kx = torch.fft.rfftfreq(c, d=1.0 / c, device=device, dtype=torch.float64)[None, :]
-    angle = (2.0 * math.pi / c) * (s[..., 0, None, None] * kx + s[..., 1, None, None] * ky)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+    device = stacks.crops_ft.device
+    return shift_phases(projected_shifts_px(stacks.tilt_rotations, stacks.magnification, shifts_A,
+                                            stacks.pixel_size_A).to(device), stacks.crop_px)
 
 
 def _subset(stacks: ParticleStacks, which: torch.Tensor, noise_power: torch.Tensor) -> ParticleStacks:
@@ -141,7 +138,7 @@ def _noise_power(series: RefineSeries, half: int, projector: FourierSliceProject
 
 
 def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, noise: torch.Tensor,
-            settings: RefineSettings, step_deg: float, previous_step_deg: float, offset_step_A: float,
+            settings: RefineSettings, step_deg: float, offset_step_A: float,
             max_frequency_px: float) -> None:
     """New poses of one half of a tilt series (module docstring, step 1), in place."""
     which = torch.nonzero(series.half == half).reshape(-1)
@@ -156,16 +153,17 @@ def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, n
     else:
         rotations, shifts = series.rotations[which], series.shifts_A[which]
         prior = PosePrior(rotations, shifts, settings.prior_angle_deg, settings.offset_range_A)
-        result = local_search(projector, data, rotations[:, None], shifts, step_deg, 1.5 * previous_step_deg,
+        result = local_search(projector, data, rotations[:, None], shifts, step_deg, 2.0 * step_deg,
                               2.0 * offset_step_A, offset_step_A, max_frequency_px, prior=prior,
                               symmetry=settings.symmetry)
     series.rotations[which] = result.best_rotations.to(torch.float64).cpu()
     series.shifts_A[which] = result.best_shifts_A.to(torch.float64).cpu()
 
 
-def _reconstruct(series: list[RefineSeries], group: torch.Tensor, pad_factor: int, device
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Half maps and full map at the current poses and their FSC (module docstring, step 2)."""
+def reconstruct_series(series: list[RefineSeries], group: torch.Tensor, pad_factor: int, device
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Half maps and full map at the series' poses and their FSC (module docstring, step 2), symmetrised by
+    the point ``group``."""
     c = series[0].stacks.crop_px
     halves = {h: FourierAccumulator(c, pad_factor, device=device) for h in (1, 2)}
     for s in series:
@@ -206,37 +204,38 @@ def _pose_changes(series: list[RefineSeries], before: list[tuple[torch.Tensor, t
     return float(angles.mean()), float(offsets.mean())
 
 
-def auto_refine(series: list[RefineSeries], reference: torch.Tensor, mask: torch.Tensor, settings: RefineSettings,
-                device=None) -> RefineResult:
+def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, torch.Tensor], mask: torch.Tensor,
+                settings: RefineSettings, device=None) -> RefineResult:
     """Run the loop (module docstring) from ``reference`` (box = the crops', same voxel size, absolute
-    greyscale: not rescaled) with the soft ``mask``; updates the series' poses in place."""
+    greyscale: not rescaled), one map for both halves or ``{1: half1, 2: half2}`` (half maps of an earlier
+    refinement: the halves stay independent), with the soft ``mask``; updates the series' poses in place."""
     if not series:
         raise TomopipeError("auto-refine: no particles")
     stacks0 = series[0].stacks
     c, pixel_A = stacks0.crop_px, stacks0.pixel_size_A
-    if tuple(reference.shape) != (c, c, c) or tuple(mask.shape) != (c, c, c):
-        raise TomopipeError(f"auto-refine: the reference {tuple(reference.shape)} and mask {tuple(mask.shape)} must "
-                            f"be boxes of {c} px, the crops' size")
+    starts = reference if isinstance(reference, dict) else {1: reference, 2: reference}
+    for volume in (*starts.values(), mask):
+        if tuple(volume.shape) != (c, c, c):
+            raise TomopipeError(f"auto-refine: the reference and the mask must be boxes of {c} px (the crops' size), "
+                                f"got {tuple(volume.shape)}")
     group = symmetry_group(settings.symmetry)
     device = torch.device(device or stacks0.crops_ft.device)
     start = bandpass((c, c, c), pixel_A, high_A=settings.initial_lowpass_A).to(torch.float64)
-    initial = torch.fft.irfftn(torch.fft.rfftn(reference.double()) * start, s=(c, c, c)).float() * mask
-    references = {1: initial, 2: initial}
+    references = {h: torch.fft.irfftn(torch.fft.rfftn(starts[h].double()) * start, s=(c, c, c)).float() * mask
+                  for h in (1, 2)}
     noise = {(i, h): _noise_power(s, h, None) for i, s in enumerate(series) for h in (1, 2)}
     resolution_A, step, offset_step = settings.initial_lowpass_A, settings.initial_step_deg, settings.offset_step_A
     best_A, stalled, iterations = math.inf, 0, []
     for iteration in range(1, settings.max_iterations + 1):
-        previous_step = step
-        if iteration > 1 and step > settings.finest_step_deg:  # the offsets refine with the angles
-            step, offset_step = max(settings.finest_step_deg, step / 2), offset_step / 2
         projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
         band_px = _band_px(c, pixel_A, resolution_A)
         before = [(s.rotations.clone(), s.shifts_A.clone()) for s in series]
         for i, s in enumerate(series):
             for h in (1, 2):
-                _search(s, h, projectors[h], noise[i, h], settings, step, previous_step, offset_step, band_px)
-        maps, curve = _reconstruct(series, group, settings.pad_factor, device)
+                _search(s, h, projectors[h], noise[i, h], settings, step, offset_step, band_px)
+        maps, curve = reconstruct_series(series, group, settings.pad_factor, device)
         found_A = fsc_resolution_A(curve, pixel_A, FSC_THRESHOLD, c)
+        gained_shells = c * pixel_A / found_A - c * pixel_A / resolution_A if math.isfinite(found_A) else 0.0
         resolution_A = found_A if math.isfinite(found_A) else resolution_A
         references = _references(maps, pixel_A, resolution_A, settings.join_below_A, mask.to(maps["half1"].device))
         projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
@@ -251,4 +250,6 @@ def auto_refine(series: list[RefineSeries], reference: torch.Tensor, mask: torch
         best_A = min(best_A, resolution_A)
         if stalled >= 2 and step <= settings.finest_step_deg:
             break
+        if step > settings.finest_step_deg and (gained_shells < 1.0 or angle_deg < 0.5 * step):
+            step, offset_step = max(settings.finest_step_deg, step / 2), offset_step / 2  # RELION's auto-sampling
     return RefineResult(maps, curve, resolution_A, iterations, series)

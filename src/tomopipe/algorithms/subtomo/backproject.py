@@ -192,6 +192,26 @@ def centred_rfft2(images: torch.Tensor, size: int | None = None) -> torch.Tensor
     return torch.fft.rfft2(padded)
 
 
+def projected_shifts_px(tilt_rotations: torch.Tensor, magnification: torch.Tensor | float, shifts_A: torch.Tensor,
+                        pixel_size_A: float) -> torch.Tensor:
+    """``[m, n, 2]`` image shifts (px) in the n tilts of 3-D shifts ``[m, 3]`` (Å, tomogram frame):
+    ``m_i·[R_i·t]_xy / pixel`` (``tilt_rotations`` ``[n, 3, 3]`` tomogram -> tilt image)."""
+    r = tilt_rotations.to(torch.float64)
+    s = torch.einsum("iab,mb->mia", r[:, :2], shifts_A.to(r.device, torch.float64))
+    mag = torch.as_tensor(magnification, dtype=torch.float64, device=r.device).reshape(-1).expand(r.shape[0])
+    return s * (mag[:, None] / pixel_size_A)
+
+
+def shift_phases(shifts_px: torch.Tensor, size: int) -> torch.Tensor:
+    """``e^{+2πi (kx·sx + ky·sy)/size}`` ``[..., size, size//2+1]`` (complex64) for shifts ``[..., 2]`` (x, y
+    pixels): times the ``rfft2`` of an image, it moves what lies at ``(sx, sy)`` from the centre to the centre."""
+    shifts = shifts_px.to(torch.float64)
+    ky = torch.fft.fftfreq(size, d=1.0 / size, device=shifts.device, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(size, d=1.0 / size, device=shifts.device, dtype=torch.float64)[None, :]
+    angle = (2.0 * math.pi / size) * (shifts[..., 0, None, None] * kx + shifts[..., 1, None, None] * ky)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+
+
 def ssnr_from_fsc(fsc_curve: torch.Tensor, min_fsc: float = 1e-3) -> torch.Tensor:
     """SSNR of each half map, ``FSC / (1 - FSC)`` per shell (RELION: the FSC clipped to [min_fsc, 0.999])."""
     f = torch.as_tensor(fsc_curve, dtype=torch.float64).clamp(min_fsc, 0.999)

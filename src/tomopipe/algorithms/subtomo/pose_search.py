@@ -166,12 +166,13 @@ def estimate_noise_power(crops_ft: torch.Tensor, ctf2: torch.Tensor, predicted_f
 @dataclass(frozen=True)
 class _Band:
     """The frequencies ``0 < |k| ≤ k_max`` of the crop's ``rfft2`` grid: flat ``index`` ``[K]``, ``kx``, ``ky``
-    (cycles per box) and ``weight_per_tilt`` ``[n, K]``: the half-plane multiplicity over σ²."""
+    (cycles per box), ``weight_per_tilt`` ``[n, K]``: the half-plane multiplicity over σ², and ``radius`` k_max."""
 
     index: torch.Tensor
     kx: torch.Tensor
     ky: torch.Tensor
     weight_per_tilt: torch.Tensor
+    radius: float
 
 
 def _band(data: ParticleStacks, max_frequency_px: float) -> _Band:
@@ -189,7 +190,7 @@ def _band(data: ParticleStacks, max_frequency_px: float) -> _Band:
         raise TomopipeError(f"pose search: noise_power has {data.noise_power.shape[1]} shells, the band up to "
                             f"{max_frequency_px} px needs {int(shell.max()) + 1}")
     multiplicity = torch.where(kx == 0, 1.0, 2.0)
-    return _Band(index, kx, ky, multiplicity[None] / data.noise_power[:, shell])
+    return _Band(index, kx, ky, multiplicity[None] / data.noise_power[:, shell], float(max_frequency_px))
 
 
 def _slices(projector: FourierSliceProjector, rotations: torch.Tensor, magnification: torch.Tensor, band: _Band,
@@ -203,7 +204,7 @@ def _slices(projector: FourierSliceProjector, rotations: torch.Tensor, magnifica
     out = []
     for start in range(0, flat.shape[0], batch):
         sl = slice(start, start + batch)
-        values = projector.slices(flat[sl], mag[sl]).reshape(-1, projector.n * (projector.n // 2 + 1))
+        values = projector.slices(flat[sl], mag[sl], band.radius).reshape(-1, projector.n * (projector.n // 2 + 1))
         values = values.to(band.index.device).index_select(1, band.index)
         out.append(values * (mag[sl] ** 2).to(values.device)[:, None] if scaled else values)
     return torch.cat(out).reshape(*shape, -1)
