@@ -50,6 +50,10 @@ def test_score_goals_and_table():
     assert [r["unit"] for r in records] == ["Å", "Å", "s/tilt", "", "", "Å"]
     assert [r["goal"] for r in records] == ["≤ 0.5 Å", "≤ 150.0 Å", None, "as the truth", "≥ 0.4", "≤ 30.0 Å"]
     assert GOALS["max_shift_rms_px"].met(0.49) and not GOALS["max_shift_rms_px"].met(float("nan"))
+    # a step's own goal (STEP_GOALS): Nyquist is the goal at bin 10, not at bin 2
+    assert score_record("refine_bin10", "gold_over_nyquist", 1.0, 1.0)["met"] is True
+    assert score_record("refine_bin10", "gold_over_nyquist", 1.2, 1.0)["met"] is False
+    assert score_record("refine_bin2", "gold_over_nyquist", 1.33, 1.0)["goal"] is None
     lines = format_score_table(records).splitlines()
     assert lines[0].split() == ["step", "score", "value", "goal", "met", "time"]
     assert lines[1].split() == ["motion", "motion_shift_rms_error_A", "0.31", "Å", "≤", "0.5", "Å", "✓", "12.0", "s"]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tomopipe.cli import main
-from tomopipe.validate.scores import GOALS, Goal
+from tomopipe.validate.scores import GOALS, STEP_GOALS, Goal, goal_of
 
 
 def _demo_scores(out, preset: str, seed: int) -> list[dict]:
@@ -23,8 +23,10 @@ def _unmet(records: list[dict], slack: float) -> list[str]:
                 if status not in ("finished", "skipped", "simulated", "reused")]
     scored = {r["score"] for r in records}
     problems += [f"{name}: not scored" for name in GOALS if name not in scored]
+    problems += [f"{step} {name}: not scored" for step, name in STEP_GOALS
+                 if not any(r["step"] == step and r["score"] == name for r in records)]
     problems += [f"{r['step']} {r['subject']} {r['score']} = {r['value']} (goal {r['goal']}, slack {slack:.0%})"
-                 for r in records if r["score"] in GOALS and not GOALS[r["score"]].met(r["value"], slack)]
+                 for r in records if (goal := goal_of(r["step"], r["score"])) and not goal.met(r["value"], slack)]
     return problems
 
 

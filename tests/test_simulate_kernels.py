@@ -37,21 +37,22 @@ def test_projector_kernels_agree():
     assert torch.allclose(flat, volume.sum(0) * 2.0, atol=0.05 * float(flat.max()))
 
 
-def test_band_limited_slices_are_the_full_slices_inside_the_band():
-    """``slices(max_radius=r)`` (the pose search's band): the full slices where kx² + ky² ≤ r², zero beyond,
-    on the compiled and the torch paths."""
+def test_slices_at_points_are_the_full_slices_within_each_radius():
+    """``slices_at`` (the pose search's band, each slice within its own radius): the full slices' values at
+    the points within the radius, zero beyond, on the compiled and the torch paths."""
     g = torch.Generator().manual_seed(2)
     volume = torch.randn((16, 16, 16), generator=g)
     q, _ = torch.linalg.qr(torch.randn(5, 3, 3, generator=g, dtype=torch.float64))
-    ky = torch.fft.fftfreq(16, d=1 / 16)[:, None]
-    kx = torch.fft.rfftfreq(16, d=1 / 16)[None, :]
-    inside = kx**2 + ky**2 <= 5.5**2
+    ky = torch.fft.fftfreq(16, d=1 / 16)[:, None].expand(16, 9).reshape(-1)
+    kx = torch.fft.rfftfreq(16, d=1 / 16)[None, :].expand(16, 9).reshape(-1)
+    radius = torch.tensor([2.5, 4.0, 5.5, 7.0, 0.0])
+    inside = (kx**2 + ky**2)[None] <= radius[:, None] ** 2
     for compiled in (True, False):
         projector = FourierSliceProjector(volume, 2.0, pad_factor=2, use_compiled=compiled)
-        full = projector.slices(q.float(), torch.ones(5))
-        band = projector.slices(q.float(), torch.ones(5), 5.5)
-        assert torch.allclose(band[:, inside], full[:, inside], atol=1e-6)
-        assert bool((band[:, ~inside] == 0).all()) and bool((full[:, ~inside] != 0).any())
+        full = projector.slices(q.float(), torch.ones(5)).reshape(5, -1)
+        points = projector.slices_at(q.float(), torch.ones(5), kx, ky, radius)
+        assert torch.allclose(points[inside], full[inside], atol=1e-5)
+        assert bool((points[~inside] == 0).all()) and bool((full[~inside] != 0).any())
 
 
 def test_layer_accumulation_kernel_agrees():

@@ -44,9 +44,8 @@ def gridding_kernel(n: int, p: int, device=None) -> torch.Tensor:
 if _HAVE_NUMBA:
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _slices_numba(vol_re, vol_im, rot, scale, n, band2, out_re, out_im):  # pragma: no cover - compiled
-        """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y); zero where
-        kx² + ky² > band2 (N-box index units)."""
+    def _slices_numba(vol_re, vol_im, rot, scale, n, out_re, out_im):  # pragma: no cover - compiled
+        """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y)."""
         p = vol_re.shape[0]
         half = p // 2
         rad2 = (half - 1.0) ** 2
@@ -58,10 +57,6 @@ if _HAVE_NUMBA:
             for iy in range(n):
                 ky = iy if iy < n // 2 else iy - n
                 for ix in range(nkx):
-                    if ix * ix + ky * ky > band2:
-                        out_re[b, iy, ix] = 0.0
-                        out_im[b, iy, ix] = 0.0
-                        continue
                     qx = ix * ux + ky * vx
                     qy = ix * uy + ky * vy
                     qz = ix * uz + ky * vz
@@ -90,6 +85,48 @@ if _HAVE_NUMBA:
                             im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
                     out_re[b, iy, ix] = re
                     out_im[b, iy, ix] = sign * im
+
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _points_numba(vol_re, vol_im, rot, scale, kx, ky, radius2, out_re, out_im):  # pragma: no cover - compiled
+        """Trilinear samples of central slices at the points (kx[j], ky[j]) (N-box index units), zero where
+        kx² + ky² > radius2[b]; volume as :func:`_slices_numba`'s."""
+        p = vol_re.shape[0]
+        rad2 = (p // 2 - 1.0) ** 2
+        for b in numba.prange(rot.shape[0]):
+            s = scale[b]
+            ux, uy, uz = rot[b, 0, 0] * s, rot[b, 0, 1] * s, rot[b, 0, 2] * s
+            vx, vy, vz = rot[b, 1, 0] * s, rot[b, 1, 1] * s, rot[b, 1, 2] * s
+            for j in range(kx.shape[0]):
+                a, c = kx[j], ky[j]
+                qx = a * ux + c * vx
+                qy = a * uy + c * vy
+                qz = a * uz + c * vz
+                if a * a + c * c > radius2[b] or qx * qx + qy * qy + qz * qz > rad2:
+                    out_re[b, j] = 0.0
+                    out_im[b, j] = 0.0
+                    continue
+                sign = 1.0
+                if qx < 0:
+                    qx, qy, qz, sign = -qx, -qy, -qz, -1.0
+                x0 = int(qx)
+                fy = math.floor(qy)
+                fz = math.floor(qz)
+                wx, wy, wz = qx - x0, qy - fy, qz - fz
+                y0 = int(fy) % p
+                z0 = int(fz) % p
+                y1 = (y0 + 1) % p
+                z1 = (z0 + 1) % p
+                re = 0.0
+                im = 0.0
+                for zi, wzz in ((z0, 1.0 - wz), (z1, wz)):
+                    for yi, wyy in ((y0, 1.0 - wy), (y1, wy)):
+                        w0 = wzz * wyy * (1.0 - wx)
+                        w1 = wzz * wyy * wx
+                        re += w0 * vol_re[zi, yi, x0] + w1 * vol_re[zi, yi, x0 + 1]
+                        im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
+                out_re[b, j] = re
+                out_im[b, j] = sign * im
 
 
 def sample_half_spectrum(flat: torch.Tensor, p: int, q: torch.Tensor) -> torch.Tensor:
@@ -170,27 +207,43 @@ class FourierSliceProjector:
         """Trilinear interpolation of the half spectrum at padded-index frequencies q [..., 3] (x, y, z)."""
         return sample_half_spectrum(self._flat, self.p, q)
 
-    def slices(self, rotations: torch.Tensor, magnification: torch.Tensor, max_radius: float | None = None
-               ) -> torch.Tensor:
-        """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]; with
-        ``max_radius`` (cycles per N-box) only the frequencies within it are sampled, the rest are zero."""
+    def slices(self, rotations: torch.Tensor, magnification: torch.Tensor) -> torch.Tensor:
+        """Central slices ``[n, N, N//2+1]`` (complex, DC at index 0) for rotations [n, 3, 3]."""
         n = self.n
         count = rotations.shape[0]
         scale = (self.pad * magnification).float()
-        band2 = float(n * n) if max_radius is None else float(max_radius) ** 2
         if self.use_compiled:
             rot = rotations.detach().to("cpu", torch.float32).contiguous().numpy()
             out_re = np.empty((count, n, n // 2 + 1), dtype=np.float32)
             out_im = np.empty_like(out_re)
-            _slices_numba(self._re, self._im, rot, scale.cpu().numpy(), n, band2, out_re, out_im)
+            _slices_numba(self._re, self._im, rot, scale.cpu().numpy(), n, out_re, out_im)
+            return torch.complex(torch.from_numpy(out_re), torch.from_numpy(out_im))
+        return self.slices_at(rotations, magnification, self._kx, self._ky).reshape(count, n, n // 2 + 1)
+
+    def slices_at(self, rotations: torch.Tensor, magnification: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor,
+                  max_radius: torch.Tensor | None = None) -> torch.Tensor:
+        """The central slices of rotations [n, 3, 3] at the points (kx, ky) [K] only (cycles per N-box):
+        ``[n, K]`` complex; with ``max_radius`` [n] the points beyond a slice's radius are zero."""
+        count = rotations.shape[0]
+        scale = (self.pad * magnification).float().reshape(-1).expand(count)
+        radius2 = (torch.full((count,), float("inf")) if max_radius is None
+                   else torch.as_tensor(max_radius, dtype=torch.float32).reshape(-1).expand(count) ** 2)
+        if self.use_compiled:
+            rot = rotations.detach().to("cpu", torch.float32).contiguous().numpy()
+            out_re = np.empty((count, kx.numel()), dtype=np.float32)
+            out_im = np.empty_like(out_re)
+            _points_numba(self._re, self._im, rot, scale.cpu().contiguous().numpy(),
+                          kx.detach().to("cpu", torch.float32).contiguous().numpy(),
+                          ky.detach().to("cpu", torch.float32).contiguous().numpy(),
+                          radius2.cpu().contiguous().numpy(), out_re, out_im)
             return torch.complex(torch.from_numpy(out_re), torch.from_numpy(out_im))
         r = rotations.to(device=self.device, dtype=torch.float32)
-        inside = self._kx**2 + self._ky**2 <= band2
-        kx, ky = self._kx[inside][None] * scale[:, None], self._ky[inside][None] * scale[:, None]
-        q = kx[..., None] * r[:, None, 0, :] + ky[..., None] * r[:, None, 1, :]  # Mᵀ·(kx, ky, 0)
-        out = torch.zeros((count, n * (n // 2 + 1)), dtype=torch.complex64, device=self.device)
-        out[:, inside] = self._sample_torch(q)
-        return out.reshape(count, n, n // 2 + 1)
+        kx, ky = kx.to(self.device, torch.float32), ky.to(self.device, torch.float32)
+        sx, sy = kx[None] * scale.to(self.device)[:, None], ky[None] * scale.to(self.device)[:, None]
+        q = sx[..., None] * r[:, None, 0, :] + sy[..., None] * r[:, None, 1, :]  # Mᵀ·(kx, ky, 0)
+        values = self._sample_torch(q)
+        inside = (kx**2 + ky**2)[None] <= radius2.to(self.device)[:, None]
+        return torch.where(inside, values, torch.zeros_like(values))
 
     def project(
         self,

@@ -11,6 +11,7 @@ and a 2-fold about (0, 0.816496, 0.577350); O a 3-fold about (1, 1, 1)/√3 and 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -71,6 +72,12 @@ def _closure(generators: list[tuple[int, tuple[float, float, float]]]) -> torch.
         group = grown
 
 
+@functools.lru_cache(maxsize=None)
+def _named_group(key: str) -> torch.Tensor:
+    """T, O, I: the closure, computed once."""
+    return _closure(_NAMED_GENERATORS[key])
+
+
 def symmetry_group(symbol: str) -> torch.Tensor:
     """Rotations of the point group ``symbol`` -> ``[n, 3, 3]`` float64, identity first.
 
@@ -80,7 +87,7 @@ def symmetry_group(symbol: str) -> torch.Tensor:
     """
     key = symbol.strip().upper() if isinstance(symbol, str) else ""
     if key in _NAMED_GENERATORS:
-        return _closure(_NAMED_GENERATORS[key])
+        return _named_group(key).clone()
     match = re.fullmatch(r"([CD])(\d+)", key)
     if match is None or not 1 <= int(match.group(2)) <= _MAX_ORDER:
         raise UnknownSymmetryError(f"unknown symmetry {symbol!r}; valid forms: {_VALID_FORMS}, n <= {_MAX_ORDER}")

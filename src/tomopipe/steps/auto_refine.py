@@ -141,6 +141,7 @@ def _checked_items(ctx) -> tuple[pd.DataFrame, dict]:
 @register
 class AutoRefine(Step):
     type_name = "auto_refine"
+    version = 2  # RELION origins, auto-sampling, per-half references, alternating local searches
     title = "reliontomo - 3D auto-refine"
     description = ("Gold-standard refinement: two half sets, each searched (global on the asymmetric unit, then "
                    "local with finer steps and a prior on the previous pose) against its own reference, "

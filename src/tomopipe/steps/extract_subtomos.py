@@ -183,6 +183,7 @@ def _tilt_geometry(group: pd.DataFrame, acquisition: dict, hand: int) -> TiltGeo
 @register
 class ExtractSubtomos(Step):
     type_name = "extract_subtomos"
+    version = 2  # re-extraction cuts at the centre: position minus the RELION origin
     title = "reliontomo - extract subtomos"
     description = ("RELION 5 pseudo-subtomograms: per particle, the CTF-premultiplied, dose-weighted crops of its "
                    "tilts (2-D stacks) or their Fourier insertion with the CTF² and multiplicity weights (3-D), "

@@ -134,6 +134,7 @@ def insert_tilt_series(task: InsertTask) -> dict:
 @register
 class ReconstructParticle(Step):
     type_name = "reconstruct_particle"
+    version = 2  # the crops moved by their RELION origins
     title = "reliontomo - reconstruct particle"
     description = ("Fourier insertion of every tilt crop of every particle with its pose (particle pose, then the "
                    "tilt's projection) into one reconstruction per half set, symmetrised, divided by the CTF² "

@@ -170,7 +170,7 @@ def _refined_map(project: Project, record: SetRecord, items: pd.DataFrame, truth
     return _whole_set({"gold_standard_A": round(gold_A, 2), "nyquist_A": round(2 * voxel_A, 2),
                        "gold_over_nyquist": round(gold_A / (2 * voxel_A), 3),
                        "fsc_0_5_truth_A": score.resolution_fsc_0_5_A, "right_hand": score.right_hand,
-                       "gold_vs_truth": round(gold_A / score.resolution_fsc_0_5_A, 3),
+                       "gold_truth_disagreement": round(abs(gold_A / score.resolution_fsc_0_5_A - 1.0), 3),
                        **pose_errors(rows, truth, symmetry).summary(), **limit,
                        "truth_resolution_over_true_pose_map": round(
                            score.resolution_fsc_0_5_A / limit["true_pose_fsc_0_5_truth_A"], 3)})

@@ -11,9 +11,9 @@ below ``join_below_A`` (40 Å, RELION). Per iteration:
    step is coarser than ``local_from_deg``: global searches (RELION), on the asymmetric unit's grid of
    ``initial_step_deg`` with the offsets ``offset_range_A`` / ``offset_step_A``, then local refinement of
    the best rotations down to the step (:func:`coarse_to_fine_search`; no prior: the picks carry no
-   orientation); then local searches: rotations within two steps and offsets within two offset
-   steps of the previous pose, with a Gaussian prior on it (angle ``prior_angle_deg``, offset
-   ``offset_range_A``);
+   orientation); then local searches: rotations within two steps of the previous pose at its shift, then
+   offsets within two offset steps of it at the best rotation, with a Gaussian prior on the previous pose
+   (angle ``prior_angle_deg``, offset ``offset_range_A``);
 2. each half reconstructed with the new poses (crops moved back by their shifts, inserted with
    ``R_tilt·A``, symmetrised), regularised by the SSNR of the half-map FSC (RELION), and the resolution
    at FSC 0.143 of the unmasked half maps;
@@ -154,7 +154,7 @@ def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, n
         rotations, shifts = series.rotations[which], series.shifts_A[which]
         prior = PosePrior(rotations, shifts, settings.prior_angle_deg, settings.offset_range_A)
         result = local_search(projector, data, rotations[:, None], shifts, step_deg, 2.0 * step_deg,
-                              2.0 * offset_step_A, offset_step_A, max_frequency_px, prior=prior,
+                              2.0 * offset_step_A, offset_step_A, max_frequency_px, alternate=True, prior=prior,
                               symmetry=settings.symmetry)
     series.rotations[which] = result.best_rotations.to(torch.float64).cpu()
     series.shifts_A[which] = result.best_shifts_A.to(torch.float64).cpu()

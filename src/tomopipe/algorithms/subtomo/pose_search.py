@@ -44,6 +44,8 @@ from tomopipe.algorithms.so3 import local_so3_grid, so3_grid_asymmetric
 from tomopipe.algorithms.symmetry import symmetry_group
 from tomopipe.errors import TomopipeError
 
+TILT_WEIGHT_FLOOR = 1e-2  #: a tilt's frequencies count while its (CTF·D)² is this share of the best tilt's
+
 __all__ = ["ParticleStacks", "PosePrior", "PoseSearchResult", "shift_grid_A", "estimate_noise_power",
            "search_poses", "local_search", "coarse_to_fine_search"]
 
@@ -166,13 +168,14 @@ def estimate_noise_power(crops_ft: torch.Tensor, ctf2: torch.Tensor, predicted_f
 @dataclass(frozen=True)
 class _Band:
     """The frequencies ``0 < |k| ≤ k_max`` of the crop's ``rfft2`` grid: flat ``index`` ``[K]``, ``kx``, ``ky``
-    (cycles per box), ``weight_per_tilt`` ``[n, K]``: the half-plane multiplicity over σ², and ``radius`` k_max."""
+    (cycles per box), ``weight_per_tilt`` ``[n, K]``: the half-plane multiplicity over σ², and ``tilt_radius``
+    ``[n]``: each tilt's own band limit (:func:`_tilt_radii`), the slices being zero beyond it."""
 
     index: torch.Tensor
     kx: torch.Tensor
     ky: torch.Tensor
     weight_per_tilt: torch.Tensor
-    radius: float
+    tilt_radius: torch.Tensor
 
 
 def _band(data: ParticleStacks, max_frequency_px: float) -> _Band:
@@ -190,22 +193,38 @@ def _band(data: ParticleStacks, max_frequency_px: float) -> _Band:
         raise TomopipeError(f"pose search: noise_power has {data.noise_power.shape[1]} shells, the band up to "
                             f"{max_frequency_px} px needs {int(shell.max()) + 1}")
     multiplicity = torch.where(kx == 0, 1.0, 2.0)
-    return _Band(index, kx, ky, multiplicity[None] / data.noise_power[:, shell], float(max_frequency_px))
+    return _Band(index, kx, ky, multiplicity[None] / data.noise_power[:, shell],
+                 _tilt_radii(data, shell, index, max_frequency_px))
+
+
+def _tilt_radii(data: ParticleStacks, shell: torch.Tensor, index: torch.Tensor, max_frequency_px: float
+                ) -> torch.Tensor:
+    """Each tilt's band limit ``[n]``: the last shell where its mean ``(CTF·D)²`` over the particles is at
+    least :data:`TILT_WEIGHT_FLOOR` of the best tilt's (dose weighting makes the late tilts' high frequencies
+    weigh nothing: leaving them out saves their slices and changes the scores by less than that share)."""
+    n = data.crops_ft.shape[1]
+    weight = data.ctf2.reshape(*data.ctf2.shape[:2], -1)[..., index].sum(0)  # [n, K]
+    per_shell = torch.zeros((n, int(shell.max()) + 1), dtype=torch.float64, device=weight.device)
+    per_shell.index_add_(1, shell.to(weight.device), weight.double())
+    kept = per_shell >= TILT_WEIGHT_FLOOR * per_shell.amax(0, keepdim=True).clamp(min=1e-30)
+    shells = torch.arange(per_shell.shape[1], device=weight.device)
+    last = torch.where(kept, shells, -1).amax(1).double() + 0.5
+    return last.clamp(max=max_frequency_px).float().cpu()
 
 
 def _slices(projector: FourierSliceProjector, rotations: torch.Tensor, magnification: torch.Tensor, band: _Band,
             batch: int = 4096) -> torch.Tensor:
-    """Slices ``[..., n, K]`` on the band for rotations ``[..., n, 3, 3]`` (reference -> tilt image) with the
-    tilts' magnification ``[n]`` (image = projection(x/m): ``m²·F(m·k)``)."""
+    """Slices ``[..., n, K]`` on the band (each tilt within its own radius) for rotations ``[..., n, 3, 3]``
+    (reference -> tilt image) with the tilts' magnification ``[n]`` (image = projection(x/m): ``m²·F(m·k)``)."""
     shape = rotations.shape[:-2]
     flat = rotations.reshape(-1, 3, 3)
     mag = magnification.to(flat.device).expand(*shape).reshape(-1)
+    radius = band.tilt_radius.to(flat.device).expand(*shape).reshape(-1)
     scaled = bool((magnification != 1).any())
     out = []
     for start in range(0, flat.shape[0], batch):
         sl = slice(start, start + batch)
-        values = projector.slices(flat[sl], mag[sl], band.radius).reshape(-1, projector.n * (projector.n // 2 + 1))
-        values = values.to(band.index.device).index_select(1, band.index)
+        values = projector.slices_at(flat[sl], mag[sl], band.kx, band.ky, radius[sl]).to(band.index.device)
         out.append(values * (mag[sl] ** 2).to(values.device)[:, None] if scaled else values)
     return torch.cat(out).reshape(*shape, -1)
 
@@ -338,15 +357,23 @@ def _rank(score: torch.Tensor, candidates: torch.Tensor, shifts: torch.Tensor, k
 
 def local_search(projector: FourierSliceProjector, data: ParticleStacks, centres: torch.Tensor,
                  centre_shifts_A: torch.Tensor, step_deg: float, max_angle_deg: float, offset_range_A: float,
-                 offset_step_A: float, max_frequency_px: float, **options) -> PoseSearchResult:
+                 offset_step_A: float, max_frequency_px: float, alternate: bool = False,
+                 **options) -> PoseSearchResult:
     """Search local grids (:func:`~tomopipe.algorithms.so3.local_so3_grid` of ``step_deg`` within
     ``max_angle_deg``) around each particle's ``centres`` ``[m, C, 3, 3]``, with shifts of ``offset_step_A``
-    within ``offset_range_A`` of ``centre_shifts_A`` ``[m, 3]``; ``options`` go to :func:`search_poses`."""
+    within ``offset_range_A`` of ``centre_shifts_A`` ``[m, 3]``; ``options`` go to :func:`search_poses`.
+    ``alternate``: the rotations at the current shifts, then the shifts at the best rotation (R + T
+    candidates instead of R·T: for small changes of poses near convergence, which hardly couple)."""
     m, count = centres.shape[:2]
     grids = [local_so3_grid(centre, step_deg, max_angle_deg) for centre in centres.reshape(-1, 3, 3).double()]
     rotations = torch.stack(grids).reshape(m, count * grids[0].shape[0], 3, 3)
-    return search_poses(projector, data, rotations, shift_grid_A(offset_range_A, offset_step_A), max_frequency_px,
-                        centre_shifts_A=centre_shifts_A, **options)
+    offsets = shift_grid_A(offset_range_A, offset_step_A)
+    if alternate:
+        options = dict(options, keep=1)
+        rotations = search_poses(projector, data, rotations, offsets[:1], max_frequency_px,
+                                 centre_shifts_A=centre_shifts_A, **options).rotations
+    return search_poses(projector, data, rotations, offsets, max_frequency_px, centre_shifts_A=centre_shifts_A,
+                        **options)
 
 
 def coarse_to_fine_search(projector: FourierSliceProjector, data: ParticleStacks, *, symmetry: str = "C1",
