@@ -16,6 +16,7 @@ from tomopipe.algorithms.filters import bandpass
 from tomopipe.algorithms.fourier import crop_centered
 from tomopipe.algorithms.fsc import fsc, fsc_resolution_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix
+from tomopipe.algorithms.picking.template import resample_volume
 from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import run_on_sets
@@ -137,3 +138,18 @@ def test_too_few_particles_for_two_halves(tmp_path, blobs_A):
         outcome = _refine(project, record, _reference(project, torch.zeros((CROP_PX,) * 3)))
     assert outcome.status == "failed"
     assert "too few particles for two half sets" in outcome.message
+
+
+def test_a_reference_at_another_voxel_size_is_resampled_or_refused(tmp_path, blobs_A):
+    """A reference of 16 px at twice the crops' voxel size is Fourier-padded to the crops' 32 px (noted in
+    the attributes); one of 20 px at twice the size would be 40 px: refused, naming the sizes."""
+    project, record = _subtomograms(tmp_path, blobs_A, n_series=1, particles=8, crop_px=CROP_PX)
+    truth = crop_centered(_volume(blobs_A), (CROP_PX,) * 3)
+    coarse = resample_volume(_lowpass(truth, 35.0).float(), PIXEL_A, 2 * PIXEL_A)
+    assert tuple(coarse.shape) == (16, 16, 16)
+    with project:
+        outcome = _refine(project, record, _reference(project, coarse, 2 * PIXEL_A), max_iterations=1)
+        assert outcome.status == "finished", outcome.message
+        assert "resampled to 5 A" in project.sets_of_run(outcome.run.id)["maps"].attrs["reference"]
+        too_big = _refine(project, record, _reference(project, torch.zeros((20,) * 3), 2 * PIXEL_A))
+    assert too_big.status == "failed" and "(40, 40, 40)" in too_big.message and "32 px" in too_big.message

@@ -23,11 +23,11 @@ from tomopipe.algorithms.picking.template import MaskDoesNotFitError
 from tomopipe.algorithms.subtomo.backproject import centred_rfft2, pseudo_subtomogram
 from tomopipe.algorithms.subtomo.initial_model import (
     InitialModelError,
-    _rotate_and_shift,
     _tilt_log_prior,
     align_symmetry,
     align_volumes,
     initial_model,
+    rotate_and_shift,
 )
 from tomopipe.algorithms.symmetry import UnknownSymmetryError, misorientation_deg, symmetry_group
 
@@ -97,7 +97,7 @@ def test_align_volumes_recovers_a_known_rotation_shift_and_mirror():
     truth = chiral_o_volume()
     rotation = random_rotations(1, generator=g, dtype=torch.float32)[0]
     moved = torch.roll(torch.flip(truth, dims=(-1,)), 1, dims=-1)  # the mirror image
-    moved = _rotate_and_shift(moved, rotation, torch.tensor([1.0, -2.0, 0.0]), pad=2)
+    moved = rotate_and_shift(moved, rotation, torch.tensor([1.0, -2.0, 0.0]), pad=2)
     result = align_volumes(moved, truth, symmetry="O", step_deg=10.0)
     assert result.mirrored
     assert result.correlation > 0.99 > result.other_hand_correlation + 0.01

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
+from tomopipe.algorithms.fsc import fsc_resolution_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix, matrix_to_euler_relion, random_rotations
+from tomopipe.algorithms.subtomo.initial_model import rotate_and_shift
 from tomopipe.algorithms.symmetry import symmetry_group
+from tomopipe.validate.map_score import without_short_dips
 from tomopipe.validate.picking import TRUTH_EULER, TRUTH_XYZ
-from tomopipe.validate.refinement import pose_errors
+from tomopipe.validate.refinement import PoseErrors, pose_errors
 from tomopipe.validate.truth import Truth
 
 
@@ -57,3 +61,34 @@ def test_pose_errors_remove_the_map_frame_and_find_the_added_errors(tmp_path):
     assert abs(float(np.median(errors.offset_A)) - 1.5) < 0.25 and float(errors.offset_A.max()) < 2.5
     summary = errors.summary()
     assert abs(summary["orientation_error_median_deg"] - 2.0) < 0.3 and summary["within_5_deg"] == round(2 / 3, 3)
+
+
+def test_the_map_is_put_on_the_truth_frame_by_the_particles_frame():
+    """A map made as ``truth(F·(v − τ))`` comes back onto the truth by :meth:`PoseErrors.map_in_truth_frame`."""
+    generator = torch.Generator().manual_seed(4)
+    n, voxel_A = 32, 2.0
+    axis = (torch.arange(n, dtype=torch.float32) - n // 2) * voxel_A
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    centres = (torch.rand((6, 3), generator=generator) - 0.5) * 30.0
+    truth = sum(torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 18.0) for cx, cy, cz in centres)
+    frame = random_rotations(1, generator, dtype=torch.float64)[0]
+    tau_A = np.array([3.0, -2.0, 5.0])
+    refined_map = rotate_and_shift(truth, frame.T.float(), torch.tensor(tau_A / voxel_A, dtype=torch.float32))
+    errors = PoseErrors(np.zeros(1), np.zeros(1), frame, tau_A)
+    back = errors.map_in_truth_frame(refined_map, voxel_A)
+    before = float(torch.corrcoef(torch.stack([refined_map.reshape(-1), truth.reshape(-1)]))[0, 1])
+    after = float(torch.corrcoef(torch.stack([back.reshape(-1), truth.reshape(-1)]))[0, 1])
+    print("correlation with the truth before / after:", before, after)
+    assert after > 0.99 and before < 0.5
+
+
+def test_short_dips_of_the_fsc_are_not_crossings():
+    """A dip of two shells below 0.5 that the curve climbs out of is filled; three shells, or a dip that
+    runs to Nyquist, is a crossing."""
+    curve = torch.tensor([1.0, 0.9, 0.46, 0.47, 0.7, 0.6, 0.45, 0.44, 0.43, 0.6, 0.3])
+    filled = without_short_dips(curve, 0.5)
+    assert filled[2:4].tolist() == [0.5, 0.5] and torch.equal(filled[6:9], curve[6:9].double())
+    assert float(filled[-1]) == pytest.approx(0.3)  # the last shell: below to Nyquist
+    # the first sustained crossing, between shells 5 (0.6) and 6 (0.45) of a 20-px box at 2 Å
+    assert fsc_resolution_A(filled, 2.0, 0.5) == pytest.approx(40.0 / (5 + 0.1 / 0.15), rel=0.02)
+    assert fsc_resolution_A(curve, 2.0, 0.5) > 40.0 / 3  # the raw curve's first crossing: the dip at shell 2

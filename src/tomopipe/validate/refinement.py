@@ -22,6 +22,7 @@ import torch
 from tomopipe.algorithms.fsc import fsc_resolution_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix
 from tomopipe.algorithms.subtomo.auto_refine import reconstruct_series
+from tomopipe.algorithms.subtomo.initial_model import rotate_and_shift
 from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.model.subtomograms import particle_shifts_A
 from tomopipe.validate.map_score import score_map
@@ -38,10 +39,18 @@ FRAME_INLIER_DEG = 10.0
 
 @dataclass(frozen=True)
 class PoseErrors:
-    """Orientation errors (deg, modulo the symmetry) and offset errors (Å) per particle, after the frame."""
+    """Orientation errors (deg, modulo the symmetry) and offset errors (Å) per particle, after the map's
+    frame: ``frame`` F ``[3, 3]`` and ``map_centre_A`` τ (x, y, z) with ``map(v) = truth(F·(v − τ))``."""
 
     orientation_deg: np.ndarray
     offset_A: np.ndarray
+    frame: torch.Tensor
+    map_centre_A: np.ndarray
+
+    def map_in_truth_frame(self, volume: torch.Tensor, voxel_size_A: float) -> torch.Tensor:
+        """``truth(w) ≈ map(Fᵀ·w + τ)``: the refined map turned and moved onto the truth's frame."""
+        shift_px = -(self.frame.numpy() @ self.map_centre_A) / voxel_size_A
+        return rotate_and_shift(volume.float(), self.frame.float(), torch.from_numpy(shift_px).float())
 
     def summary(self) -> dict:
         return {"orientation_error_median_deg": round(float(np.median(self.orientation_deg)), 2),
@@ -85,9 +94,9 @@ def pose_errors(items: pd.DataFrame, truth: Truth, symmetry: str) -> PoseErrors:
     centres = items[XYZ].to_numpy(np.float64) + particle_shifts_A(items)
     moved = centres - true_centres
     r = refined.numpy()
-    tau = np.einsum("mba,mb->ma", r, moved).mean(0)  # least squares: moved_i ≈ R_i·τ
-    offsets = np.linalg.norm(moved - np.einsum("mab,b->ma", r, tau), axis=1)
-    return PoseErrors(best.numpy(), offsets)
+    tau = -np.einsum("mba,mb->ma", r, moved).mean(0)  # least squares: c_i − t_i ≈ −R_i·τ
+    offsets = np.linalg.norm(moved + np.einsum("mab,b->ma", r, tau), axis=1)
+    return PoseErrors(best.numpy(), offsets, frame, tau)
 
 
 def _mean_frame(refined: torch.Tensor, true: torch.Tensor, group: torch.Tensor, frame: torch.Tensor,

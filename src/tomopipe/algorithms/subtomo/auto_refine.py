@@ -21,8 +21,8 @@ below ``join_below_A`` (40 Å, RELION). Per iteration:
    halves, low-passed at the resolution, times the soft spherical mask; the noise power per tilt series
    and half re-estimated from the residual of the crops against the new references at the new poses.
 
-Converged when the resolution has not improved for two iterations with the step at its finest
-(RELION's rule), or after ``max_iterations``. Shifts are 3-D, Å, tomogram frame (particle centre =
+Converged when the resolution has not improved (by half a Fourier shell) for two iterations with the
+step at its finest (RELION's rule), or after ``max_iterations``. Shifts are 3-D, Å, tomogram frame (particle centre =
 position + shift); rotations reference -> particle.
 """
 
@@ -54,6 +54,7 @@ __all__ = ["RefineSettings", "RefineSeries", "RefineResult", "auto_refine", "cen
 log = logging.getLogger("tomopipe")
 
 FSC_THRESHOLD = 0.143
+MIN_GAIN_SHELLS = 0.5  #: a smaller gain of resolution (Fourier shells) over the best so far counts as none
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,8 @@ def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, 
     noise = {(i, h): _noise_power(s, h, None) for i, s in enumerate(series) for h in (1, 2)}
     resolution_A, step, offset_step = settings.initial_lowpass_A, settings.initial_step_deg, settings.offset_step_A
     best_A, stalled, iterations = math.inf, 0, []
+    projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
     for iteration in range(1, settings.max_iterations + 1):
-        projectors = {h: FourierSliceProjector(references[h].to(device), pixel_A, pad_factor=2) for h in (1, 2)}
         band_px = _band_px(c, pixel_A, resolution_A)
         before = [(s.rotations.clone(), s.shifts_A.clone()) for s in series]
         for i, s in enumerate(series):
@@ -246,7 +247,7 @@ def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, 
                            "mean_offset_change_A": offset_A})
         log.info("auto-refine iteration %d: %.2f A, step %.3g deg, pose change %.2f deg %.2f A", iteration,
                  resolution_A, step, angle_deg, offset_A)
-        stalled = stalled + 1 if resolution_A >= best_A * (1 - 1e-3) else 0
+        stalled = stalled + 1 if c * pixel_A * (1 / resolution_A - 1 / best_A) < MIN_GAIN_SHELLS else 0
         best_A = min(best_A, resolution_A)
         if stalled >= 2 and step <= settings.finest_step_deg:
             break

@@ -62,7 +62,7 @@ from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.errors import TomopipeError
 
 __all__ = ["InitialModelError", "InitialModelResult", "IterationLog", "SymmetryFrame", "VolumeAlignment",
-           "align_symmetry", "align_volumes", "initial_model"]
+           "align_symmetry", "align_volumes", "initial_model", "rotate_and_shift"]
 
 #: Soft edge of the spherical mask, in voxels.
 _MASK_EDGE_PX = 2.0
@@ -623,8 +623,10 @@ def _search_hand(moving: torch.Tensor, reference_ft: torch.Tensor, step_deg: flo
     return _coarse_to_fine(score_block, grid, step_deg, n, max_radius_px)
 
 
-def _rotate_and_shift(volume: torch.Tensor, rotation: torch.Tensor, shift_px: torch.Tensor, pad: int) -> torch.Tensor:
-    """``V(Rᵀ(x - t))`` on the same grid (padded spectrum, trilinear; nothing beyond Nyquist)."""
+def rotate_and_shift(volume: torch.Tensor, rotation: torch.Tensor, shift_px: torch.Tensor, pad: int = 2
+                     ) -> torch.Tensor:
+    """``V(Rᵀ(x - t))`` on the same grid (``[N, N, N]``, centre N//2; x, t as (x, y, z), voxels): the
+    padded spectrum sampled trilinearly, nothing beyond Nyquist."""
     n = volume.shape[-1]
     sh = _shells(n, n // 2, volume.device)
     x = _rotated(_padded_spectrum(volume, pad), n, pad, sh.k, rotation[None])[0]
@@ -655,7 +657,7 @@ def align_volumes(moving: torch.Tensor, reference: torch.Tensor, *, step_deg: fl
     score, rotation, shift = found[pick]
     other = found[1 - pick][0] if try_mirror else math.nan
     source = _mirrored(moving) if hands[pick] else moving.float()
-    aligned = _rotate_and_shift(source, rotation, shift, pad)
+    aligned = rotate_and_shift(source, rotation, shift, pad)
     return VolumeAlignment(rotation=rotation, shift_px=shift, mirrored=hands[pick], correlation=score,
                            other_hand_correlation=other, aligned=aligned)
 
@@ -690,6 +692,6 @@ def align_symmetry(volume: torch.Tensor, symmetry: str, *, step_deg: float = 10.
     frames = so3_grid_asymmetric(step_deg, symmetry).transpose(-1, -2).to(volume.device, torch.float32)
     score, frame, _ = _coarse_to_fine(score_block, frames, step_deg, n, max_radius_px)
     zero = torch.zeros(3, device=volume.device)
-    turned = _rotate_and_shift(volume, frame, zero, pad)
-    symmetrised = torch.stack([_rotate_and_shift(turned, g, zero, pad) for g in group]).mean(0)
+    turned = rotate_and_shift(volume, frame, zero, pad)
+    symmetrised = torch.stack([rotate_and_shift(turned, g, zero, pad) for g in group]).mean(0)
     return SymmetryFrame(rotation=frame, correlation=score, symmetrised=symmetrised)
