@@ -146,18 +146,20 @@ GOALS: dict[str, Goal] = {
     "mirrored_correlation": Goal("at most", 0.2),
     # picking (per tilt series): the CZII challenge's matching at 30 Å after the free translation
     "f1": Goal("at least", 0.95),
-    # maps (initial model, every refinement): the right hand; refinements: the gold standard within 10 % of the
-    # FSC 0.5 against the truth, and the map within 10 % of the one the same crops give with the true poses
+    # maps (initial model, every refinement): the right hand; every refinement's map within 10 % of the one the
+    # same crops give with the true poses (FSC 0.5 against the truth)
     "right_hand": Goal("equal to", True),
-    "gold_truth_disagreement": Goal("at most", 0.1),
     "truth_resolution_over_true_pose_map": Goal("at most", 1.1),
 }
 
 #: Goals of one step of the tutorial workflow, by (step name, score name): Nyquist at bin 10 and bin 4 (the
-#: seed), 4.5 Å at bin 2 after post-processing (the seed's small data set: 4–5 Å).
+#: seed); at bin 2 the gold standard within 10 % of the FSC 0.5 against the truth, and 4.5 Å after
+#: post-processing (the seed's small data set: 4–5 Å). At bin 10 the gold standard may read finer than the
+#: truth even for the true poses (Nyquist against 21 Å on one tilt series of 21 tilts): no goal there.
 STEP_GOALS: dict[tuple[str, str], Goal] = {
     ("refine_bin10", "gold_over_nyquist"): Goal("at most", 1.0),
     ("refine_bin4", "gold_over_nyquist"): Goal("at most", 1.0),
+    ("refine_bin2", "gold_truth_disagreement"): Goal("at most", 0.1),
     ("postprocess", "resolution_A"): Goal("at most", 4.5),
 }
 
