@@ -36,7 +36,7 @@ from tomopipe.validate.truth import Truth  # noqa: E402
 FIRST_STEP = "extract3d"  # the first step after picking
 SHOWN = ("gold_standard_A", "nyquist_A", "fsc_0_5_truth_A", "right_hand", "true_pose_fsc_0_5_truth_A",
          "truth_resolution_over_true_pose_map", "gold_truth_disagreement", "orientation_error_median_deg",
-         "within_5_deg", "offset_error_median_A", "resolution_A", "b_factor_A2")
+         "share_within_5_degrees", "offset_error_median_A", "resolution_A", "b_factor_A2")
 
 
 class PeakMemory:

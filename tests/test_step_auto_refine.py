@@ -116,6 +116,7 @@ def test_auto_refine_finds_the_poses_and_the_true_pose_resolution(tmp_path, blob
           f"{attrs['resolution_A']:.2f} A")
     assert found_A <= 1.1 * limit_A
     assert log[0]["angular_step_deg"] == 7.5 and log[-1]["angular_step_deg"] < 7.5
+    assert all(len(it["fsc"]) == CROP_PX // 2 + 1 and it["fsc"][0] > 0.99 for it in log)  # the FSC of each iteration
     assert attrs["resolution_A"] < 35.0
 
 

@@ -16,8 +16,8 @@ previous orientation; the picks carry no orientation, so the first (global) iter
 local iterations use this width around the previous pose.
 
 Outputs: a ``maps`` set (``run_half1_class001_unfil.mrc``, ``run_half2_class001_unfil.mrc``,
-``run_class001.mrc``) whose attributes hold the per-iteration log (resolution, angular step, mean pose
-changes), the final FSC curve and resolution; and the ``subtomograms`` with the refined poses: angles
+``run_class001.mrc``) whose attributes hold the per-iteration log (resolution, half-map FSC, angular step,
+mean pose changes), the final FSC curve and resolution; and the ``subtomograms`` with the refined poses: angles
 (``rot_deg``, ``tilt_deg``, ``psi_deg``) and origins (``origin_x_A``...: RELION's ``rlnOriginX/Y/ZAngst``,
 particle centre = position − origin, Å, tomogram frame), the positions and crops left as extracted.
 Input origins (a refined set refined again) are the starting shifts.

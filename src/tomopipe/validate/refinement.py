@@ -54,7 +54,7 @@ class PoseErrors:
 
     def summary(self) -> dict:
         return {"orientation_error_median_deg": round(float(np.median(self.orientation_deg)), 2),
-                "within_5_deg": round(float((self.orientation_deg <= 5.0).mean()), 3),
+                "share_within_5_degrees": round(float((self.orientation_deg <= 5.0).mean()), 3),
                 "offset_error_median_A": round(float(np.median(self.offset_A)), 2)}
 
 

@@ -96,7 +96,7 @@ class RefineSeries:
 @dataclass(frozen=True)
 class RefineResult:
     """Maps (``half1``, ``half2``, ``full``), the final half-map FSC and resolution (Å), the per-iteration
-    log (resolution_A, angular_step_deg, mean pose changes) and the series with their refined poses."""
+    log (resolution_A, fsc, angular_step_deg, mean pose changes) and the series with their refined poses."""
 
     maps: dict[str, torch.Tensor]
     fsc: torch.Tensor
@@ -244,7 +244,7 @@ def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, 
         angle_deg, offset_A = _pose_changes(series, before, settings.symmetry)
         iterations.append({"iteration": iteration, "resolution_A": resolution_A, "angular_step_deg": step,
                            "offset_step_A": offset_step, "band_px": band_px, "mean_angle_change_deg": angle_deg,
-                           "mean_offset_change_A": offset_A})
+                           "mean_offset_change_A": offset_A, "fsc": [round(float(v), 4) for v in curve]})
         log.info("auto-refine iteration %d: %.2f A, step %.3g deg, pose change %.2f deg %.2f A", iteration,
                  resolution_A, step, angle_deg, offset_A)
         stalled = stalled + 1 if c * pixel_A * (1 / resolution_A - 1 / best_A) < MIN_GAIN_SHELLS else 0
