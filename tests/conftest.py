@@ -130,3 +130,20 @@ def gemmi_potential_V(box: int, pixel_A: float, centre_A=None, rotation=None, mi
     density = torch.from_numpy(np.array(calc.grid, copy=True).transpose(2, 1, 0)).double()  # x,y,z -> z,y,x
     cropped = fourier_crop_volume(torch.fft.rfftn(density), (fine,) * 3, (box,) * 3)
     return torch.fft.irfftn(cropped, s=(box,) * 3) * POTENTIAL_CONSTANT_V_A2
+
+
+def assert_same_document(a, b, where: str, rel: float = 1e-5, abs: float = 1e-6) -> None:
+    """Equal JSON-like documents (dicts, lists, numbers, strings), floats to ``rel``/``abs`` (the order of
+    sums on threads or processes moves the last digits)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_document(a[key], b[key], f"{where}.{key}", rel, abs)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_document(x, y, f"{where}[{index}]", rel, abs)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=rel, abs=abs, nan_ok=True), where
+    else:
+        assert a == b, where

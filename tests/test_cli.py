@@ -11,7 +11,7 @@ import pytest
 from tomopipe.cli import build_parser, main
 
 SUBCOMMANDS = ["project", "run", "status", "show", "exclude", "picks", "export", "inspect", "steps", "simulate",
-               "demo"]
+               "demo", "report", "serve"]
 
 
 def test_every_subcommand_has_help(capsys):

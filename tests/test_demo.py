@@ -39,9 +39,10 @@ def test_demo_on_the_tiny_preset(tmp_path, capsys):
 
 def test_score_goals_and_table():
     """Goals come from one table (GOALS) by score name; a value is met or not against its goal,
-    a score without a goal has none; the table shows value with unit, goal, ✓/✗/— and the time."""
-    records = [score_record("motion", "motion_shift_rms_error_A", 0.31, 12.04),
-               score_record("motion", "defocus_error_median_A", 180.0, 12.04),
+    a score without a goal has none; the table shows value with unit, goal, ✓/✗/—, the time and the
+    peak memory (when measured)."""
+    records = [score_record("motion", "motion_shift_rms_error_A", 0.31, 12.04, peak_rss_GB=1.234),
+               score_record("motion", "defocus_error_median_A", 180.0, 12.04, peak_rss_GB=1.234),
                score_record("motion", "motion_s_per_tilt", 1.5, 12.04),
                score_record("import", "tilt_axis_direction", "opposite to the truth (other hand)", 0.2),
                score_record("reconstruct", "correlation", 0.45, 6.0, subject="TS_01"),
@@ -55,8 +56,9 @@ def test_score_goals_and_table():
     assert score_record("refine_bin10", "gold_over_nyquist", 1.2, 1.0)["met"] is False
     assert score_record("refine_bin2", "gold_over_nyquist", 1.33, 1.0)["goal"] is None
     lines = format_score_table(records).splitlines()
-    assert lines[0].split() == ["step", "score", "value", "goal", "met", "time"]
-    assert lines[1].split() == ["motion", "motion_shift_rms_error_A", "0.31", "Å", "≤", "0.5", "Å", "✓", "12.0", "s"]
+    assert lines[0].split() == ["step", "score", "value", "goal", "met", "time", "peak", "memory"]
+    assert lines[1].split() == ["motion", "motion_shift_rms_error_A", "0.31", "Å", "≤", "0.5", "Å", "✓", "12.0", "s",
+                                "1.23", "GB"]
     assert lines[2].split() == ["defocus_error_median_A", "180", "Å", "≤", "150.0", "Å", "✗"]
     assert lines[3].split() == ["motion_s_per_tilt", "1.5", "s/tilt", "—"]
     assert lines[5].split() == ["reconstruct", "TS_01", "correlation", "0.45", "≥", "0.4", "✓", "6.0", "s"]

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import support_steps  # noqa: F401  (registers the test step type)
-from conftest import REPO, write_acquisition
+from conftest import REPO, assert_same_document, write_acquisition
 from tomopipe.cli import main
 from tomopipe.engine.executors import DaskExecutor, LocalExecutor
 from tomopipe.engine.runner import run_on_outputs, run_workflow
@@ -83,6 +83,8 @@ def test_resume_skip_and_rerun(setup):
     project_dir = tmp_path / "project"
     first = _run(project_dir, workflow)
     assert [o.status for o in first.outcomes] == ["finished", "finished"]
+    # each run's summary keeps its peak memory (this process holds torch: more than 50 MB)
+    assert all(0.05 < o.run.summary["peak_rss_GB"] < 64 for o in first.outcomes)
     again = _run(project_dir, workflow)
     assert [o.status for o in again.outcomes] == ["skipped", "skipped"]
     assert [o.run.id for o in again.outcomes] == [o.run.id for o in first.outcomes]
@@ -215,12 +217,23 @@ def _tiny_acquisition(folder, n_tilt_series: int):
     return folder
 
 
+#: the rest of the tutorial (averaging) on the tiny acquisition: bin 2, small boxes, 2 iterations
+TINY_AVERAGING_OVERRIDES = (*(f"{step}.{value}" for step in ("extract_bin4", "extract_bin2")
+                              for value in ("binning=2", "box_px=48", "crop_px=24")),
+                            "initial_model.batch_size=8",
+                            *(f"{step}.max_iterations=2" for step in ("refine_bin10", "refine_bin4", "refine_bin2")),
+                            "postprocess.mask_diameter_A=140")
+
+
+def _tutorial_overrides(data) -> list[str]:
+    return [f'import.files_directory="{data}"', f'import.gain_image="{data / "gain_ref.mrc"}"',
+            "import.gain_flip_y=true", *TINY_WORKFLOW_OVERRIDES, *TINY_AVERAGING_OVERRIDES]
+
+
 def _run_tutorial(project_dir, data, executor):
     from tomopipe.demo import tutorial_workflow_path
 
-    overrides = [f'import.files_directory="{data}"', f'import.gain_image="{data / "gain_ref.mrc"}"',
-                 "import.gain_flip_y=true", *TINY_WORKFLOW_OVERRIDES]
-    return _run(project_dir, tutorial_workflow_path(), overrides, until="extract2d", executor=executor)
+    return _run(project_dir, tutorial_workflow_path(), _tutorial_overrides(data), executor=executor)
 
 
 def _outputs(project_dir) -> dict:
@@ -228,22 +241,6 @@ def _outputs(project_dir) -> dict:
     with Project.open(project_dir) as project:
         return {(run.name, name): project.read_items(record.id)
                 for run in project.runs() for name, record in project.sets_of_run(run.id).items()}
-
-
-def _assert_same_json(a, b, where: str):
-    """Equal JSON documents, numbers to float32 rounding (thread counts change the order of sums)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_json(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_json(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
-    else:
-        assert a == b, where
 
 
 def _assert_same_file(a, b):
@@ -259,7 +256,7 @@ def _assert_same_file(a, b):
         assert x.shape == y.shape, a.name
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(float(np.abs(x).max()), 1e-30), err_msg=a.name)
     elif a.suffix == ".json":
-        _assert_same_json(json.loads(a.read_text()), json.loads(b.read_text()), a.name)
+        assert_same_document(json.loads(a.read_text()), json.loads(b.read_text()), a.name)
     elif a.suffix == ".csv":
         pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b), check_exact=False, rtol=1e-5)
     else:
@@ -268,10 +265,14 @@ def _assert_same_file(a, b):
 
 @pytest.mark.usefixtures("one_thread")  # as in the Dask workers: the same sums in the same order
 def test_local_and_dask_executors_give_identical_outputs(tmp_path):
-    """import -> motion + CTF -> exclude -> X-ray eraser -> preprocess -> align -> assign ->
-    reconstruct -> pick -> extract (3-D, 2-D) on two tilt series, locally (in this process) and on a
-    Dask LocalCluster of two worker processes: the same items in every output set and the same data in every file they
-    point to (~30 s on 2 cores)."""
+    """The whole tutorial workflow (import -> ... -> pick -> extract -> initial model -> refine at bin 10, 4, 2 ->
+    postprocess) on two tilt series, three ways: locally (in this process), on a Dask LocalCluster of two worker
+    processes (``--dask local``), and through the command line against a running scheduler's address
+    (``--dask tcp://...``): the same items in every output set and the same data in every file they point to."""
+    from distributed import LocalCluster
+
+    from tomopipe.demo import tutorial_workflow_path
+
     data = _tiny_acquisition(tmp_path / "data", n_tilt_series=2)
     local = _run_tutorial(tmp_path / "local", data, LocalExecutor(1))
     dask = DaskExecutor("local", workers=2)
@@ -279,17 +280,23 @@ def test_local_and_dask_executors_give_identical_outputs(tmp_path):
         on_dask = _run_tutorial(tmp_path / "dask", data, dask)
     finally:
         dask.close()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        arguments = ["run", str(tutorial_workflow_path()), "--project", str(tmp_path / "address"),
+                     "--dask", cluster.scheduler_address]
+        assert main([*arguments, *(f"--set={override}" for override in _tutorial_overrides(data))]) == 0
     steps = [o.name for o in local.outcomes]
-    assert steps[0] == "import" and steps[-1] == "extract2d"
+    assert steps[0] == "import" and steps[-1] == "postprocess"
     assert [o.status for o in local.outcomes] == [o.status for o in on_dask.outcomes] == ["finished"] * len(steps)
-    local_sets, dask_sets = _outputs(tmp_path / "local"), _outputs(tmp_path / "dask")
-    assert local_sets.keys() == dask_sets.keys()
-    assert ("pick", "particles") in local_sets and ("extract3d", "subtomograms") in local_sets
-    for key, items in local_sets.items():
-        # sub-voxel peak positions amplify float32 rounding (summation order): 1e-3 absolute (Å, °) at most
-        pd.testing.assert_frame_equal(items, dask_sets[key], check_exact=False, rtol=1e-5, atol=1e-3)
-        for column in (c for c in items.columns if c.endswith("_path")):
-            for stored in items[column].unique():
-                if not str(stored).startswith("runs/"):
-                    continue  # the input data, outside the projects
-                _assert_same_file(tmp_path / "local" / stored, tmp_path / "dask" / stored)
+    local_sets = _outputs(tmp_path / "local")
+    assert ("pick", "particles") in local_sets and ("refine_bin2", "subtomograms") in local_sets
+    for other in ("dask", "address"):
+        other_sets = _outputs(tmp_path / other)
+        assert local_sets.keys() == other_sets.keys()
+        for key, items in local_sets.items():
+            # sub-voxel peak positions amplify float32 rounding (summation order): 1e-3 absolute (Å, °) at most
+            pd.testing.assert_frame_equal(items, other_sets[key], check_exact=False, rtol=1e-5, atol=1e-3)
+            for column in (c for c in items.columns if c.endswith("_path")):
+                for stored in items[column].unique():
+                    if not str(stored).startswith("runs/"):
+                        continue  # the input data, outside the projects
+                    _assert_same_file(tmp_path / "local" / stored, tmp_path / other / stored)

@@ -5,7 +5,8 @@
   errors; model only model, algorithms and errors; project only project and errors;
 - a step never imports another step (only ``steps.base`` and the tilt-series plumbing
   ``steps._tilt_series``), and of the engine only the step API and the run context;
-- nothing imports ``simulate`` or ``validate`` but the demo, the CLI, themselves (and tests).
+- nothing imports ``simulate`` or ``validate`` but the demo, the CLI, the report (the FSC against the
+  truth, when the data are a twin's), themselves (and tests).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ALLOWED_LAYERS = {
 STEP_MODULES_ALLOWED = {"tomopipe.steps.base", "tomopipe.steps._tilt_series"}
 ENGINE_MODULES_FOR_STEPS = {"tomopipe.engine.step_api", "tomopipe.engine.context"}
 TWIN_LAYERS = {"simulate", "validate"}
-TWIN_IMPORTERS = {"demo", "cli", "simulate", "validate"}
+TWIN_IMPORTERS = {"demo", "cli", "simulate", "validate", "report"}  # report: the FSC against a twin's truth
 
 
 def _module_name(path: Path) -> str:

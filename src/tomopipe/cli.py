@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", metavar="STEP", help="stop after this step")
     run.add_argument("--jobs", "-j", type=int, default=1, help="local worker processes (work is split per tilt series)")
     run.add_argument("--dask", metavar="SCHEDULER", help="run tasks on Dask: a scheduler address, or 'local'")
+    _add_wait_argument(run)
 
     status = commands.add_parser("status", help="list the runs of a project")
     _add_project_argument(status)
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=["relion5", "imod"])
     _add_project_argument(export)
     export.add_argument("--out", required=True, type=Path, help="output folder")
+
+    report = commands.add_parser("report", help="write a self-contained HTML report of a project (figures, "
+                                                "parameters, methods)")
+    _add_project_argument(report)
+    report.add_argument("--out", type=Path, help="HTML file to write (default: PROJECT/report.html)")
 
     inspect = commands.add_parser("inspect", help="print what tomopipe reads from a file "
                                                   "(mdoc, MRC, STAR, IMOD, Warp XML, movie)")
@@ -90,7 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a parameter of the tutorial workflow (repeatable)")
     demo.add_argument("--simulate-device", default="cpu", metavar="DEVICE",
                       help="device of the simulation: cpu (default) or cuda[:N] (the steps pick theirs: device = auto)")
+    _add_wait_argument(demo)
+
+    serve = commands.add_parser("serve", help="browse the project in a web browser: workflow, run forms, viewers")
+    _add_project_argument(serve)
+    serve.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; any other address needs the printed token)")
     return parser
+
+
+def _add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", nargs="?", type=float, const=float("inf"), metavar="SECONDS",
+                        help="when another tomopipe command is writing to the project, wait for it (for at most "
+                             "SECONDS; without a number, as long as it takes) instead of refusing at once")
+
+
+#: the end of the refusal of ``run`` and ``demo`` when another command holds the project
+_WAIT_HINT = "Wait for it to end, or add --wait [SECONDS] to wait for it"
+
+
+def _wait_s(args) -> float | None:
+    """The lock's ``wait_s`` from ``--wait``: 0 (refuse at once), seconds, or None (as long as it takes)."""
+    if args.wait is None:
+        return 0.0
+    return None if args.wait == float("inf") else max(0.0, args.wait)
+
+
+def _print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _add_picks_parser(commands) -> None:
@@ -162,16 +196,18 @@ def cmd_run(args) -> int:
     from tomopipe.engine.executors import make_executor
     from tomopipe.engine.runner import run_workflow
     from tomopipe.engine.workflow import load_workflow
+    from tomopipe.project.lock import project_lock
     from tomopipe.project.store import Project
 
     workflow = load_workflow(args.workflow, args.overrides)
-    executor = make_executor(args.jobs, args.dask)
-    try:
-        with Project.open_or_init(args.project) as project:
-            print(f"project {project.folder} · workflow {workflow.name} · {executor.describe()}")
-            report = run_workflow(project, workflow, executor, until=args.until, verbose=args.verbose)
-    finally:
-        executor.close()
+    with project_lock(args.project, wait_s=_wait_s(args), echo=_print_to_stderr, hint=_WAIT_HINT):
+        executor = make_executor(args.jobs, args.dask)
+        try:
+            with Project.open_or_init(args.project) as project:
+                print(f"project {project.folder} · workflow {workflow.name} · {executor.describe()}")
+                report = run_workflow(project, workflow, executor, until=args.until, verbose=args.verbose)
+        finally:
+            executor.close()
     return 0 if report.ok else 1
 
 
@@ -220,15 +256,11 @@ def cmd_show(args) -> int:
 
 
 def cmd_exclude(args) -> int:
-    from tomopipe.engine.executors import LocalExecutor
-    from tomopipe.engine.runner import run_on_outputs
+    from tomopipe.edits import exclude_tilts
     from tomopipe.project.store import Project
-    from tomopipe.steps.exclude import ExcludeViews
 
     with Project.open(args.project) as project:
-        outcome, input_sets = run_on_outputs(project, args.run, ExcludeViews, args.name,
-                                             {"exclude_tilts": ";".join(args.tilts)}, LocalExecutor(1),
-                                             verbose=args.verbose)
+        outcome, input_sets = exclude_tilts(project, args.run, ";".join(args.tilts), args.name, verbose=args.verbose)
     if outcome.status != "finished":
         print(f"error: {outcome.message}", file=sys.stderr)
         return 1
@@ -239,21 +271,10 @@ def cmd_exclude(args) -> int:
 
 def _picks_sets(project, run_key: str, need_particles: bool) -> dict:
     """``{"tomograms": set, "particles": set}`` of a finished run: its own outputs first, then
-    those of the runs it came from."""
-    from tomopipe.export import lineage
+    those of the runs it came from (:func:`tomopipe.edits.picks_sets`)."""
+    from tomopipe.edits import picks_sets
 
-    run = project.find_run(run_key)
-    outputs = list(project.sets_of_run(run.id).values())
-    if run.status != "finished" or not outputs:
-        raise TomopipeError(f"run {run.id} ({run.name}) is {run.status} and has {len(outputs)} output(s): "
-                            f"picks need a finished run")
-    related = lineage(project, outputs[0])
-    sets = {kind: related[kind] for kind in ("tomograms", "particles") if kind in related}
-    wanted = ("tomograms", "particles") if need_particles else ("tomograms",)
-    missing = [kind for kind in wanted if kind not in sets]
-    if missing:
-        raise TomopipeError(f"run {run.id} ({run.name}) has no {' or '.join(missing)} (nor do the runs it came from)")
-    return sets
+    return picks_sets(project, run_key, need_particles)
 
 
 def _edit_values(args) -> dict:
@@ -273,7 +294,7 @@ def cmd_picks(args) -> int:
     from tomopipe.io.picks import PicksOptions, read_picks, write_picks
     from tomopipe.model.particles import best_particles
     from tomopipe.project.store import Project
-    from tomopipe.steps.picks import EditPicks, ImportPicks, edit_particles, import_options
+    from tomopipe.steps.picks import ImportPicks, import_options
 
     with Project.open(args.project) as project:
         if args.picks_command == "export":
@@ -292,18 +313,24 @@ def cmd_picks(args) -> int:
             read_picks(params["path"], project.read_items(sets["tomograms"].id), params["format"],
                        import_options(params))  # refuse bad input before a run is recorded
         else:
-            sets = _picks_sets(project, args.run, need_particles=args.picks_command == "remove")
-            step, values = EditPicks, _edit_values(args)
-            particles = project.read_items(sets["particles"].id) if "particles" in sets else None
-            edit_particles(particles, project.read_items(sets["tomograms"].id),
-                           step.validate_params(args.name, values))  # refuse bad input before a run is recorded
-        inputs = {port.name: sets[port.kind] for port in step.inputs if port.kind in sets}
-        outcome = run_on_sets(project, step, args.name, values, inputs, LocalExecutor(1), verbose=args.verbose)
+            from tomopipe.edits import edit_picks
+
+            outcome = edit_picks(project, args.run, _edit_values(args), args.name, verbose=args.verbose)
+        if args.picks_command == "import":
+            inputs = {port.name: sets[port.kind] for port in step.inputs if port.kind in sets}
+            outcome = run_on_sets(project, step, args.name, values, inputs, LocalExecutor(1), verbose=args.verbose)
     if outcome.status != "finished":
         print(f"error: {outcome.message}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{key} {value}" for key, value in outcome.summary.items() if key != "seconds")
     print(f"run {outcome.run.id} ({args.name}): {counts}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tomopipe.report import write_report
+
+    print(f"report: {write_report(args.project, args.out)}")
     return 0
 
 
@@ -349,7 +376,14 @@ def cmd_demo(args) -> int:
 
     return run_demo(args.out, preset=args.preset, seed=args.seed, jobs=args.jobs, until=args.until,
                     simulate_device=args.simulate_device,
-                    overrides=args.overrides)
+                    overrides=args.overrides, wait_s=_wait_s(args), echo=_print_to_stderr, hint=_WAIT_HINT)
+
+
+
+def cmd_serve(args) -> int:
+    from tomopipe.serve.server import serve
+
+    return serve(args.project, host=args.host, port=args.port)
 
 
 COMMANDS = {
@@ -360,10 +394,12 @@ COMMANDS = {
     "exclude": cmd_exclude,
     "picks": cmd_picks,
     "export": cmd_export,
+    "report": cmd_report,
     "inspect": cmd_inspect,
     "steps": cmd_steps,
     "simulate": cmd_simulate,
     "demo": cmd_demo,
+    "serve": cmd_serve,
 }
 
 

@@ -20,18 +20,22 @@ import concurrent.futures as futures
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any, Callable
 
 from tqdm import tqdm
 
+from tomopipe.engine.memory import peak_rss_bytes, reset_peak_rss
 from tomopipe.errors import TomopipeError
 
 LOGGER_NAME = "tomopipe"
 _configured_log_paths: set[str] = set()
 
 
-def _task_with_log(function: Callable, task: Any, log_path: str | None, verbose: bool) -> Any:
-    """Run one task in a worker, sending its log records to the run's log file (appended)."""
+def _task_with_log(function: Callable, task: Any, log_path: str | None, verbose: bool) -> tuple[Any, int]:
+    """Run one task in a worker, sending its log records to the run's log file (appended); returns
+    its result and the worker's peak resident memory (bytes) during the task."""
     if log_path and log_path not in _configured_log_paths:
         logger = logging.getLogger(LOGGER_NAME)
         handler = logging.FileHandler(log_path)
@@ -39,19 +43,41 @@ def _task_with_log(function: Callable, task: Any, log_path: str | None, verbose:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
         _configured_log_paths.add(log_path)
-    return function(task)
+    reset_peak_rss()
+    result = function(task)
+    return result, peak_rss_bytes()
 
 
-def _limit_threads(threads: int) -> None:
+def _start_worker(threads: int, parent_pid: int) -> None:
+    """A pool worker's start: ``threads`` torch threads, and a watchdog that ends the worker when its
+    parent is gone (a SIGKILLed ``tomopipe run`` leaves no orphaned workers computing)."""
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, interval_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 class Executor:
-    """Runs tasks; subclasses decide where."""
+    """Runs tasks; subclasses decide where. Executors that run tasks in worker processes keep the
+    largest peak resident memory of a worker during one task (:meth:`take_worker_peak_rss`)."""
 
     name = "executor"
+    _worker_peak_rss_bytes = 0
+
+    def _note_worker_peak(self, peak_bytes: int) -> None:
+        self._worker_peak_rss_bytes = max(self._worker_peak_rss_bytes, int(peak_bytes))
+
+    def take_worker_peak_rss(self) -> int:
+        """The largest peak resident memory (bytes) of a worker during one task since the last call;
+        0 when no task ran in a worker process."""
+        peak, self._worker_peak_rss_bytes = self._worker_peak_rss_bytes, 0
+        return peak
 
     def map(self, function: Callable, tasks: list, desc: str = "", log_path: str | None = None,
             verbose: bool = False) -> list:
@@ -81,12 +107,13 @@ class LocalExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         results: list = [None] * len(tasks)
         with futures.ProcessPoolExecutor(min(self.jobs, len(tasks)), mp_context=context,
-                                         initializer=_limit_threads, initargs=(threads,)) as pool:
+                                         initializer=_start_worker, initargs=(threads, os.getpid())) as pool:
             pending = {pool.submit(_task_with_log, function, task, log_path, verbose): index
                        for index, task in enumerate(tasks)}
             for future in tqdm(futures.as_completed(pending), total=len(tasks), desc=desc, disable=None,
                                leave=False):
-                results[pending[future]] = future.result()
+                results[pending[future]], peak_bytes = future.result()
+                self._note_worker_peak(peak_bytes)
         return results
 
 
@@ -117,7 +144,11 @@ class DaskExecutor(Executor):
                      for task in tasks]
         for _ in tqdm(as_completed(submitted), total=len(submitted), desc=desc, disable=None, leave=False):
             pass
-        return self.client.gather(submitted)
+        results = []
+        for result, peak_bytes in self.client.gather(submitted):
+            results.append(result)
+            self._note_worker_peak(peak_bytes)
+        return results
 
     def close(self) -> None:
         self.client.close()

@@ -9,18 +9,53 @@ reused; a changed parameter changes the signature of that step and of every step
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
+import re
+import sqlite3
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tomopipe.engine.context import RunContext
 from tomopipe.engine.executors import LOGGER_NAME, Executor
+from tomopipe.engine.memory import peak_rss_bytes, reset_peak_rss
 from tomopipe.engine.step_api import Step
 from tomopipe.engine.workflow import Workflow, WorkflowStep
 from tomopipe.errors import TomopipeError
+from tomopipe.project.lock import describe_os_error, project_lock
 from tomopipe.project.store import Project, RunRecord, SetRecord, dumps
+
+#: the end of the refusal when another process holds the project (callers of the API and edits);
+#: ``tomopipe run`` and ``demo`` take the lock themselves and offer ``--wait``
+LOCK_HINT = "Wait for it to end and try again"
+#: errors of a write that no retry fixes: the message says "cannot write" (others "cannot read or write")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+#: names of the temporary files of :func:`tomopipe.io._atomic.atomic_path` (``.STEM.TOKEN.tmp.SUFFIX``),
+#: left behind by a process killed while it wrote
+_TEMPORARY_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
+
+
+_executing: dict[str, set[int]] = {}  # project folder -> ids of the runs this process executes now
+_executing_guard = threading.Lock()
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Remove the temporary files of interrupted atomic writes under ``folder``; returns how many."""
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if _TEMPORARY_NAME.match(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 @dataclass
@@ -58,12 +93,26 @@ def step_signature(step: WorkflowStep, input_signatures: dict[str, str]) -> str:
 
 def run_workflow(project: Project, workflow: Workflow, executor: Executor, until: str | None = None,
                  verbose: bool = False, echo=print) -> WorkflowReport:
-    """Run the steps in file order (up to and including ``until``) and report each one."""
+    """Run the steps in file order (up to and including ``until``) and report each one.
+
+    Holds the project's write lock throughout (:mod:`tomopipe.project.lock`; refused at once when
+    another process holds it: a caller that wants to wait takes the lock first). Runs left 'running'
+    by a killed process are marked killed and their temporary files removed; they run again."""
     if until is not None and until not in workflow.step_names():
         raise TomopipeError(f"--until {until!r}: no such step in {workflow.path} "
                             f"(steps: {', '.join(workflow.step_names())})")
-    for run_id in project.mark_stale_runs():
-        echo(f"note: run {run_id} was interrupted earlier and is marked killed")
+    with project_lock(project.folder, hint=LOCK_HINT):
+        return _run_workflow_locked(project, workflow, executor, until, verbose, echo)
+
+
+def _run_workflow_locked(project: Project, workflow: Workflow, executor: Executor, until: str | None,
+                         verbose: bool, echo) -> WorkflowReport:
+    with _executing_guard:
+        executing = set(_executing.get(str(project.folder), ()))
+    for run_id in project.mark_stale_runs(writer_lock_held=True, executing=executing):
+        removed = remove_partial_files(project.absolute_path(project.get_run(run_id).folder))
+        echo(f"note: run {run_id} was interrupted earlier and is marked killed"
+             + (f" ({removed} partial file(s) removed)" if removed else ""))
     produced: dict[str, tuple[str, dict[str, SetRecord]]] = {}  # step -> (signature, outputs)
     broken: set[str] = set()
     outcomes: list[StepOutcome] = []
@@ -112,48 +161,97 @@ def _run_one(project: Project, workflow: Workflow, step: WorkflowStep,
     return outcome
 
 
+def peak_memory_summary(executor: Executor) -> dict:
+    """The step's peak resident memory in GB: of this process (``peak_rss_GB``) and, when tasks ran
+    in worker processes, of the largest worker during one task (``peak_rss_worker_GB``)."""
+    summary = {"peak_rss_GB": round(peak_rss_bytes() / 1e9, 3)}
+    worker_bytes = executor.take_worker_peak_rss()
+    if worker_bytes:
+        summary["peak_rss_worker_GB"] = round(worker_bytes / 1e9, 3)
+    return summary
+
+
 def run_step(project: Project, step: WorkflowStep, input_sets: dict[str, SetRecord], signature: str,
              executor: Executor, workflow_name: str | None = None, verbose: bool = False) -> StepOutcome:
     """Run one step now as a new run: recorded 'running', 'finished' only once its outputs are
-    complete; any error makes it 'failed' with the message and the log path."""
+    complete; any error makes it 'failed' with the message and the log path. A file that cannot be
+    written (full disk, unwritable folder) fails the run with the path and the system's reason.
+    Holds the project's write lock (re-entrant: a no-op under :func:`run_workflow` or a command)."""
+    with project_lock(project.folder, hint=LOCK_HINT):
+        return _run_step_locked(project, step, input_sets, signature, executor, workflow_name, verbose)
+
+
+def _record_failure(project: Project, run_id: int, message: str, status: str = "failed") -> None:
+    """Mark a run failed; when the database cannot take even that (a full disk), say so: the run stays
+    'running' in the database and the next run of the project marks it killed."""
+    try:
+        project.fail_run(run_id, message, status=status)
+    except sqlite3.Error as error:
+        raise TomopipeError(f"{message}; moreover the project database {project.folder} could not record the "
+                            f"failure ({error}): run {run_id} is marked killed when the project is next run") from None
+
+
+def _run_step_locked(project: Project, step: WorkflowStep, input_sets: dict[str, SetRecord], signature: str,
+                     executor: Executor, workflow_name: str | None, verbose: bool) -> StepOutcome:
     run = project.create_run(step.name, step.step.type_name, step.params,
                              {port: record.id for port, record in input_sets.items()}, signature, workflow_name)
+    with _executing_guard:
+        _executing.setdefault(str(project.folder), set()).add(run.id)
+    try:
+        return _execute(project, step, input_sets, executor, verbose, run)
+    finally:
+        with _executing_guard:
+            _executing[str(project.folder)].discard(run.id)
+
+
+def _execute(project: Project, step: WorkflowStep, input_sets: dict[str, SetRecord], executor: Executor,
+             verbose: bool, run: RunRecord) -> StepOutcome:
     log_path = project.absolute_path(run.log_path)
     logger = logging.getLogger(LOGGER_NAME)
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
+    handler = None
     previous_level = logger.level
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    ctx = RunContext(project, run, step.name, step.params, input_sets,
-                     {port.name: port.kind for port in step.step.outputs}, executor, logger, verbose)
     started = time.time()
-    logger.info("run %d: step %s (%s) with %s on %s", run.id, step.name, step.step.type_name,
-                dumps(step.params), executor.describe())
+    reset_peak_rss()
+    executor.take_worker_peak_rss()
     try:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        ctx = RunContext(project, run, step.name, step.params, input_sets,
+                         {port.name: port.kind for port in step.step.outputs}, executor, logger, verbose)
+        logger.info("run %d: step %s (%s) with %s on %s", run.id, step.name, step.step.type_name,
+                    dumps(step.params), executor.describe())
         summary = step.step().run(ctx) or {}
         missing = [p.name for p in step.step.outputs if not p.optional and p.name not in ctx.outputs]
         if missing:
             raise RuntimeError(f"step {step.name!r} finished without writing output(s) {', '.join(missing)}")
-        summary = {"seconds": round(time.time() - started, 3), **summary}
+        summary = {"seconds": round(time.time() - started, 3), **peak_memory_summary(executor), **summary}
         project.finish_run(run.id, summary)
         logger.info("run %d finished in %.1f s", run.id, time.time() - started)
     except KeyboardInterrupt:
-        project.fail_run(run.id, "interrupted by the user", status="killed")
+        _record_failure(project, run.id, "interrupted by the user", status="killed")
         raise
     except TomopipeError as error:
         logger.error("%s", error)
-        project.fail_run(run.id, str(error))
+        _record_failure(project, run.id, str(error))
         return StepOutcome(step.name, "failed", run=project.get_run(run.id),
                            message=f"{error} (log: {log_path})")
+    except OSError as error:  # a full disk, an unwritable or vanished folder: name the file and the reason
+        doing = "write" if error.errno in _WRITE_ERRNOS else "read or write"
+        message = f"step {step.name!r}: " + describe_os_error(project.absolute_path(run.folder), error, doing)
+        logger.error("%s\n%s", message, traceback.format_exc())
+        _record_failure(project, run.id, message)
+        return StepOutcome(step.name, "failed", run=project.get_run(run.id), message=f"{message} (log: {log_path})")
     except Exception as error:  # a bug or an unexpected failure: keep the traceback in the log
         logger.error("%s", traceback.format_exc())
-        project.fail_run(run.id, f"{type(error).__name__}: {error}")
+        _record_failure(project, run.id, f"{type(error).__name__}: {error}")
         return StepOutcome(step.name, "failed", run=project.get_run(run.id),
                            message=f"{type(error).__name__}: {error} (log: {log_path})")
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
         logger.setLevel(previous_level)
     return StepOutcome(step.name, "finished", run=project.get_run(run.id), summary=summary)
 

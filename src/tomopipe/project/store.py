@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tomopipe.errors import TomopipeError
+from tomopipe.project.lock import describe_os_error
 
 DATABASE_NAME = "tomopipe.sqlite"
 SCHEMA_VERSION = 1
@@ -184,8 +185,15 @@ class Project:
                 f"{folder}: not a tomopipe project (no {DATABASE_NAME}); create one with "
                 f"'tomopipe project init {folder}'"
             )
-        connection = cls._connect(database)
-        version = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        connection = None
+        try:
+            connection = cls._connect(database)
+            version = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as error:  # not SQLite, or a 'project init' killed before its schema
+            if connection is not None:
+                connection.close()
+            raise TomopipeError(f"{database}: not a tomopipe project database ({error}); if 'tomopipe project "
+                                f"init' was interrupted, remove the file and create the project again") from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
             raise TomopipeError(f"{database}: unsupported project schema version {version}")
         return cls(folder, connection)
@@ -256,7 +264,12 @@ class Project:
                     "INSERT INTO provenance(run_id, set_id, role, port) VALUES (?, ?, 'input', ?)",
                     (run_id, set_id, port),
                 )
-        (self.folder / folder).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.folder / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # an unwritable project, a full disk: the run is failed, never finished
+            message = describe_os_error(self.folder / folder, error, "create the run's folder")
+            self.fail_run(run_id, message)
+            raise TomopipeError(message) from None
         return self.get_run(run_id)
 
     def finish_run(self, run_id: int, summary: dict | None = None) -> None:
@@ -280,14 +293,21 @@ class Project:
                 (status, now, now - row[0], error, run_id),
             )
 
-    def mark_stale_runs(self) -> list[int]:
-        """Runs left 'running' by a process that no longer exists on this host become 'killed'."""
-        host = socket.gethostname()
+    def mark_stale_runs(self, writer_lock_held: bool = False, executing: Iterable[int] = ()) -> list[int]:
+        """Runs left 'running' by a process that no longer exists on this host become 'killed'.
+
+        With ``writer_lock_held`` (the caller holds :func:`tomopipe.project.lock.project_lock`, which
+        every writer takes) every run left 'running' but those ``executing`` in this process now is
+        stale, whatever its host and even when its pid has been reused since."""
+        host, executing = socket.gethostname(), set(executing)
         stale = []
         for run_id, run_host, pid in self._db.execute(
             "SELECT id, host, pid FROM runs WHERE status='running'"
         ).fetchall():
-            if run_host == host and not _pid_alive(pid):
+            if writer_lock_held:
+                if run_id not in executing:
+                    stale.append(run_id)
+            elif run_host == host and not _pid_alive(pid):
                 stale.append(run_id)
         for run_id in stale:
             self.fail_run(run_id, "the process running this step ended before it finished", status="killed")

@@ -176,14 +176,16 @@ def unit_of(score: str) -> str:
     return next((unit for suffix, unit in _UNITS if score.endswith(suffix)), "")
 
 
-def score_record(step: str, score: str, value, seconds: float, subject: str = "") -> dict:
+def score_record(step: str, score: str, value, seconds: float, subject: str = "",
+                 peak_rss_GB: float | None = None) -> dict:
     """One row of the demo's score table: step, subject (a tilt series, or empty for all), score,
-    value, unit, goal (text, None without one), met (True / False, None without a goal), time."""
+    value, unit, goal (text, None without one), met (True / False, None without a goal), time, and the
+    step's peak resident memory in GB (None when not measured)."""
     goal = goal_of(step, score)
     unit = unit_of(score)
     return {"step": step, "subject": subject, "score": score, "value": value, "unit": unit,
             "goal": goal.text(unit) if goal else None, "met": goal.met(value) if goal else None,
-            "time_s": round(float(seconds), 2)}
+            "time_s": round(float(seconds), 2), "peak_rss_GB": peak_rss_GB}
 
 
 def _value_text(value, unit: str) -> str:
@@ -196,14 +198,16 @@ def _value_text(value, unit: str) -> str:
 
 def format_score_table(records: list[dict]) -> str:
     """The records as an aligned text table: step, score, value with unit, goal, ✓/✗ (— without a
-    goal), and the step's time on its first row."""
-    header = ("step", "score", "value", "goal", "met", "time")
+    goal), and the step's time and peak memory on its first row."""
+    header = ("step", "score", "value", "goal", "met", "time", "peak memory")
     rows, previous = [], None
     for r in records:
         name = f"{r['subject']} {r['score']}" if r["subject"] else r["score"]
         first = r["step"] != previous
+        peak = r.get("peak_rss_GB")
         rows.append((r["step"] if first else "", name, _value_text(r["value"], r["unit"]), r["goal"] or "",
-                     {True: "✓", False: "✗", None: "—"}[r["met"]], f"{r['time_s']:.1f} s" if first else ""))
+                     {True: "✓", False: "✗", None: "—"}[r["met"]], f"{r['time_s']:.1f} s" if first else "",
+                     f"{peak:.2f} GB" if first and peak is not None else ""))
         previous = r["step"]
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
