@@ -147,3 +147,12 @@ def assert_same_document(a, b, where: str, rel: float = 1e-5, abs: float = 1e-6)
         assert b == pytest.approx(a, rel=rel, abs=abs, nan_ok=True), where
     else:
         assert a == b, where
+
+
+@pytest.fixture(scope="session")
+def tiny_tutorial_project(tmp_path_factory) -> Path:
+    """The whole tutorial workflow's project on two tilt series of the tiny preset (``tests/tiny_tutorial.py``),
+    built once per test session and shared by pytest-xdist's workers: read-only, copy it to write."""
+    from tiny_tutorial import shared_tutorial_project
+
+    return shared_tutorial_project(tmp_path_factory)

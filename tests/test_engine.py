@@ -15,6 +15,7 @@ import pytest
 
 import support_steps  # noqa: F401  (registers the test step type)
 from conftest import REPO, assert_same_document, write_acquisition
+from tiny_tutorial import run_tutorial, tiny_acquisition, tutorial_overrides
 from tomopipe.cli import main
 from tomopipe.engine.executors import DaskExecutor, LocalExecutor
 from tomopipe.engine.runner import run_on_outputs, run_workflow
@@ -199,43 +200,6 @@ def test_killed_step_is_not_finished_and_reruns_cleanly(setup):
         assert [r.status for r in project.runs()] == ["finished", "killed", "finished"]
 
 
-#: overrides that let the tutorial workflow run end to end on a reduced tiny preset (bin 2, patches
-#: that fit its 128-px binned views, no point-tracking stage, a thin tomogram)
-TINY_WORKFLOW_OVERRIDES = ("motion.ctf_window_px=128", "preprocess.binning=2", "align.patch_size_A=300",
-                           "align.point_tracking=false", "align.interpolated_stack=false",
-                           "reconstruct.thickness_px=32", "extract3d.binning=2", "extract3d.box_px=48",
-                           "extract2d.binning=2", "extract2d.box_px=48")
-
-
-def _tiny_acquisition(folder, n_tilt_series: int):
-    """Tilt series of the tiny preset with enough dose and particles to be aligned."""
-    from tomopipe.simulate import config_from_preset, simulate
-
-    config = config_from_preset("tiny", seed=3, n_tilt_series=n_tilt_series, dose_per_tilt_e_per_A2=10.0,
-                                particles_per_tilt_series=20)
-    simulate(config, folder, overwrite=True)
-    return folder
-
-
-#: the rest of the tutorial (averaging) on the tiny acquisition: bin 2, small boxes, 2 iterations
-TINY_AVERAGING_OVERRIDES = (*(f"{step}.{value}" for step in ("extract_bin4", "extract_bin2")
-                              for value in ("binning=2", "box_px=48", "crop_px=24")),
-                            "initial_model.batch_size=8",
-                            *(f"{step}.max_iterations=2" for step in ("refine_bin10", "refine_bin4", "refine_bin2")),
-                            "postprocess.mask_diameter_A=140")
-
-
-def _tutorial_overrides(data) -> list[str]:
-    return [f'import.files_directory="{data}"', f'import.gain_image="{data / "gain_ref.mrc"}"',
-            "import.gain_flip_y=true", *TINY_WORKFLOW_OVERRIDES, *TINY_AVERAGING_OVERRIDES]
-
-
-def _run_tutorial(project_dir, data, executor):
-    from tomopipe.demo import tutorial_workflow_path
-
-    return _run(project_dir, tutorial_workflow_path(), _tutorial_overrides(data), executor=executor)
-
-
 def _outputs(project_dir) -> dict:
     """Every finished run's output sets: ``{(step, set name): items}``."""
     with Project.open(project_dir) as project:
@@ -273,17 +237,17 @@ def test_local_and_dask_executors_give_identical_outputs(tmp_path):
 
     from tomopipe.demo import tutorial_workflow_path
 
-    data = _tiny_acquisition(tmp_path / "data", n_tilt_series=2)
-    local = _run_tutorial(tmp_path / "local", data, LocalExecutor(1))
+    data = tiny_acquisition(tmp_path / "data", n_tilt_series=2)
+    local = run_tutorial(tmp_path / "local", data, LocalExecutor(1))
     dask = DaskExecutor("local", workers=2)
     try:
-        on_dask = _run_tutorial(tmp_path / "dask", data, dask)
+        on_dask = run_tutorial(tmp_path / "dask", data, dask)
     finally:
         dask.close()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         arguments = ["run", str(tutorial_workflow_path()), "--project", str(tmp_path / "address"),
                      "--dask", cluster.scheduler_address]
-        assert main([*arguments, *(f"--set={override}" for override in _tutorial_overrides(data))]) == 0
+        assert main([*arguments, *(f"--set={override}" for override in tutorial_overrides(data))]) == 0
     steps = [o.name for o in local.outcomes]
     assert steps[0] == "import" and steps[-1] == "postprocess"
     assert [o.status for o in local.outcomes] == [o.status for o in on_dask.outcomes] == ["finished"] * len(steps)

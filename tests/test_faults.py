@@ -24,6 +24,7 @@ import pytest
 
 import support_steps  # noqa: F401  (registers test_dose_summary, which can be held with TOMOPIPE_TEST_HOLD)
 from conftest import REPO, assert_same_document, write_acquisition
+from tiny_tutorial import TINY_WORKFLOW_OVERRIDES
 from tomopipe.cli import main
 from tomopipe.engine.executors import LocalExecutor
 from tomopipe.engine.runner import _TEMPORARY_NAME, remove_partial_files, run_workflow
@@ -362,13 +363,6 @@ def test_stale_run_of_a_reused_pid_is_marked_killed_under_the_lock(tmp_path):
 
 
 # ------------------------------------------------------------------------- SIGKILL at five moments
-#: overrides that let the tutorial workflow run on the tiny preset to the extracted particles
-#: (as tests/test_engine.py::TINY_WORKFLOW_OVERRIDES)
-TINY_OVERRIDES = ("motion.ctf_window_px=128", "preprocess.binning=2", "align.patch_size_A=300",
-                  "align.point_tracking=false", "align.interpolated_stack=false", "reconstruct.thickness_px=32",
-                  "extract3d.binning=2", "extract3d.box_px=48", "extract2d.binning=2", "extract2d.box_px=48")
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """One tilt series of the tiny preset with enough dose and particles to be aligned and picked."""
@@ -504,7 +498,7 @@ def _tutorial_args(project_dir: Path, data: Path, until: str, extra=()) -> list[
     from tomopipe.demo import tutorial_workflow_path
 
     overrides = [f'import.files_directory="{data}"', f'import.gain_image="{data / "gain_ref.mrc"}"',
-                 "import.gain_flip_y=true", *TINY_OVERRIDES, *extra]
+                 "import.gain_flip_y=true", *TINY_WORKFLOW_OVERRIDES, *extra]
     return ["run", tutorial_workflow_path(), "--project", project_dir, "--until", until,
             *[f"--set={override}" for override in overrides]]
 

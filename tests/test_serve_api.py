@@ -1,7 +1,9 @@
-"""``tomopipe serve``'s HTTP API through Starlette's TestClient: every endpoint answers what the
-project holds, the CTF subset and the pick edits are new runs in the database (nothing deleted),
-a run launched from a form finishes, and the security rules refuse what they should (no token
-off localhost, cross-origin writes, DNS-rebinding Host names, path traversal)."""
+"""``tomopipe serve``'s HTTP API through Starlette's TestClient, on a real project: the whole tutorial workflow on two
+simulated tilt series of the tiny preset (``tests/tiny_tutorial.py``). Every endpoint answers what the project holds
+(the motion sums, the CTF fits and their spectra, the reconstructed tomograms, the picks of the pick step, the
+post-processed map and its FSC), the CTF subset and the pick edits are new runs in the database (nothing deleted), a
+run launched from a form finishes, and the security rules refuse what they should (no token off localhost,
+cross-origin writes, DNS-rebinding Host names, path traversal)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
-from tomopipe.algorithms.fsc import fsc, fsc_resolution_A, shell_frequencies_per_A
+from tiny_tutorial import TINY_N_TILTS, TINY_TOMOGRAM_VOXEL_A, TINY_TOMOGRAM_XYZ_PX, copy_project
 from tomopipe.errors import TomopipeError
-from tomopipe.io.mrc import write_mrc
-from tomopipe.model.particles import particle_set_attrs, particles_table, tomogram_frames
+from tomopipe.model.particles import XYZ_A, tomogram_frames
 from tomopipe.project.store import Project
 
 pytest.importorskip("starlette")
@@ -31,110 +30,31 @@ from tomopipe.serve.app import create_app  # noqa: E402
 from tomopipe.serve.security import host_name, is_loopback  # noqa: E402
 
 ORIGIN = "http://127.0.0.1:8765"
-#: the small preset's tomogram at bin 10 (x, y, z voxels): 1920 × 1440 px at 0.79 Å, thickness 128
-TOMOGRAM_XYZ_PX = (192, 144, 128)
-TOMOGRAM_VOXEL_A = 7.9
-N_TILTS = 7
-PARTICLES_XYZ_PX = np.array([[40.0, 40.0, 64.0], [120.0, 90.0, 64.0], [150.0, 30.0, 70.0], [60.0, 110.0, 50.0]])
-MAP_BOX_PX = 40
-MAP_VOXEL_A = 3.0
+#: the run that :func:`add_interpolated_alignment` adds to the tutorial's runs
+ALIGNED_RUN = "align_interpolated"
 
 
-def _sphere_shells(shape_zyx, centres_xyz, radius_px: float, width_px: float = 2.0) -> np.ndarray:
-    """Hollow shells (apoferritin-like) at voxel centres ``(x, y, z)`` in a ``[z, y, x]`` volume."""
-    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape_zyx), indexing="ij")
-    volume = np.zeros(shape_zyx, np.float32)
-    for cx, cy, cz in centres_xyz:
-        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
-        volume += np.exp(-((r - radius_px) / width_px) ** 2)
-    return volume
+def add_interpolated_alignment(project: Project) -> None:
+    """The workflow's alignment run again, with ``interpolated_stack`` on (the tiny tutorial turns it off): a real
+    aligned stack for the tilt-series viewer's "aligned" switch, which the workflow's project does not have."""
+    from tomopipe.engine.executors import LocalExecutor
+    from tomopipe.engine.runner import run_on_sets
+    from tomopipe.steps.align import AlignTiltSeries
 
-
-def add_tilt_series_and_ctf(project: Project) -> None:
-    """A finished 'motion' run with a tilt_series set (one MRC stack) and a ctf set whose items
-    point to a stack of diagnostic spectra (rings whose spacing follows the defocus)."""
-    run = project.create_run("motion", "motion_ctf", {}, {}, "motion-signature")
-    folder = project.absolute_path(run.folder)
-    rng = np.random.default_rng(0)
-    angles = np.linspace(-18.0, 18.0, N_TILTS)
-    stack = rng.normal(0.0, 1.0, (N_TILTS, 96, 96)).astype(np.float32)
-    stack[:, 30:60, 30:60] += 3.0  # something to see
-    write_mrc(folder / "TS_01.mrc", stack, 4.0, stack=True)
-    aligned = np.ascontiguousarray(np.rot90(stack[:, :, :64], axes=(1, 2)))  # stands for an interpolated stack
-    write_mrc(folder / "TS_01_ali.mrc", aligned, 4.0, stack=True)
-    k = np.hypot(*np.meshgrid(np.arange(-32, 32), np.arange(-32, 32), indexing="ij")) / 64.0
-    defocus_A = 25000.0 + 150.0 * np.arange(N_TILTS)
-    spectra = np.stack([np.sin(np.pi * 0.0197 * d * (k / 4.0) ** 2) ** 2 for d in defocus_A]).astype(np.float32)
-    write_mrc(folder / "TS_01_ctf_spectra.mrc", spectra, 4.0, stack=True)
-    series = pd.DataFrame({"ts_id": "TS_01", "tilt_index": np.arange(N_TILTS), "tilt_angle_deg": angles,
-                           "image_path": project.relative_path(folder / "TS_01.mrc"),
-                           "image_section": np.arange(N_TILTS), "dose_e_per_A2": 3.0,
-                           "pre_exposure_e_per_A2": 3.0 * np.abs(np.arange(N_TILTS) - N_TILTS // 2),
-                           "aligned_image_path": project.relative_path(folder / "TS_01_ali.mrc"),
-                           "aligned_image_section": np.arange(N_TILTS)})
-    astigmatism = np.where(np.arange(N_TILTS) == 5, 900.0, 200.0)
-    ctf = pd.DataFrame({"ts_id": "TS_01", "tilt_index": np.arange(N_TILTS), "tilt_angle_deg": angles,
-                        "defocus_u_A": defocus_A + astigmatism / 2, "defocus_v_A": defocus_A - astigmatism / 2,
-                        "defocus_angle_deg": 10.0, "fit_resolution_A": 7.0,
-                        "diagnostic_path": project.relative_path(folder / "TS_01_ctf_spectra.mrc"),
-                        "diagnostic_section": np.arange(N_TILTS)})
-    project.add_set(run.id, "tilt_series", "tilt_series", series, {"tilt_series": {}})
-    acquisition = {"voltage_kV": 300.0, "spherical_aberration_mm": 2.7, "amplitude_contrast": 0.07, "pixel_size_A": 4.0}
-    project.add_set(run.id, "ctf", "ctf", ctf, {"tilt_series": {"TS_01": acquisition}})
-    project.finish_run(run.id)
-
-
-def add_tomogram_picks_and_map(project: Project, inputs: dict[str, int] | None = None) -> None:
-    """A 'reconstruct' run (one tomogram of the small preset's size with hollow shells), a 'pick'
-    run (the shells' centres) and a 'postprocess' run (half maps of a shell with noise, their FSC)."""
-    nx, ny, nz = TOMOGRAM_XYZ_PX
-    run = project.create_run("reconstruct", "reconstruct_tomogram", {}, inputs or {}, "tomograms")
-    folder = project.absolute_path(run.folder)
-    volume = _sphere_shells((nz, ny, nx), PARTICLES_XYZ_PX, 7.0)
-    volume += np.random.default_rng(1).normal(0.0, 0.3, volume.shape).astype(np.float32)
-    write_mrc(folder / "TS_01.mrc", volume, TOMOGRAM_VOXEL_A)
-    tomograms = pd.DataFrame([{"ts_id": "TS_01", "tomogram_path": project.relative_path(folder / "TS_01.mrc"),
-                               "voxel_size_A": TOMOGRAM_VOXEL_A, "size_x_px": nx, "size_y_px": ny, "size_z_px": nz}])
-    attrs = {"tilt_series": {"TS_01": {"pixel_size_A": 0.79}}}
-    tomogram_set = project.add_set(run.id, "tomograms", "tomograms", tomograms, attrs)
-    project.finish_run(run.id)
-
-    pick = project.create_run("pick", "pick_template_matching", {}, {"tomograms": tomogram_set.id}, "picks")
-    frame = tomogram_frames(tomograms)["TS_01"]
-    table = particles_table(["TS_01"] * len(PARTICLES_XYZ_PX), frame.to_centred_A(PARTICLES_XYZ_PX))
-    table["score"] = np.linspace(1.0, 0.5, len(table))
-    table["half_set"] = [1, 2, 1, 2]
-    project.add_set(pick.id, "particles", "particles", table, particle_set_attrs(tomograms, attrs))
-    project.finish_run(pick.id)
-
-    post = project.create_run("postprocess", "postprocess", {}, {}, "maps")
-    folder = project.absolute_path(post.folder)
-    shell = _sphere_shells((MAP_BOX_PX,) * 3, [(MAP_BOX_PX / 2,) * 3], 12.0, 2.5)
-    rng = np.random.default_rng(2)
-    halves = [shell + rng.normal(0.0, 0.2, shell.shape).astype(np.float32) for _ in range(2)]
-    rows = []
-    for name, data in (("half1", halves[0]), ("half2", halves[1]), ("sharpened", shell)):
-        write_mrc(folder / f"{name}.mrc", data, MAP_VOXEL_A)
-        rows.append({"map_name": name, "map_path": project.relative_path(folder / f"{name}.mrc"),
-                     "voxel_size_A": MAP_VOXEL_A, "box_px": MAP_BOX_PX})
-    curve = fsc(torch.from_numpy(halves[0]).double(), torch.from_numpy(halves[1]).double())
-    project.add_set(post.id, "maps", "maps", pd.DataFrame(rows), {"postprocess": {
-        "shell_frequencies_per_A": shell_frequencies_per_A(MAP_BOX_PX, MAP_VOXEL_A).tolist(),
-        "fsc_corrected": curve.tolist(), "resolution_A": fsc_resolution_A(curve, MAP_VOXEL_A, 0.143, MAP_BOX_PX)}})
-    project.finish_run(post.id)
-
-
-def build_project(folder: Path) -> Path:
-    """A small project: tilt series + CTF, a tomogram of the small preset's size with picks, a map."""
-    with Project.init(folder) as project:
-        add_tilt_series_and_ctf(project)
-        add_tomogram_picks_and_map(project)
-    return folder
+    align = project.find_run("align")
+    inputs = {port: project.get_set(set_id) for role, port, set_id in project.provenance(align.id) if role == "input"}
+    outcome = run_on_sets(project, AlignTiltSeries, ALIGNED_RUN, {**align.params, "interpolated_stack": True}, inputs,
+                          LocalExecutor(1))
+    assert outcome.status == "finished", outcome.message
 
 
 @pytest.fixture(scope="module")
-def project_dir(tmp_path_factory) -> Path:
-    return build_project(tmp_path_factory.mktemp("serve") / "project")
+def project_dir(tiny_tutorial_project, tmp_path_factory) -> Path:
+    """This module's copy of the tiny tutorial's project, with :func:`add_interpolated_alignment`."""
+    folder = copy_project(tiny_tutorial_project, tmp_path_factory.mktemp("serve") / "project")
+    with Project.open(folder) as project:
+        add_interpolated_alignment(project)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -158,23 +78,51 @@ def _db_items(project_dir, set_id):
         return project.read_items(set_id), project.get_set(set_id)
 
 
+def _png(response) -> np.ndarray:
+    import imagecodecs
+
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text[:200]
+    return imagecodecs.png_decode(response.content)
+
+
+def _corr(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a).astype(float), np.ravel(b).astype(float))[0, 1])
+
+
+def _ring_mean(image: np.ndarray, centre_xy, r_min: float, r_max: float) -> float:
+    """Mean of an ``[y, x]`` image between two radii (pixels) around ``centre_xy``."""
+    y, x = np.indices(image.shape)
+    r = np.hypot(x - centre_xy[0], y - centre_xy[1])
+    return float(image[(r >= r_min) & (r < r_max)].mean())
+
+
 # ----------------------------------------------------------------------------- read endpoints
 def test_project_overview_lists_runs_with_their_provenance(client):
+    from tomopipe.demo import tutorial_workflow_path
+    from tomopipe.engine.workflow import load_workflow
+
     data = client.get("/api/project").json()
-    assert [run["name"] for run in data["runs"]] == ["motion", "reconstruct", "pick", "postprocess"]
+    assert [run["name"] for run in data["runs"]] == [*load_workflow(tutorial_workflow_path()).step_names(),
+                                                     ALIGNED_RUN]
     assert all(run["status"] == "finished" for run in data["runs"])
     ids = {run["name"]: run["id"] for run in data["runs"]}
     assert [ids["reconstruct"], ids["pick"]] in data["edges"]  # pick read the tomograms
-    motion = data["runs"][0]
+    assert [ids["refine_bin2"], ids["postprocess"]] in data["edges"]
+    assert [ids["preprocess"], ids[ALIGNED_RUN]] in data["edges"]
+    motion = next(run for run in data["runs"] if run["name"] == "motion")
     assert {o["kind"] for o in motion["outputs"]} == {"tilt_series", "ctf"}
 
 
 def test_run_detail_log_and_step_schema(client, project_dir):
-    detail = client.get("/api/runs/1").json()
-    assert detail["name"] == "motion" and detail["params"] == {}
-    (project_dir / "runs" / "0001_motion" / "run.log").write_text("line one\nline two\n")
-    assert client.get("/api/runs/1/log?tail_bytes=9").text == "line two\n"
-    assert client.get("/api/runs/99").status_code == 404
+    with Project.open(project_dir) as project:
+        motion = project.find_run("motion")
+        log = project.absolute_path(motion.log_path).read_bytes()
+    detail = client.get(f"/api/runs/{motion.id}").json()
+    assert detail["name"] == "motion" and detail["step_type"] == "motion_ctf"
+    assert detail["params"]["ctf_window_px"] == 128  # the tiny tutorial's override
+    assert len(log) > 200 and client.get(f"/api/runs/{motion.id}/log").text == log.decode()
+    assert client.get(f"/api/runs/{motion.id}/log?tail_bytes=40").text == log[-40:].decode(errors="replace")
+    assert client.get("/api/runs/999").status_code == 404
     steps = {s["type"] for s in client.get("/api/steps").json()["steps"]}
     assert {"exclude_views", "reconstruct_tomogram", "postprocess"} <= steps
     schema = client.get("/api/steps/exclude_views").json()
@@ -185,104 +133,167 @@ def test_run_detail_log_and_step_schema(client, project_dir):
     assert client.get("/api/steps/no_such_step").status_code == 404
 
 
-def test_viewer_data_endpoints(client):
-    ts_set, ctf_set = _set_id(client, "tilt_series"), _set_id(client, "ctf")
-    series = client.get(f"/api/tilt-series/{ts_set}").json()["series"]["TS_01"]
-    assert len(series) == N_TILTS and series[0]["tilt_angle_deg"] == -18.0 and all(v["enabled"] for v in series)
-    image = client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3&max_px=48")
-    assert image.headers["content-type"] == "image/png" and image.headers["x-downsample"] == "2"
-    import imagecodecs
-    aligned = client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3&aligned=1&max_px=256")
-    assert imagecodecs.png_decode(aligned.content).shape == (64, 96)  # the aligned stack, not the raw one
-    assert imagecodecs.png_decode(client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3").content).shape \
-        == (96, 96)
-    assert client.get(f"/api/tilt-series/{ts_set}").json()["has_aligned_images"]
+def test_tilt_series_views_raw_and_aligned(client, project_dir):
+    ts_set = _set_id(client, "tilt_series", "motion")
+    answer = client.get(f"/api/tilt-series/{ts_set}").json()
+    assert sorted(answer["series"]) == ["TS_01", "TS_02"] and not answer["has_aligned_images"]
+    series = answer["series"]["TS_01"]
+    angles = [v["tilt_angle_deg"] for v in series]
+    assert len(series) == TINY_N_TILTS and all(v["enabled"] for v in series)
+    assert angles == sorted(angles) and angles[0] == pytest.approx(-12.0, abs=0.1)
+    small = client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3&max_px=48")
+    assert small.headers["x-downsample"] == "6" and _png(small).shape == (42, 42)  # the 256² px sum binned by 6
+    assert _png(client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3")).shape == (256, 256)
     assert client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=30").status_code == 404
-    ctf = client.get(f"/api/ctf/{ctf_set}").json()["series"]["TS_01"]
-    assert ctf[5]["astigmatism_A"] == pytest.approx(900.0) and ctf[0]["defocus_mean_A"] == pytest.approx(25000.0)
-    spectrum = client.get(f"/api/ctf/{ctf_set}/spectrum?ts=TS_01&tilt=2")
-    assert spectrum.status_code == 200 and spectrum.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get(f"/api/tilt-series/{ts_set}/image?ts=TS_01&tilt=3&aligned=1").status_code == 404
+
+    from tomopipe.io.mrc import read_mrc
+    from tomopipe.serve.images import block_mean
+
+    aligned_set = _set_id(client, "tilt_series", ALIGNED_RUN)
+    assert client.get(f"/api/tilt-series/{aligned_set}").json()["has_aligned_images"]
+    view = _png(client.get(f"/api/tilt-series/{aligned_set}/image?ts=TS_01&tilt=2&aligned=1&max_px=64"))
+    items, _ = _db_items(project_dir, aligned_set)
+    row = items[(items["ts_id"] == "TS_01") & (items["tilt_index"] == 2)].iloc[0]
+    with Project.open(project_dir) as project:
+        aligned = read_mrc(project.absolute_path(row["aligned_image_path"]))[0][row["aligned_image_section"]]
+        raw = read_mrc(project.absolute_path(row["image_path"]))[0][row["image_section"]]
+    assert view.shape == (64, 64)  # 128² px at bin 2, binned by 2
+    # the aligned view (rotated by the ~86° tilt axis), not the raw one
+    assert _corr(view, block_mean(aligned, 2)) > 0.95 and abs(_corr(view, block_mean(raw, 2))) < 0.3
+
+
+def test_ctf_table_spectra_and_the_fits_zero_rings(client, project_dir):
+    ctf_set = _set_id(client, "ctf", "motion")
+    items, _ = _db_items(project_dir, ctf_set)
+    answer = client.get(f"/api/ctf/{ctf_set}").json()["series"]
+    assert sorted(answer) == ["TS_01", "TS_02"] and len(answer["TS_01"]) == TINY_N_TILTS
+    for ts_id, rows in answer.items():
+        fits = items[items["ts_id"] == ts_id].sort_values("tilt_index")
+        np.testing.assert_allclose([r["defocus_mean_A"] for r in rows],
+                                   (fits["defocus_u_A"] + fits["defocus_v_A"]) / 2, rtol=1e-6)
+        np.testing.assert_allclose([r["astigmatism_A"] for r in rows],
+                                   (fits["defocus_u_A"] - fits["defocus_v_A"]).abs(), rtol=1e-6)
+        assert all(10_000 < r["defocus_mean_A"] < 40_000 and r["has_spectrum"] for r in rows)
+    spectrum = _png(client.get(f"/api/ctf/{ctf_set}/spectrum?ts=TS_01&tilt=2"))
+    assert spectrum.shape == (128, 128)  # the fit's window (motion.ctf_window_px)
     assert client.get(f"/api/ctf/{ctf_set}/spectrum?ts=TS_09&tilt=2").status_code == 404
-    rings = client.get(f"/api/ctf/{ctf_set}/rings?ts=TS_01&tilt=5").json()
-    assert rings["size_px"] == 64 and len(rings["rings"]) >= 3
-    first = np.array(rings["rings"][0]) - 32
-    radius = np.hypot(first[:, 0], first[:, 1])
-    assert radius.max() - radius.min() > 0.1  # tilt 5 is astigmatic (900 Å): an ellipse, not a circle
+    rings = client.get(f"/api/ctf/{ctf_set}/rings?ts=TS_01&tilt=2").json()
+    assert rings["size_px"] == 128 and len(rings["rings"]) >= 3
+    # the first zero lies at k² ∝ 1 / defocus: its ellipse's axes are in the ratio √(U / V) of the fit
+    fit = answer["TS_01"][2]
+    radius = np.hypot(*(np.array(rings["rings"][0]) - 64).T)
+    assert radius.max() / radius.min() - 1 == pytest.approx(np.sqrt(fit["defocus_u_A"] / fit["defocus_v_A"]) - 1,
+                                                            rel=0.1)
+    ts_set = _set_id(client, "tilt_series", "motion")
     assert client.get(f"/api/ctf/{ts_set}").status_code == 400  # a tilt-series set is not a CTF set
 
-    maps_set = _set_id(client, "maps")
+
+def test_the_post_processed_map_its_sections_volume_and_fsc(client):
+    maps_set = _set_id(client, "maps", "postprocess")
     maps = client.get(f"/api/maps/{maps_set}").json()
-    assert [m["map_name"] for m in maps["maps"]] == ["half1", "half2", "sharpened"]
-    assert len(maps["fsc"]["curves"]["fsc_corrected"]) == len(maps["fsc"]["frequency_per_A"]) > 10
-    assert 2 * MAP_VOXEL_A <= maps["fsc"]["resolution_A"] < 40.0
+    assert [m["map_name"] for m in maps["maps"]] == ["half1", "half2", "full", "sharpened", "masked", "mask"]
+    box_px, voxel_A = maps["maps"][0]["box_px"], maps["maps"][0]["voxel_size_A"]
+    assert (box_px, voxel_A) == (24, TINY_TOMOGRAM_VOXEL_A)  # the tiny tutorial's crop at bin 2
+    fsc = maps["fsc"]
+    assert {"fsc_masked", "fsc_corrected"} <= set(fsc["curves"])
+    assert len(fsc["curves"]["fsc_corrected"]) == len(fsc["frequency_per_A"]) == box_px // 2 + 1
+    assert fsc["curves"]["fsc_corrected"][1] > 0.9  # the two halves agree at low resolution
+    assert 2 * voxel_A <= fsc["resolution_A"] < 40.0
     for axis in "zyx":
-        assert client.get(f"/api/maps/{maps_set}/slice?map=sharpened&axis={axis}").status_code == 200
-    volume = client.get(f"/api/maps/{maps_set}/volume?map=sharpened&max_px=20")
+        assert _png(client.get(f"/api/maps/{maps_set}/slice?map=sharpened&axis={axis}")).shape == (box_px, box_px)
+    volume = client.get(f"/api/maps/{maps_set}/volume?map=sharpened&max_px=12")
     shape = tuple(map(int, volume.headers["x-shape"].split(",")))
-    assert shape == (20, 20, 20) and len(volume.content) == 20 ** 3
-    block = np.frombuffer(volume.content, np.uint8).reshape(shape)
-    assert block[10, 10, 10] < block[10, 10, 16]  # the shell is bright, its inside dark
+    assert shape == (12, 12, 12) and volume.headers["x-downsample"] == "2" and len(volume.content) == 12 ** 3
+    full = client.get(f"/api/maps/{maps_set}/volume?map=sharpened&max_px=64")
+    block = np.frombuffer(full.content, np.uint8).reshape((box_px,) * 3).astype(float)
+    # apoferritin: a hollow shell of ~40-62 Å radius (6-10 voxels of 6.32 Å), bright, around a dark inside
+    r = np.sqrt(((np.indices(block.shape) - box_px // 2) ** 2).sum(axis=0))
+    inside, shell = block[r < 3].mean(), block[(r >= 6.5) & (r < 8.5)].mean()
+    assert shell > inside + 100, (inside, shell)
+    # the first iso level wraps that shell, not the sharpened map's ringing beyond it (r > 10 voxels)
+    enclosed = block >= int(full.headers["x-iso-level"])
+    assert enclosed.mean() == pytest.approx(0.1, abs=0.03) and (r[enclosed] <= 10).mean() > 0.9
     assert client.get(f"/api/maps/{maps_set}/slice?map=nope").status_code == 404
 
 
-def test_tomogram_slice_is_binned_fast_and_picks_come_in_voxels(client, capsys):
+def test_tomogram_slice_is_binned_fast_and_picks_come_in_voxels(client, project_dir, capsys):
     tomo_set = _set_id(client, "tomograms")
     info = client.get(f"/api/tomograms/{tomo_set}").json()
-    assert info["tomograms"][0]["size_xyz_px"] == list(TOMOGRAM_XYZ_PX)
+    assert [t["ts_id"] for t in info["tomograms"]] == ["TS_01", "TS_02"]
+    assert all(t["size_xyz_px"] == list(TINY_TOMOGRAM_XYZ_PX) for t in info["tomograms"])
+    assert info["particle_sets"][0]["run_name"] == "pick"
     picks_set = info["particle_sets"][0]["set_id"]
     picks = client.get(f"/api/particles/{picks_set}?ts=TS_01").json()["picks"]
-    np.testing.assert_allclose([p["xyz_px"] for p in picks], PARTICLES_XYZ_PX, atol=1e-6)
+    stored, _ = _db_items(project_dir, picks_set)
+    frame = tomogram_frames(_db_items(project_dir, tomo_set)[0])["TS_01"]
+    expected_px = frame.to_voxels(stored.loc[stored["ts_id"] == "TS_01", list(XYZ_A)].to_numpy(float))
+    assert len(picks) == len(expected_px) >= 10
+    np.testing.assert_allclose([p["xyz_px"] for p in picks], expected_px, atol=1e-6)
 
-    url = f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index=64&max_px=96"
-    client.get(url)  # first touch maps the file
+    nx, ny, nz = TINY_TOMOGRAM_XYZ_PX
+    client.get(f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index={nz // 2}")  # first touch maps the file
     timings_ms = []
-    for index in range(0, 128, 8):
+    for index in range(0, nz, 2):
         started = time.perf_counter()
         response = client.get(f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index={index}&max_px=768")
         timings_ms.append((time.perf_counter() - started) * 1e3)
         assert response.status_code == 200
     median_ms = float(np.median(timings_ms))
     with capsys.disabled():
-        print(f"\ntomogram slice {TOMOGRAM_XYZ_PX[0]}x{TOMOGRAM_XYZ_PX[1]} px (of {TOMOGRAM_XYZ_PX}): "
+        print(f"\ntomogram slice {nx}x{ny} px (of {TINY_TOMOGRAM_XYZ_PX}): "
               f"median {median_ms:.1f} ms, max {max(timings_ms):.1f} ms over {len(timings_ms)} requests")
     assert median_ms <= 100.0
 
-    import imagecodecs
-    small = imagecodecs.png_decode(client.get(url).content)
-    assert small.shape == (72, 96)  # 192 x 144 binned by 2
-    assert int(small[20, 23]) > int(small[20, 20]) + 40  # the shell at x = 40 + 7 voxels is bright, its inside dark
+    small = _png(client.get(f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index={nz // 2}&max_px=64"))
+    assert small.shape == (ny // 2, nx // 2)
+    # each pick sits on a particle: in the section through its centre, the protein shell (~40-62 Å, 6-10 voxels)
+    # is darker than the section (cryo-ET contrast), the binned PNG's rows and columns are the tomogram's y and x
+    contrast = []
+    for pick in picks:
+        x, y, z = pick["xyz_px"]
+        if not 8 <= z <= nz - 8:
+            continue
+        section = _png(client.get(f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index={round(z)}")).astype(float)
+        contrast.append(section.mean() - _ring_mean(section, (x, y), 6.0, 8.5))
+    assert len(contrast) >= 5 and np.median(contrast) > 30.0, contrast
     assert client.get(f"/api/tomograms/{tomo_set}/slice?ts=TS_01&index=500").status_code == 400
 
 
 # ----------------------------------------------------------------------------- writes
 def test_ctf_subset_is_a_new_set_in_the_database(client, project_dir):
     ctf_set = _set_id(client, "ctf", "motion")
-    answer = _post(client, f"/api/ctf/{ctf_set}/subset", {"exclude": {"TS_01": [2, 6]}, "name": "exclude"})
+    answer = _post(client, f"/api/ctf/{ctf_set}/subset", {"exclude": {"TS_01": [2, 4]}, "name": "exclude"})
     assert answer.status_code == 201, answer.text
     new_ctf = answer.json()["outputs"]["ctf"]["set_id"]
     items, record = _db_items(project_dir, new_ctf)
     assert record.parent_set_id == ctf_set and record.kind == "ctf"
-    assert items.loc[~items["enabled"], "tilt_index"].tolist() == [1, 5]
+    assert items.loc[~items["enabled"], "tilt_index"].tolist() == [1, 3]
     original, _ = _db_items(project_dir, ctf_set)
-    assert original["enabled"].all() and len(original) == len(items) == N_TILTS  # nothing deleted or changed
+    assert original["enabled"].all() and len(original) == len(items) == 2 * TINY_N_TILTS  # nothing deleted or changed
+    assert items.loc[~items["enabled"], "ts_id"].tolist() == ["TS_01", "TS_01"]
     tilt_series = answer.json()["outputs"]["tilt_series"]["set_id"]
     assert (~_db_items(project_dir, tilt_series)[0]["enabled"]).sum() == 2
     bad = _post(client, f"/api/ctf/{ctf_set}/subset", {"exclude": {"TS_01": [99]}})
-    assert bad.status_code == 400 and "views 1..7" in bad.json()["error"]
+    assert bad.status_code == 400 and f"views 1..{TINY_N_TILTS}" in bad.json()["error"]
 
 
 def test_picks_add_and_remove_make_new_coordinate_sets(client, project_dir):
     tomo_set = _set_id(client, "tomograms")
     picks_set = client.get(f"/api/tomograms/{tomo_set}").json()["particle_sets"][0]["set_id"]
+    picked, _ = _db_items(project_dir, picks_set)
     added = _post(client, "/api/picks", {"source_set_id": picks_set, "ts_id": "TS_01",
-                                         "add_px": [[100.0, 50.0, 60.0]], "remove_index": [1]})
+                                         "add_px": [[100.0, 50.0, 16.0]], "remove_index": [1]})
     assert added.status_code == 201, added.text
     new_set = added.json()["outputs"]["particles"]["set_id"]
     items, record = _db_items(project_dir, new_set)
-    assert len(items) == 5 and items["enabled"].tolist() == [True, False, True, True, True]
+    assert len(items) == len(picked) + 1 and np.flatnonzero(~items["enabled"].to_numpy()).tolist() == [1]
+    kept_A = items.loc[:len(picked) - 1, list(XYZ_A)].to_numpy()
+    np.testing.assert_allclose(kept_A, picked[list(XYZ_A)].to_numpy())  # the picks are kept, none moved
     frame = tomogram_frames(_db_items(project_dir, tomo_set)[0])["TS_01"]
-    np.testing.assert_allclose(frame.to_voxels(items.loc[4, ["x_A", "y_A", "z_A"]].to_numpy(float)),
-                               [100.0, 50.0, 60.0], atol=1e-3)
+    assert items.loc[len(picked), "ts_id"] == "TS_01"
+    np.testing.assert_allclose(frame.to_voxels(items.loc[len(picked), list(XYZ_A)].to_numpy(float)),
+                               [100.0, 50.0, 16.0], atol=1e-3)
     assert record.parent_set_id == picks_set
     listed = client.get(f"/api/tomograms/{tomo_set}").json()["particle_sets"]
     assert listed[0]["set_id"] == new_set  # the viewer finds the new set on the same tomograms
@@ -313,8 +324,14 @@ def test_launch_a_run_from_a_form_and_see_it_finish(client, project_dir):
     missing = _post(client, "/api/runs", {"step_type": "reconstruct_tomogram", "params": {}, "inputs": {}})
     assert missing.status_code == 422 and "tilt_series" in missing.json()["errors"]
 
+    # a threshold between the two tilt series' fitted astigmatisms: the rule excludes the views above it
+    fits, _ = _db_items(project_dir, ctf_set)
+    astigmatism_A = (fits["defocus_u_A"] - fits["defocus_v_A"]).abs()
+    threshold_A = round(float(astigmatism_A.min() + astigmatism_A.max()) / 2, 1)
+    expected = fits.loc[astigmatism_A > threshold_A, ["ts_id", "tilt_index"]].to_numpy().tolist()
+    assert 0 < len(expected) < len(fits)
     answer = _post(client, "/api/runs", {"step_type": "exclude_views", "name": "rule",
-                                         "params": {"max_astigmatism_A": "500", "exclude_tilts": ""},
+                                         "params": {"max_astigmatism_A": str(threshold_A), "exclude_tilts": ""},
                                          "inputs": {"ctf": ctf_set}})
     assert answer.status_code == 202, answer.text
     job = answer.json()["job"]
@@ -325,9 +342,10 @@ def test_launch_a_run_from_a_form_and_see_it_finish(client, project_dir):
         time.sleep(0.05)
     assert job["status"] == "finished", job
     run = client.get(f"/api/runs/{job['run_id']}").json()
-    assert run["status"] == "finished" and run["params"]["max_astigmatism_A"] == 500.0
+    assert run["status"] == "finished" and run["params"]["max_astigmatism_A"] == threshold_A
     ctf_out = next(o["set_id"] for o in run["outputs"] if o["kind"] == "ctf")
-    assert _db_items(project_dir, ctf_out)[0].loc[lambda t: ~t["enabled"], "tilt_index"].tolist() == [5]
+    excluded = _db_items(project_dir, ctf_out)[0].loc[lambda t: ~t["enabled"], ["ts_id", "tilt_index"]]
+    assert excluded.to_numpy().tolist() == expected
 
     again = _post(client, f"/api/runs/{job['run_id']}/rerun", {})
     assert again.status_code == 202
@@ -381,7 +399,7 @@ def test_a_token_is_required_off_localhost(project_dir):
 
 @pytest.mark.parametrize("path", ["/static/../tomopipe.sqlite", "/static/%2e%2e/tomopipe.sqlite",
                                   "/static/..%2ftomopipe.sqlite", "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-                                  "/static/app.py", "/static/runs", "/tomopipe.sqlite", "/runs/0001_motion/TS_01.mrc",
+                                  "/static/app.py", "/static/runs", "/tomopipe.sqlite", "/runs/0002_motion/TS_01.mrc",
                                   "/api/tilt-series/..%2f..%2fetc/image"])
 def test_path_traversal_is_refused(client, path):
     answer = client.get(path)

@@ -1,8 +1,9 @@
-"""End to end: a real headless Chromium (Debian's ``chromium``, driven by Playwright) against
-``tomopipe serve`` on a small simulated project (the tiny preset through import and motion + CTF,
-plus a tomogram with picks and a map): every page loads, a CTF is excluded with the keyboard and a
-subset generated (checked in the database), a pick is added and one removed, a run launched from
-a form finishes. Screenshots of every viewer go to ``tests/artefacts/ui/``.
+"""End to end: a real headless Chromium (Debian's ``chromium``, driven by Playwright) against ``tomopipe serve`` on a
+small simulated project: the whole tutorial workflow on two tilt series of the tiny preset (``tests/tiny_tutorial.py``).
+Every page loads, a CTF is excluded with the keyboard and a subset generated (checked in the database), a pick of the
+pick step is removed and one added by clicks on the reconstructed tomogram (checked in the database, to the voxel),
+the post-processed map and its FSC show, a run launched from a form finishes. Screenshots of every viewer go to
+``tests/artefacts/ui/``.
 
 Skipped, with the reason, only when Chromium or Playwright is missing (``.ci/run`` installs them).
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tiny_tutorial import TINY_TOMOGRAM_XYZ_PX, copy_project
+from tomopipe.model.particles import XYZ_A, tomogram_frames
 from tomopipe.project.store import Project
 
 ARTEFACTS = Path(__file__).resolve().parent / "artefacts" / "ui"
@@ -31,42 +34,11 @@ if CHROMIUM is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package "
                                                              "(pip install -e '.[test]')")
 
-from test_serve_api import PARTICLES_XYZ_PX, add_tomogram_picks_and_map  # noqa: E402
-
-
-def _simulated_project(folder: Path) -> Path:
-    """The tiny preset simulated and run through import + motion/CTF (real tilt series, CTF fits and
-    spectra), then a tomogram with picks and a post-processed map added by hand."""
-    from tomopipe.demo import run_demo
-
-    code = run_demo(folder, preset="tiny", until="motion", overrides=["motion.ctf_window_px=128"])
-    assert code == 0
-    with Project.open(folder / "project") as project:
-        motion = project.find_run("motion")
-        tilt_series = project.sets_of_run(motion.id)["tilt_series"]
-        add_tomogram_picks_and_map(project, {"tilt_series": tilt_series.id})
-    return folder / "project"
-
 
 @pytest.fixture(scope="module")
-def project_dir(tmp_path_factory) -> Path:
-    """A copy of the simulated project for this module (pytest-xdist workers build it once, under a
-    lock in their common temporary folder, and each writes to its own copy)."""
-    import fcntl
-
-    session_root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' folders share this session's parent
-        session_root = session_root.parent
-    shared = session_root / "serve_browser_project"
-    with open(str(shared) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "done").is_file():
-            shutil.rmtree(shared, ignore_errors=True)
-            _simulated_project(shared)
-            (shared / "done").write_text("ok")
-    copy = tmp_path_factory.mktemp("ui") / "project"
-    shutil.copytree(shared / "project", copy)
-    return copy
+def project_dir(tiny_tutorial_project, tmp_path_factory) -> Path:
+    """This module's copy of the tiny tutorial's project (the pages write to it)."""
+    return copy_project(tiny_tutorial_project, tmp_path_factory.mktemp("ui") / "project")
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +98,22 @@ def _sets(project_dir, kind: str):
         return [(record, project.read_items(record.id)) for record in project.finished_sets(kind)]
 
 
+def _output(project_dir, run_name: str, set_name: str):
+    """The output set ``set_name`` of the run ``run_name`` and its items."""
+    with Project.open(project_dir) as project:
+        record = project.sets_of_run(project.find_run(run_name).id)[set_name]
+        return record, project.read_items(record.id)
+
+
 def test_project_page_shows_the_graph_and_a_runs_detail(page, server, project_dir):
     page.goto(f"{server}/")
     page.wait_for_selector("g.run-node")
     with Project.open(project_dir) as project:
         n_runs = len(project.runs())
     assert page.locator("g.run-node").count() == n_runs
+    # the tutorial's 20 runs make a graph wider than the window: it scrolls in its panel, the page keeps its width
+    assert page.evaluate("document.getElementById('graph').getBoundingClientRect().width") > 1500
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1500
     page.locator("g.run-node", has_text="motion").first.click()
     page.wait_for_selector("#log")
     assert "motion_ctf" in page.inner_text("#detail")
@@ -140,13 +122,13 @@ def test_project_page_shows_the_graph_and_a_runs_detail(page, server, project_di
 
 
 def test_ctf_viewer_excludes_with_the_keyboard_and_generates_a_subset(page, server, project_dir):
-    (motion_ctf, before), = [(r, items) for r, items in _sets(project_dir, "ctf")
-                             if Project.open(project_dir).get_run(r.run_id).name == "motion"]
+    motion_ctf, before = _output(project_dir, "motion", "ctf")
     page.goto(f"{server}/static/ctf.html?set={motion_ctf.id}")
     page.wait_for_selector("#table tr[data-tilt]")
     page.wait_for_function("document.getElementById('spectrum').complete && "
                            "document.getElementById('spectrum').naturalWidth > 0")
     page.wait_for_selector("#rings polyline.ring")  # the fitted CTF's zeros over the spectrum
+    assert page.input_value("#ts") == "TS_01"
     page.keyboard.press("ArrowDown")
     page.keyboard.press("Space")          # view 2
     page.keyboard.press("ArrowDown")
@@ -160,16 +142,15 @@ def test_ctf_viewer_excludes_with_the_keyboard_and_generates_a_subset(page, serv
     page.wait_for_selector("#new-set", timeout=60_000)
     newest, items = _sets(project_dir, "ctf")[-1]
     assert newest.parent_set_id == motion_ctf.id and len(items) == len(before)
-    excluded = sorted(items.loc[~items["enabled"], "tilt_index"].tolist())
-    assert excluded == [1, 3]
+    excluded = items.loc[~items["enabled"], ["ts_id", "tilt_index"]].to_numpy().tolist()
+    assert excluded == [["TS_01", 1], ["TS_01", 3]]
     page.click("#new-set")
     page.wait_for_selector("#table tr.excluded")
     assert page.locator("#table tr.excluded").count() == 2
 
 
 def test_tilt_series_viewer_steps_with_the_keyboard(page, server, project_dir):
-    (record, items), = [(r, i) for r, i in _sets(project_dir, "tilt_series")
-                        if Project.open(project_dir).get_run(r.run_id).name == "motion"]
+    record, _ = _output(project_dir, "motion", "tilt_series")
     page.goto(f"{server}/static/tilt.html?set={record.id}")
     page.wait_for_function("document.getElementById('view').naturalWidth > 0")
     first = page.inner_text("#info")
@@ -182,57 +163,82 @@ def test_tilt_series_viewer_steps_with_the_keyboard(page, server, project_dir):
     _shot(page, "tilt-series-viewer")
 
 
-def test_tomogram_viewer_adds_and_removes_a_pick(page, server, project_dir):
-    (tomograms, _), = _sets(project_dir, "tomograms")
-    before = _sets(project_dir, "particles")
+def _free_spot_px(picks_xyz_px: np.ndarray, size_xy_px, margin_px: int = 12) -> np.ndarray:
+    """The ``(x, y)`` voxel farthest (in x, y) from every pick, at least ``margin_px`` from the edges."""
+    x, y = np.meshgrid(np.arange(margin_px, size_xy_px[0] - margin_px), np.arange(margin_px, size_xy_px[1] - margin_px))
+    spots = np.stack([x.ravel(), y.ravel()], axis=1)
+    distance = np.linalg.norm(spots[:, None, :] - picks_xyz_px[None, :, :2], axis=2).min(axis=1)
+    return spots[np.argmax(distance)]
+
+
+def test_tomogram_viewer_removes_and_adds_a_pick(page, server, project_dir):
+    """On the pick step's picks over the reconstructed tomogram TS_01 (the page opens its central section): a click on a
+    pick's centre removes it, a click on the centre of a voxel where nothing was picked adds a pick exactly there."""
+    tomograms, tomogram_items = _output(project_dir, "reconstruct", "tomograms")
+    picks_set, picks = _output(project_dir, "pick", "particles")
+    nx, ny, nz = TINY_TOMOGRAM_XYZ_PX
+    z_page = nz // 2
+    frame = tomogram_frames(tomogram_items)["TS_01"]
+    mine = np.flatnonzero(picks["ts_id"].to_numpy() == "TS_01")
+    xyz_px = frame.to_voxels(picks.loc[mine, list(XYZ_A)].to_numpy(float))
+    radius_px = round(60 / frame.voxel_size_A)  # the page's pick radius (apoferritin's)
+    shown = np.flatnonzero(np.abs(xyz_px[:, 2] - z_page) <= radius_px)
+    assert len(shown) >= 5  # the section shows picks to click
+    # remove the shown pick farthest from the others (a click on it hits no other)
+    separation = [np.delete(np.linalg.norm(xyz_px[:, :2] - xyz_px[i, :2], axis=1), i).min() for i in shown]
+    remove = shown[int(np.argmax(separation))]
+    assert max(separation) > radius_px
+    add_x, add_y = _free_spot_px(xyz_px, (nx, ny))
+
     page.goto(f"{server}/static/tomogram.html?set={tomograms.id}")
-    page.wait_for_function("document.getElementById('view').dataset.loadedZ === '64'")
-    timings_ms = page.evaluate("""async (setId) => {
+    page.wait_for_function(f"document.getElementById('view').dataset.loadedZ === '{z_page}'")
+    assert page.input_value("#picks") == str(picks_set.id)
+    timings_ms = page.evaluate("""async ([setId, nz]) => {
         const times = [];
-        for (let z = 0; z < 128; z += 8) {
+        for (let z = 0; z < nz; z += 2) {
             const started = performance.now();
             const response = await fetch(`/api/tomograms/${setId}/slice?ts=TS_01&axis=z&index=${z}&max_px=768`);
             await response.blob();
             times.push(performance.now() - started);
         }
         return times;
-    }""", tomograms.id)
+    }""", [tomograms.id, nz])
     median_ms = float(np.median(timings_ms))
-    print(f"\nbrowser fetch of a 192x144 slice of the {tomograms.n_items}-tomogram set over HTTP: "
+    print(f"\nbrowser fetch of a {nx}x{ny} slice of the {tomograms.n_items}-tomogram set over HTTP: "
           f"median {median_ms:.1f} ms, max {max(timings_ms):.1f} ms ({len(timings_ms)} slices)")
     assert median_ms <= 100.0
     page.select_option("#zoom", "3")
     canvas = page.locator("#view")
-    assert page.evaluate("document.getElementById('view').width") == 3 * 192  # 192 x 144 voxels, not binned
-    # remove the pick at (40, 40, 64) voxels, add one at (100, 60, 64); a canvas pixel is a third of a voxel
-    canvas.click(position={"x": 40.5 * 3, "y": 40.5 * 3})
-    canvas.click(position={"x": 100.5 * 3, "y": 60.5 * 3})
+    assert page.evaluate("document.getElementById('view').width") == 3 * nx  # not binned: a voxel is 3 canvas pixels
+    # the centre of voxel (x, y) is 3 (x + 0.5) canvas pixels from the canvas's content edge
+    canvas.click(position={"x": 3 * (xyz_px[remove, 0] + 0.5), "y": 3 * (xyz_px[remove, 1] + 0.5)})
+    canvas.click(position={"x": 3 * (add_x + 0.5), "y": 3 * (add_y + 0.5)})
     assert "1 to add · 1 to remove" in page.inner_text("#pending")
     _shot(page, "tomogram-viewer")
     page.click("#save")
     page.wait_for_selector("#result.ok", timeout=60_000)
-    after = _sets(project_dir, "particles")
-    assert len(after) == len(before) + 1
-    record, items = after[-1]
-    assert items["enabled"].tolist() == [False, True, True, True, True]
-    with Project.open(project_dir) as project:
-        tomogram = project.read_items(tomograms.id)
-    from tomopipe.model.particles import tomogram_frames
-
-    added_px = tomogram_frames(tomogram)["TS_01"].to_voxels(items.loc[4, ["x_A", "y_A", "z_A"]].to_numpy(float))
-    np.testing.assert_allclose(added_px, [100.0, 60.0, 64.0], atol=1.0)
-    assert np.allclose(PARTICLES_XYZ_PX[0], [40, 40, 64])
+    record, items = _sets(project_dir, "particles")[-1]
+    assert record.parent_set_id == picks_set.id and len(items) == len(picks) + 1
+    assert np.flatnonzero(~items["enabled"].to_numpy()).tolist() == [int(mine[remove])]
+    added = items.iloc[-1]
+    assert added["ts_id"] == "TS_01"
+    # to a sixth of a voxel: Chromium places the click on a whole CSS pixel, a third of a voxel at zoom 3
+    np.testing.assert_allclose(frame.to_voxels(added[list(XYZ_A)].to_numpy(float)), [add_x, add_y, z_page], atol=0.2)
 
 
 def test_map_viewer_shows_slices_iso_surface_and_fsc(page, server, project_dir):
-    (maps, _), = _sets(project_dir, "maps")
+    maps, items = _output(project_dir, "postprocess", "maps")
     page.goto(f"{server}/static/map.html?set={maps.id}")
     for axis in "zyx":
         page.wait_for_function(f"document.getElementById('slice-{axis}').naturalWidth > 0")
+    assert page.input_value("#map") == "sharpened"  # the post-processed map, not a half map
     page.wait_for_selector("#fsc polyline")
-    assert "resolution (FSC 0.143)" in page.inner_text("#resolution")
+    resolution_A = maps.attrs["postprocess"]["resolution_A"]
+    assert f"resolution (FSC 0.143): {resolution_A:.2f} Å" in page.inner_text("#resolution")
     page.wait_for_function("document.getElementById('iso').dataset.rendered === '1' || "
                            "document.getElementById('gl-status').innerText.includes('WebGL')", timeout=30_000)
+    volume = page.request.get(f"{server}/api/maps/{maps.id}/volume?map=sharpened&max_px=64")
+    assert page.input_value("#level") == volume.headers["x-iso-level"]  # the map's own first level, not a fixed one
     _shot(page, "map-viewer")
 
 
@@ -254,7 +260,8 @@ def test_a_run_launched_from_a_form_finishes(page, server, project_dir):
         run = project.find_run("by_form")
         assert run.status == "finished" and run.params["exclude_tilts"] == "TS_01:5"
         ctf = project.read_items(project.sets_of_run(run.id)["ctf"].id)
-    assert ctf.loc[ctf["tilt_index"] == 4, "enabled"].tolist() == [False]
+    assert ctf.loc[(ctf["ts_id"] == "TS_01") & (ctf["tilt_index"] == 4), "enabled"].tolist() == [False]
+    assert ctf.loc[ctf["ts_id"] == "TS_02", "enabled"].all()
     _shot(page, "run-form")
     page.goto(f"{server}/")
     page.wait_for_selector("g.run-node >> text=by_form")

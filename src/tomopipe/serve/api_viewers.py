@@ -366,13 +366,15 @@ def map_slice(request: Request):
 
 def map_volume(request: Request):
     """A map binned to at most ``max_px`` (≤ 128) a side, uint8 ``[z, y, x]`` bytes (C order) for
-    the WebGL iso-surface; ``X-Shape`` is ``z,y,x`` and ``X-Value-Range`` the values of 0 and 255."""
+    the WebGL iso-surface; ``X-Shape`` is ``z,y,x``, ``X-Value-Range`` the values of 0 and 255 and ``X-Iso-Level``
+    a first level (:func:`images.iso_level_uint8`)."""
     max_px = int_query(request, "max_px", 64, 8, 128)
     with open_project(request) as project:
         volume = _map_volume(project, request.path_params["set_id"], request.query_params.get("map", ""))
     block, factor, (low, high) = images.volume_uint8(np.asarray(volume), max_px)
     return Response(block.tobytes(), media_type="application/octet-stream",
                     headers={"X-Shape": ",".join(map(str, block.shape)), "X-Downsample": str(factor),
+                             "X-Iso-Level": str(images.iso_level_uint8(block)),
                              "X-Value-Range": f"{low:.6g},{high:.6g}", "Cache-Control": "no-store"})
 
 

@@ -97,3 +97,13 @@ def volume_uint8(volume: np.ndarray, max_side_px: int = 64, low_percent: float =
     small = block_mean(volume, factor)
     low, high = contrast_limits(small, low_percent, high_percent)
     return to_uint8(small, low, high), factor, (low, high)
+
+
+def iso_level_uint8(block_uint8: np.ndarray, enclosed_fraction: float = 0.1) -> int:
+    """A first iso-surface level for an 8-bit volume (:func:`volume_uint8`): the level above which its brightest
+    ``enclosed_fraction`` of voxels lie, so that the surface wraps the particle rather than the solvent's noise or a
+    sharpened map's ringing near the box's edge (a fixed level does that when the box is tight); in 1..254."""
+    if not 0.0 < enclosed_fraction < 1.0:
+        raise TomopipeError(f"enclosed_fraction must lie between 0 and 1, got {enclosed_fraction}")
+    level = np.percentile(np.asarray(block_uint8, dtype=np.float32), 100.0 * (1.0 - enclosed_fraction))
+    return int(np.clip(np.round(level), 1, 254))

@@ -21,13 +21,31 @@ mean pose changes), the final FSC curve and resolution; and the ``subtomograms``
 (``rot_deg``, ``tilt_deg``, ``psi_deg``) and origins (``origin_x_A``...: RELION's ``rlnOriginX/Y/ZAngst``,
 particle centre = position − origin, Å, tomogram frame), the positions and crops left as extracted.
 Input origins (a refined set refined again) are the starting shifts.
+
+Where it runs: on a Dask executor (``--dask``) the pose searches of each iteration fan out over its
+workers, one task per tilt series and half (:func:`~tomopipe.algorithms.subtomo.auto_refine.search_task`):
+the task carries a :class:`HalfLoader` (the half's rows, the extraction's attributes, the mask) that reads
+that half's crops in the worker, kept there for the next iterations in a small per-process cache (the last
+``LOADED_HALVES_KEPT`` halves). The poses are those of the in-process search (the same computation per tilt
+series and half); reconstruction, references and noise stay in the step's process, which holds every tilt
+series. A local pool (``--jobs`` > 1) is started anew for every map call, so for every iteration, and its
+workers keep nothing: the searches stay in the step's process there unless ``FAN_OUT_ON_LOCAL_POOLS``.
+Measured on the reduced demo's bin-4 refinement (``benchmarks/bench_averaging_chain.py --steps refine_bin4``,
+2 CPU cores shared with other work, so wide ranges; the same poses and maps every time): in the step's
+process 16–73 s, searches on a local pool of 2 (``--jobs 2 --fan-out-local``) 55–106 s (a pool start and the
+halves read again per iteration), on a Dask LocalCluster of 2 workers (``--dask local``) 35–48 s. Without
+Dask everything runs in the step's process.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import pickle
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +55,7 @@ from tomopipe.algorithms.fsc import shell_frequencies_per_A
 from tomopipe.algorithms.geometry import euler_relion_to_matrix, matrix_to_euler_relion
 from tomopipe.algorithms.picking.template import resample_volume, spherical_mask
 from tomopipe.algorithms.so3 import crowther_angular_step_deg
-from tomopipe.algorithms.subtomo.auto_refine import RefineSeries, RefineSettings, auto_refine
+from tomopipe.algorithms.subtomo.auto_refine import RefineSeries, RefineSettings, auto_refine, search_task
 from tomopipe.algorithms.subtomo.backproject import centred_rfft2
 from tomopipe.algorithms.subtomo.extract import TiltCtfWeights, circle_crop, particle_tilt_positions
 from tomopipe.algorithms.subtomo.pose_search import ParticleStacks
@@ -56,6 +74,9 @@ MAP_FILES = {"half1": "run_half1_class001_unfil.mrc", "half2": "run_half2_class0
              "full": "run_class001.mrc"}
 POSE_COLUMNS = ("x_A", "y_A", "z_A", "rot_deg", "tilt_deg", "psi_deg", "half_set")
 MASK_EDGE_PX = 3.0  # soft edge of the masks, pixels
+LOADED_HALVES_KEPT = 2  # halves a worker process keeps between iterations (bin 2: ~0.3 GB each)
+FAN_OUT_ON_LOCAL_POOLS = False  # pose searches on local pools of --jobs > 1 too (module docstring: slower on 2 cores)
+_loaded: OrderedDict[str, RefineSeries] = OrderedDict()  # per process: HalfLoader.key -> its particles
 
 
 def refine_series(resolve, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: float, device
@@ -85,6 +106,50 @@ def refine_series(resolve, rows: list[dict], attrs: dict, ts_id: str, mask_diame
     poses = euler_relion_to_matrix(*(torch.tensor([r[k] for r in rows], dtype=torch.float64)
                                      for k in ("rot_deg", "tilt_deg", "psi_deg")))
     return RefineSeries(stacks, torch.tensor([int(r["half_set"]) for r in rows]), poses, shifts_A.clone())
+
+
+@dataclass(frozen=True)
+class HalfLoader:
+    """Builds one half of one tilt series' particles where a search task runs (:func:`refine_series` on
+    ``rows``, their ``data_path`` absolute), cached per process under ``key`` (a digest of the rest)."""
+
+    rows: tuple[dict, ...]
+    attrs: dict
+    ts_id: str
+    mask_diameter_px: float
+    device: str
+    key: str = field(default="", compare=False)
+
+    @classmethod
+    def of(cls, resolve, rows: list[dict], attrs: dict, ts_id: str, mask_diameter_px: float, device
+           ) -> "HalfLoader":
+        """The loader of ``rows`` (one half of ``ts_id``), stored paths resolved now by ``resolve``; only the
+        extraction and this tilt series' geometry are kept of ``attrs``."""
+        rows = tuple(dict(r, data_path=str(resolve(r["data_path"]))) for r in rows)
+        attrs = {"extraction": attrs["extraction"], "geometry": {ts_id: attrs.get("geometry", {}).get(ts_id)}}
+        content = (rows, attrs, ts_id, float(mask_diameter_px), str(device))
+        return cls(*content, key=hashlib.sha256(pickle.dumps(content)).hexdigest())
+
+    def __call__(self) -> RefineSeries:
+        series = _loaded.get(self.key)
+        if series is None:
+            series = refine_series(Path, list(self.rows), self.attrs, self.ts_id, self.mask_diameter_px,
+                                   torch.device(self.device))
+            _loaded[self.key] = series
+            while len(_loaded) > LOADED_HALVES_KEPT:
+                _loaded.popitem(last=False)
+        _loaded.move_to_end(self.key)
+        return series
+
+
+def _searches_in_workers(executor) -> bool:
+    """Whether the pose searches go to the executor's workers (module docstring): on Dask, whose workers
+    persist; on a local pool of more than one process only with ``FAN_OUT_ON_LOCAL_POOLS`` (the engine's
+    executors: LocalExecutor has ``jobs``, DaskExecutor a ``client``)."""
+    jobs = getattr(executor, "jobs", None)
+    if isinstance(jobs, int):
+        return FAN_OUT_ON_LOCAL_POOLS and jobs > 1
+    return hasattr(executor, "client")
 
 
 def _reference(ctx, pixel_A: float, crop_px: int) -> tuple[dict[int, torch.Tensor] | torch.Tensor, str]:
@@ -193,8 +258,18 @@ class AutoRefine(Step):
                                   p["local_searches_from_deg"], p["offset_range_px"] * pixel_A,
                                   p["offset_step_px"] * pixel_A, p["tilt_prior_deg"], p["max_iterations"])
         log.info("auto-refine: %s", note)
+        search_map, loaders = None, None
+        if _searches_in_workers(ctx.executor):
+            halves = [{h: [r for r in rows if int(r["half_set"]) == h] for h in (1, 2)} for _, rows in groups]
+            loaders = [{h: HalfLoader.of(ctx.resolve, half[h], attrs, ts, p["mask_diameter_A"] / pixel_A, device)
+                        for h in (1, 2)} for (ts, _), half in zip(groups, halves)]
+
+            def search_map(tasks):
+                return ctx.map(search_task, tasks, desc="auto-refine search")
+
+            log.info("auto-refine: pose searches on %s, one task per tilt series and half", ctx.executor.describe())
         start = time.perf_counter()
-        result = auto_refine(series, reference, mask, settings, device)
+        result = auto_refine(series, reference, mask, settings, device, search_map=search_map, loaders=loaders)
         seconds = time.perf_counter() - start
         rows = []
         for name, volume in result.maps.items():

@@ -24,6 +24,16 @@ below ``join_below_A`` (40 Å, RELION). Per iteration:
 Converged when the resolution has not improved (by half a Fourier shell) for two iterations with the
 step at its finest (RELION's rule), or after ``max_iterations``. Shifts are 3-D, Å, tomogram frame (particle centre =
 position + shift); rotations reference -> particle.
+
+Where the searches run: by default in this process, one (tilt series, half) after the other. With a
+``search_map`` (``auto_refine(..., search_map=...)``) the searches of one iteration are handed over as plain,
+picklable :class:`SearchTask` values, one per tilt series and half, and ``search_map(tasks)`` returns what
+:func:`search_task` returns for each (e.g. an executor's map of :func:`search_task` over worker processes): the
+same computation on the same numbers, so the same poses. A task carries its half's particles
+(:class:`ParticleStacks`) or, with ``loaders``, a small picklable callable that builds the tilt series
+(:class:`RefineSeries`) where the task runs (the caller reads its files there; this module reads none), the
+half's reference map (the projector is rebuilt from it), its noise power, the current poses of the half and the
+iteration's step, offset step and band limit. Reconstruction, references and noise stay in this process.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 
@@ -49,7 +60,8 @@ from tomopipe.algorithms.subtomo.pose_search import (
 from tomopipe.algorithms.symmetry import misorientation_deg, symmetry_group
 from tomopipe.errors import TomopipeError
 
-__all__ = ["RefineSettings", "RefineSeries", "RefineResult", "auto_refine", "centring_phases", "reconstruct_series"]
+__all__ = ["RefineSettings", "RefineSeries", "RefineResult", "SearchTask", "auto_refine", "centring_phases",
+           "reconstruct_series", "search_task"]
 
 log = logging.getLogger("tomopipe")
 
@@ -105,6 +117,34 @@ class RefineResult:
     series: list[RefineSeries]
 
 
+@dataclass(frozen=True)
+class SearchTask:
+    """The pose search of one half of one tilt series in one iteration, as plain picklable values.
+
+    ``data``: the half's particles (:class:`ParticleStacks`, ``noise_power`` unused) or a loader, a picklable
+    callable that returns a :class:`RefineSeries` whose particles of ``half`` are the half's, in order (it
+    may hold only them); ``reference`` ``[c, c, c]`` float32: the half's reference (the projector is built
+    from it, pad factor 2); ``noise_power``: σ² per shell of the half; ``rotations`` ``[m_h, 3, 3]`` and
+    ``shifts_A`` ``[m_h, 3]`` (float64, Å, tomogram frame): the half's current poses; ``step_deg``,
+    ``offset_step_A`` and ``max_frequency_px`` (band limit, Fourier pixels): the iteration's; ``device``: where
+    the projector is built (the loaded particles stay where the loader puts them)."""
+
+    data: Union[ParticleStacks, Callable[[], RefineSeries]]
+    half: int
+    reference: torch.Tensor
+    noise_power: torch.Tensor
+    rotations: torch.Tensor
+    shifts_A: torch.Tensor
+    settings: RefineSettings
+    step_deg: float
+    offset_step_A: float
+    max_frequency_px: float
+    device: str = "cpu"
+
+
+SearchMap = Callable[[list[SearchTask]], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def centring_phases(stacks: ParticleStacks, shifts_A: torch.Tensor) -> torch.Tensor:
     """``e^{+2πi k·s_i/c}`` ``[m, n, c, c//2+1]`` for shifts ``[m, 3]`` (Å, tomogram frame): times a crop's
     spectrum, it moves the particle at ``s_i = m_i·[R_i·t]_xy / pixel`` back to the crop's centre."""
@@ -143,7 +183,16 @@ def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, n
             max_frequency_px: float) -> None:
     """New poses of one half of a tilt series (module docstring, step 1), in place."""
     which = torch.nonzero(series.half == half).reshape(-1)
-    data = _subset(series.stacks, which, noise)
+    rotations, shifts = _half_search(projector, _subset(series.stacks, which, noise), series.rotations[which],
+                                     series.shifts_A[which], settings, step_deg, offset_step_A, max_frequency_px)
+    series.rotations[which], series.shifts_A[which] = rotations, shifts
+
+
+def _half_search(projector: FourierSliceProjector, data: ParticleStacks, rotations: torch.Tensor,
+                 shifts: torch.Tensor, settings: RefineSettings, step_deg: float, offset_step_A: float,
+                 max_frequency_px: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """New rotations ``[m, 3, 3]`` and shifts ``[m, 3]`` (float64, CPU) of the particles ``data`` (one half of
+    a tilt series, with its noise power) from their current poses (module docstring, step 1)."""
     if step_deg > settings.local_from_deg:
         finer = [settings.initial_step_deg / 2**k for k in range(1, 12)]
         result = coarse_to_fine_search(projector, data, symmetry=settings.symmetry,
@@ -152,13 +201,60 @@ def _search(series: RefineSeries, half: int, projector: FourierSliceProjector, n
                                        offset_range_A=settings.offset_range_A, offset_step_A=settings.offset_step_A,
                                        max_frequency_px=max_frequency_px)
     else:
-        rotations, shifts = series.rotations[which], series.shifts_A[which]
         prior = PosePrior(rotations, shifts, settings.prior_angle_deg, settings.offset_range_A)
         result = local_search(projector, data, rotations[:, None], shifts, step_deg, 2.0 * step_deg,
                               2.0 * offset_step_A, offset_step_A, max_frequency_px, alternate=True, prior=prior,
                               symmetry=settings.symmetry)
-    series.rotations[which] = result.best_rotations.to(torch.float64).cpu()
-    series.shifts_A[which] = result.best_shifts_A.to(torch.float64).cpu()
+    return result.best_rotations.to(torch.float64).cpu(), result.best_shifts_A.to(torch.float64).cpu()
+
+
+def search_task(task: SearchTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one :class:`SearchTask` (in any process): the half's new rotations ``[m_h, 3, 3]`` and shifts
+    ``[m_h, 3]`` (float64, CPU), the computation the in-process loop does for that half."""
+    if isinstance(task.data, ParticleStacks):
+        stacks = task.data
+    else:
+        series = task.data()
+        which = torch.nonzero(series.half == task.half).reshape(-1)
+        stacks = _subset(series.stacks, which, series.stacks.noise_power)
+    m = int(task.rotations.shape[0])
+    if stacks.crops_ft.shape[0] != m or tuple(task.shifts_A.shape) != (m, 3):
+        raise TomopipeError(f"auto-refine search task (half {task.half}): its data hold {stacks.crops_ft.shape[0]} "
+                            f"particles of the half but it carries {m} rotations and shifts "
+                            f"{tuple(task.shifts_A.shape)}")
+    data = ParticleStacks(stacks.crops_ft, stacks.ctf2, stacks.tilt_rotations, stacks.pixel_size_A,
+                          task.noise_power, stacks.magnification)
+    projector = FourierSliceProjector(task.reference.to(task.device), stacks.pixel_size_A, pad_factor=2)
+    return _half_search(projector, data, task.rotations, task.shifts_A, task.settings, task.step_deg,
+                        task.offset_step_A, task.max_frequency_px)
+
+
+def _mapped_searches(series: list[RefineSeries], references: dict[int, torch.Tensor],
+                     noise: dict[tuple[int, int], torch.Tensor], settings: RefineSettings, step_deg: float,
+                     offset_step_A: float, max_frequency_px: float, device: torch.device, search_map: SearchMap,
+                     loaders: list[dict[int, Callable[[], RefineSeries]]] | None) -> None:
+    """The searches of one iteration through ``search_map`` (module docstring), the poses updated in place;
+    halves without particles in a tilt series are left out."""
+    keys, tasks = [], []
+    for i, s in enumerate(series):
+        for h in (1, 2):
+            which = torch.nonzero(s.half == h).reshape(-1)
+            if which.numel() == 0:
+                continue
+            data = loaders[i][h] if loaders is not None else _subset(s.stacks, which, s.stacks.noise_power)
+            tasks.append(SearchTask(data, h, references[h].detach().cpu(), noise[i, h].detach().cpu(),
+                                    s.rotations[which].clone(), s.shifts_A[which].clone(), settings, step_deg,
+                                    offset_step_A, max_frequency_px, str(device)))
+            keys.append((s, which))
+    results = list(search_map(tasks))
+    if len(results) != len(tasks):
+        raise TomopipeError(f"auto-refine: the search map returned {len(results)} results for {len(tasks)} tasks")
+    for (s, which), (rotations, shifts) in zip(keys, results):
+        if tuple(rotations.shape) != (which.numel(), 3, 3) or tuple(shifts.shape) != (which.numel(), 3):
+            raise TomopipeError(f"auto-refine: a search returned rotations {tuple(rotations.shape)} and shifts "
+                                f"{tuple(shifts.shape)} for {which.numel()} particles")
+        s.rotations[which] = rotations.to(torch.float64).cpu()
+        s.shifts_A[which] = shifts.to(torch.float64).cpu()
 
 
 def reconstruct_series(series: list[RefineSeries], group: torch.Tensor, pad_factor: int, device
@@ -206,12 +302,21 @@ def _pose_changes(series: list[RefineSeries], before: list[tuple[torch.Tensor, t
 
 
 def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, torch.Tensor], mask: torch.Tensor,
-                settings: RefineSettings, device=None) -> RefineResult:
+                settings: RefineSettings, device=None, search_map: SearchMap | None = None,
+                loaders: list[dict[int, Callable[[], RefineSeries]]] | None = None) -> RefineResult:
     """Run the loop (module docstring) from ``reference`` (box = the crops', same voxel size, absolute
     greyscale: not rescaled), one map for both halves or ``{1: half1, 2: half2}`` (half maps of an earlier
-    refinement: the halves stay independent), with the soft ``mask``; updates the series' poses in place."""
+    refinement: the halves stay independent), with the soft ``mask``; updates the series' poses in place.
+
+    ``search_map``: None searches in this process; else ``search_map(tasks)`` runs the :class:`SearchTask` of
+    every tilt series and half of an iteration and returns :func:`search_task`'s result for each, in order.
+    ``loaders`` (with ``search_map``): per series ``{1: loader, 2: loader}`` carried by the tasks instead of
+    the particles (:class:`SearchTask`)."""
     if not series:
         raise TomopipeError("auto-refine: no particles")
+    if loaders is not None and (len(loaders) != len(series) or any(set(lo) != {1, 2} for lo in loaders)):
+        raise TomopipeError(f"auto-refine: loaders must give {{1: ..., 2: ...}} for each of the {len(series)} "
+                            f"tilt series, got {len(loaders)} entries")
     stacks0 = series[0].stacks
     c, pixel_A = stacks0.crop_px, stacks0.pixel_size_A
     starts = reference if isinstance(reference, dict) else {1: reference, 2: reference}
@@ -231,9 +336,13 @@ def auto_refine(series: list[RefineSeries], reference: torch.Tensor | dict[int, 
     for iteration in range(1, settings.max_iterations + 1):
         band_px = _band_px(c, pixel_A, resolution_A)
         before = [(s.rotations.clone(), s.shifts_A.clone()) for s in series]
-        for i, s in enumerate(series):
-            for h in (1, 2):
-                _search(s, h, projectors[h], noise[i, h], settings, step, offset_step, band_px)
+        if search_map is None:
+            for i, s in enumerate(series):
+                for h in (1, 2):
+                    _search(s, h, projectors[h], noise[i, h], settings, step, offset_step, band_px)
+        else:
+            _mapped_searches(series, references, noise, settings, step, offset_step, band_px, device, search_map,
+                             loaders)
         maps, curve = reconstruct_series(series, group, settings.pad_factor, device)
         found_A = fsc_resolution_A(curve, pixel_A, FSC_THRESHOLD, c)
         gained_shells = c * pixel_A / found_A - c * pixel_A / resolution_A if math.isfinite(found_A) else 0.0

@@ -77,6 +77,8 @@ async function loadVolume() {
   gl.texImage3D(gl.TEXTURE_3D, 0, gl.R8, shape[2], shape[1], shape[0], 0, gl.RED, gl.UNSIGNED_BYTE, bytes);
   for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_3D, p, gl.LINEAR);
   for (const p of [gl.TEXTURE_WRAP_S, gl.TEXTURE_WRAP_T, gl.TEXTURE_WRAP_R]) gl.texParameteri(gl.TEXTURE_3D, p, gl.CLAMP_TO_EDGE);
+  const level = Number(response.headers.get("X-Iso-Level"));  // wraps the brightest tenth of the box
+  if (level > 0) $("level").value = level;
   volumeReady = true; render3d();
   $("gl-status").textContent = `${shape.join("×")} voxels (binned by ${response.headers.get("X-Downsample")})`;
 }

@@ -1,6 +1,8 @@
 // Tomogram viewer and manual picking: Z slider, contrast, zoom, picks drawn; a click adds a pick,
 // a click on a pick removes it; "Save" makes a new coordinate set (an edit_picks run).
-// The slice PNG is binned by `factor` (header X-Downsample): voxel = (png + 0.5) * factor - 0.5.
+// The slice PNG is binned by `factor` (header X-Downsample): PNG pixel j holds voxels j·factor … (j+1)·factor − 1,
+// so voxel x (0-based) has its centre at (x + 0.5) / factor PNG pixels from the image's edge, and a point u
+// (PNG pixels from the edge) is voxel u · factor − 0.5.
 "use strict";
 tp.header("tomogram");
 const setId = tp.param("set");
@@ -29,7 +31,7 @@ async function loadSlice() {
   next.src = URL.createObjectURL(blob);
 }
 
-function toScreen(xyz) { return [((xyz[0] + 0.5) / factor - 0.5) * zoom(), ((xyz[1] + 0.5) / factor - 0.5) * zoom()]; }
+function toScreen(xyz) { return [(xyz[0] + 0.5) / factor * zoom(), (xyz[1] + 0.5) / factor * zoom()]; }
 
 function draw() {
   if (!image.width) return;
@@ -55,8 +57,9 @@ function draw() {
 
 canvas.addEventListener("click", event => {
   const rect = canvas.getBoundingClientRect();
-  const sx = (event.clientX - rect.left) / zoom(), sy = (event.clientY - rect.top) / zoom();
-  const vx = (sx + 0.5) * factor - 0.5, vy = (sy + 0.5) * factor - 0.5, z = Number($("z").value);
+  // from the canvas's content (inside its border), in PNG pixels
+  const sx = (event.clientX - rect.left - canvas.clientLeft) / zoom(), sy = (event.clientY - rect.top - canvas.clientTop) / zoom();
+  const vx = sx * factor - 0.5, vy = sy * factor - 0.5, z = Number($("z").value);
   const hit = (p) => Math.hypot(p[0] - vx, p[1] - vy) <= Math.max(radiusPx, factor * 4) && Math.abs(p[2] - z) <= radiusPx;
   const newIndex = added.findIndex(hit);
   if (newIndex >= 0) added.splice(newIndex, 1);
