@@ -20,7 +20,8 @@ replaced as single-frame outliers) and, with ``even_odd``,
 ``image_even_path`` / ``image_odd_path``.
 
 CTF: ``use_movie_average = false`` (the seed's choice, Warp's default) fits the sum of the
-aligned frames' power spectra (the frames are kept in memory for that); ``true`` fits the
+aligned frames' power spectra (each tilt's window spectra are made as soon as it is aligned: one
+tilt's frames in memory at a time, the sums streamed to their stacks); ``true`` fits the
 spectrum of the aligned, dose-weighted sum, whose Thon rings are F times stronger relative to
 the shot noise (better at tomography's low dose per tilt).
 
@@ -35,6 +36,7 @@ steps read it there); the evidence is in the ctf set's ``handedness`` attribute 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,21 +47,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tomopipe.algorithms.ctf_estimate import CtfSeriesPlan, fit_tilt_series_ctf, plan_tilt_series_ctf, tilt_spectra
 from tomopipe.algorithms.frame_outliers import find_frame_outliers, replace_frame_outliers
 from tomopipe.algorithms.motion import align_and_sum, apply_gain, estimate_motion
 from tomopipe.engine.step_api import Param, Port, Step, register
 from tomopipe.errors import InputFileError, TomopipeError
 from tomopipe.io._atomic import write_text_atomic
 from tomopipe.io.movies import EER_SUFFIXES, movie_info, read_movie
-from tomopipe.io.mrc import read_mrc, write_mrc
+from tomopipe.io.mrc import mrc_stack_writer, read_mrc, write_mrc
 from tomopipe.model.sets import CTF, TILT_SERIES, TILT_SERIES_MOVIES
 from tomopipe.steps.base import DEVICE_PARAM, compute_device, missing_numbers
 
 log = logging.getLogger("tomopipe")
 
 MOVIE_COLUMNS = ("movie_path", "frame_count")
-# aligned frames kept for the per-frame CTF spectra, summed over a tilt series (float16 on the CPU)
-MAX_FRAMES_FOR_CTF_BYTES = 24 * 1024**3
 
 
 def _read_gain(gain_path: str | None) -> torch.Tensor | None:
@@ -124,88 +125,86 @@ def process_tilt_series(task: dict) -> dict:
     keep_frames = params["estimate_ctf"] and not params["use_movie_average"]
     grid = (params["motion_grid_x"], params["motion_grid_y"], params["motion_grid_temporal"])
 
-    sums, evens, odds, frames_for_ctf, models, frame_doses, results = [], [], [], [], [], [], []
-    frames_bytes = 0
-    out_pixel_A = pixel_size_A
-    for tilt in tilts:
-        movie_path = Path(tilt["movie_path"])
-        frames, dose_fraction = read_frames(movie_path, float(tilt["dose_e_per_A2"]), params)
-        if frames.shape[0] < 2:
-            raise InputFileError(movie_path, f"holds {frames.shape[0]} frame: motion correction needs a movie of at "
-                                             f"least 2 frames")
-        if gain is not None and tuple(gain.shape) != tuple(frames.shape[1:]):
-            raise InputFileError(task["gain_path"], f"gain is {gain.shape[1]} x {gain.shape[0]} px but the frames of "
-                                                    f"{movie_path.name} are {frames.shape[2]} x {frames.shape[1]} px")
-        movie = apply_gain(torch.from_numpy(np.ascontiguousarray(frames)).to(device), gain)
-        outlier_pixels = 0
-        if params.get("remove_frame_outliers", True):  # X-ray hits, while each is still one frame's outlier
-            try:
-                outliers = find_frame_outliers(movie, None if gain is None else gain.to(device))
-            except ValueError as error:
-                raise InputFileError(movie_path, f"single-frame outliers: {error}") from None
-            replace_frame_outliers(movie, outliers, in_place=True)
-            outlier_pixels = outliers.n_pixels
-        try:
-            model = estimate_motion(
-                movie, pixel_size_A, fit_resolution_min_A=params["fit_resolution_min_A"],
-                fit_resolution_max_A=params["fit_resolution_max_A"], b_factor_A2=params["b_factor_A2"], grid=grid)
-        except ValueError as error:
-            raise InputFileError(movie_path, f"motion estimation impossible: {error}") from None
-        doses = torch.as_tensor(float(tilt["pre_exposure_e_per_A2"]) + float(tilt["dose_e_per_A2"]) * dose_fraction)
-        out = align_and_sum(movie, pixel_size_A, model,
-                            frame_dose_e_per_A2=doses if params["dose_weighting"] else None, voltage_kV=voltage_kV,
-                            binning_factor=params["binning_factor"], even_odd=params["even_odd"],
-                            keep_frames=keep_frames)
-        out_pixel_A = out["pixel_size_A"]
-        sums.append(out["sum"].cpu())
-        if params["even_odd"]:
-            evens.append(out["even"].cpu())
-            odds.append(out["odd"].cpu())
-        if keep_frames:
-            frames_bytes += out["frames"].numel() * 2
-            if frames_bytes > MAX_FRAMES_FOR_CTF_BYTES:
-                raise TomopipeError(f"{ts_id}: keeping the aligned frames for the per-frame CTF spectra needs more "
-                                    f"than {MAX_FRAMES_FOR_CTF_BYTES / 1024**3:.0f} GiB; set use_movie_average = true "
-                                    f"or a binning_factor > 1")
-            frames_for_ctf.append(out["frames"].to(device="cpu", dtype=torch.float16))
-        models.append(model)
-        frame_doses.append(doses)
-        results.append({
-            "tilt_index": int(tilt["tilt_index"]),
-            "image_section": len(sums) - 1,
-            "motion_total_A": _trajectory_length_A(model.shifts_A.cpu()),
-            "motion_iterations": int(model.iterations),
-            "motion_significant": bool(model.significant),
-            "frame_outlier_pixels": outlier_pixels,
-        })
-        log.info("%s tilt %d (%.1f deg): %d frames, trajectory %.2f A, %d iterations", ts_id, tilt["tilt_index"],
-                 tilt["tilt_angle_deg"], movie.shape[0], results[-1]["motion_total_A"], model.iterations)
-        if not model.significant:
-            log.warning("%s tilt %d (%.1f deg): no significant motion signal in %s (too little contrast or dose); "
-                        "frames summed without shifts", ts_id, tilt["tilt_index"], tilt["tilt_angle_deg"],
-                        movie_path.name)
-        del movie, frames
-
+    models, frame_doses, results, ctf_tilts = [], [], [], []
     files = {"image_path": folder / f"{ts_id}.mrc"}
-    write_mrc(files["image_path"], torch.stack(sums), out_pixel_A, stack=True)
     if params["even_odd"]:
-        files["even_path"] = folder / f"{ts_id}_even.mrc"
-        files["odd_path"] = folder / f"{ts_id}_odd.mrc"
-        write_mrc(files["even_path"], torch.stack(evens), out_pixel_A, stack=True)
-        write_mrc(files["odd_path"], torch.stack(odds), out_pixel_A, stack=True)
+        files.update({"even_path": folder / f"{ts_id}_even.mrc", "odd_path": folder / f"{ts_id}_odd.mrc"})
+    writers, plan, image_shape = {}, None, None
+    out_pixel_A = pixel_size_A
+    with contextlib.ExitStack() as open_stacks:  # one tilt in memory at a time: sums go to the files as they come
+        for position, tilt in enumerate(tilts):
+            movie_path = Path(tilt["movie_path"])
+            frames, dose_fraction = read_frames(movie_path, float(tilt["dose_e_per_A2"]), params)
+            if frames.shape[0] < 2:
+                raise InputFileError(movie_path, f"holds {frames.shape[0]} frame: motion correction needs a movie "
+                                                 f"of at least 2 frames")
+            if gain is not None and tuple(gain.shape) != tuple(frames.shape[1:]):
+                raise InputFileError(task["gain_path"], f"gain is {gain.shape[1]} x {gain.shape[0]} px but the frames "
+                                                        f"of {movie_path.name} are {frames.shape[2]} x "
+                                                        f"{frames.shape[1]} px")
+            movie = apply_gain(torch.from_numpy(np.ascontiguousarray(frames)).to(device), gain)
+            outlier_pixels = 0
+            if params.get("remove_frame_outliers", True):  # X-ray hits, while each is still one frame's outlier
+                try:
+                    outliers = find_frame_outliers(movie, None if gain is None else gain.to(device))
+                except ValueError as error:
+                    raise InputFileError(movie_path, f"single-frame outliers: {error}") from None
+                replace_frame_outliers(movie, outliers, in_place=True)
+                outlier_pixels = outliers.n_pixels
+            try:
+                model = estimate_motion(
+                    movie, pixel_size_A, fit_resolution_min_A=params["fit_resolution_min_A"],
+                    fit_resolution_max_A=params["fit_resolution_max_A"], b_factor_A2=params["b_factor_A2"], grid=grid)
+            except ValueError as error:
+                raise InputFileError(movie_path, f"motion estimation impossible: {error}") from None
+            doses = torch.as_tensor(float(tilt["pre_exposure_e_per_A2"]) + float(tilt["dose_e_per_A2"]) * dose_fraction)
+            out = align_and_sum(movie, pixel_size_A, model,
+                                frame_dose_e_per_A2=doses if params["dose_weighting"] else None, voltage_kV=voltage_kV,
+                                binning_factor=params["binning_factor"], even_odd=params["even_odd"],
+                                keep_frames=keep_frames)
+            out_pixel_A = out["pixel_size_A"]
+            if not writers:  # the first tilt gives the output size
+                image_shape = tuple(int(n) for n in out["sum"].shape)
+                writers = {key: open_stacks.enter_context(mrc_stack_writer(path, len(tilts), image_shape, out_pixel_A))
+                           for key, path in files.items()}
+                if params["estimate_ctf"]:
+                    plan = _ctf_plan(image_shape, out_pixel_A, tilts, acquisition, params)
+            writers["image_path"](position, out["sum"].cpu())
+            if params["even_odd"]:
+                writers["even_path"](position, out["even"].cpu())
+                writers["odd_path"](position, out["odd"].cpu())
+            if plan is not None:  # the tilt's window spectra (of its aligned frames, or of the sum); then drop them
+                ctf_tilts.append(tilt_spectra(plan, position, out["frames"] if keep_frames else out["sum"]))
+            models.append(model)
+            frame_doses.append(doses)
+            results.append({
+                "tilt_index": int(tilt["tilt_index"]),
+                "image_section": position,
+                "motion_total_A": _trajectory_length_A(model.shifts_A.cpu()),
+                "motion_iterations": int(model.iterations),
+                "motion_significant": bool(model.significant),
+                "frame_outlier_pixels": outlier_pixels,
+            })
+            log.info("%s tilt %d (%.1f deg): %d frames, trajectory %.2f A, %d iterations", ts_id, tilt["tilt_index"],
+                     tilt["tilt_angle_deg"], movie.shape[0], results[-1]["motion_total_A"], model.iterations)
+            if not model.significant:
+                log.warning("%s tilt %d (%.1f deg): no significant motion signal in %s (too little contrast or dose); "
+                            "frames summed without shifts", ts_id, tilt["tilt_index"], tilt["tilt_angle_deg"],
+                            movie_path.name)
+            del movie, frames, out
+
     files["motion_path"] = folder / f"{ts_id}_motion.json"
     files["motion_table_path"] = folder / f"{ts_id}_motion.csv"
     _write_motion(files, ts_id, tilts, models, frame_doses, params["dose_weighting"])
 
     seconds = {"motion": time.perf_counter() - start_s, "ctf": 0.0}
     ctf = None
-    if params["estimate_ctf"]:
-        images = torch.stack(frames_for_ctf) if keep_frames else torch.stack(sums)
-        ctf = _estimate_ctf(images.to(device=device, dtype=torch.float32), out_pixel_A, tilts, acquisition, params)
+    if plan is not None:
+        ctf = _fit_ctf(plan, ctf_tilts, params)
         files["ctf_spectra_path"] = folder / f"{ts_id}_ctf_spectra.mrc"
         write_mrc(files["ctf_spectra_path"], ctf.pop("power_spectra"), out_pixel_A, stack=True)
         seconds["ctf"] = time.perf_counter() - start_s - seconds["motion"]
-    ny, nx = sums[0].shape
+    ny, nx = image_shape
     return {"ts_id": ts_id, "tilts": results, "files": {k: str(v) for k, v in files.items()},
             "pixel_size_A": out_pixel_A, "image_size_px": [int(nx), int(ny)], "ctf": ctf, "seconds": seconds}
 
@@ -235,24 +234,31 @@ def _write_motion(files: dict, ts_id: str, tilts: list[dict], models: list, fram
     write_text_atomic(files["motion_path"], json.dumps(document, indent=1))
 
 
-def _estimate_ctf(images: torch.Tensor, pixel_size_A: float, tilts: list[dict], acquisition: dict,
-                  params: dict) -> dict:
-    from tomopipe.algorithms.ctf_estimate import estimate_tilt_series_ctf
-
+def _ctf_plan(image_shape: tuple[int, int], pixel_size_A: float, tilts: list[dict], acquisition: dict,
+              params: dict) -> CtfSeriesPlan:
+    """The CTF estimation's plan for the tilt series' aligned images of ``image_shape`` (px)."""
     if params["defocus_grid_temporal"] != 1:
         raise TomopipeError(f"defocus_grid_temporal = {params['defocus_grid_temporal']}: a defocus that changes "
                             f"during a tilt's exposure is not modelled; use 1 (the seed's value)")
-    result = estimate_tilt_series_ctf(
-        images, pixel_size_A,
-        torch.tensor([float(t["tilt_angle_deg"]) for t in tilts], dtype=torch.float64),
+    return plan_tilt_series_ctf(
+        image_shape, pixel_size_A, torch.tensor([float(t["tilt_angle_deg"]) for t in tilts], dtype=torch.float64),
         float(acquisition["tilt_axis_angle_deg"]), float(acquisition["voltage_kV"]),
         float(acquisition["spherical_aberration_mm"]), float(acquisition["amplitude_contrast"]),
         window_px=params["ctf_window_px"],
         resolution_range_A=(params["ctf_resolution_min_A"], params["ctf_resolution_max_A"]),
         defocus_range_A=(params["defocus_min_um"] * 1e4, params["defocus_max_um"] * 1e4),
         defocus_grid=(params["defocus_grid_y"], params["defocus_grid_x"]),  # (gy, gx)
-        fit_phase=params["fit_phase"], hand="auto" if params["defocus_hand"] == "auto" else int(params["defocus_hand"]),
-    )
+        hand=_hand(params))
+
+
+def _hand(params: dict):
+    return "auto" if params["defocus_hand"] == "auto" else int(params["defocus_hand"])
+
+
+def _fit_ctf(plan: CtfSeriesPlan, tilts: list, params: dict) -> dict:
+    """The tilt series' CTF from its tilts' window spectra, as the step stores it."""
+    result = fit_tilt_series_ctf(plan, tilts, defocus_grid=(params["defocus_grid_y"], params["defocus_grid_x"]),
+                                 fit_phase=params["fit_phase"], hand=_hand(params))
     per_tilt = {"defocus_u_A": result.defocus_u_A, "defocus_v_A": result.defocus_v_A,
                 "defocus_angle_deg": result.defocus_angle_deg, "phase_shift_deg": result.phase_shift_deg,
                 "fit_resolution_A": result.fit_resolution_A, "fit_score": result.fit_score}

@@ -81,7 +81,14 @@ image), ``fit_1d`` (rotational-average fit) and ``series`` (the per-tilt-series 
 from tomopipe.algorithms.ctf_estimate.fit_1d import Fit1d, fit_ctf_1d
 from tomopipe.algorithms.ctf_estimate.handedness import HandDecision, HandednessEvidence, handedness_evidence
 from tomopipe.algorithms.ctf_estimate.resolution import fit_resolution_from_phase_profile
-from tomopipe.algorithms.ctf_estimate.series import TiltSeriesCtf, estimate_tilt_series_ctf
+from tomopipe.algorithms.ctf_estimate.series import (
+    CtfSeriesPlan,
+    TiltSeriesCtf,
+    estimate_tilt_series_ctf,
+    fit_tilt_series_ctf,
+    plan_tilt_series_ctf,
+    tilt_spectra,
+)
 from tomopipe.algorithms.ctf_estimate.setup import (
     FIT_RESOLUTION_THRESHOLD,
     HAND_MAX_P,
@@ -106,4 +113,8 @@ __all__ = [
     "fit_ctf_1d",
     "fit_resolution_from_phase_profile",
     "estimate_tilt_series_ctf",
+    "fit_tilt_series_ctf",
+    "plan_tilt_series_ctf",
+    "tilt_spectra",
+    "CtfSeriesPlan",
 ]

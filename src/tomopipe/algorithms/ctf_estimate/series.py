@@ -33,6 +33,7 @@ from tomopipe.algorithms.ctf_estimate.setup import (
     CtfEstimationError,
     Setup,
     make_setup,
+    validate_images,
     validate_inputs,
 )
 from tomopipe.algorithms.ctf_estimate.spectra import (
@@ -97,19 +98,53 @@ def _max_depth_offset_A(image_shape, pixel_size_A: float, axes: torch.Tensor, ti
     return float(specimen_plane_depth_A(corners, axes, torch.tensor(tilt_list, dtype=F64)).abs().max())
 
 
-def _prepare_tilts(images, tilt_list, axes, setup: Setup, overlap: float) -> list[TiltSpectra]:
-    """Spectra of every tilt, grouped by depth, with the pass-1 background and a flat SNR weight."""
-    tilts = []
-    for i in range(images.shape[0]):
-        if not bool(torch.isfinite(images[i]).all()):
-            raise CtfEstimationError(f"image {i} (tilt {tilt_list[i]:g}°) contains NaN or infinite values")
-        tilt = prepare_tilt(images[i], tilt_list[i], float(axes[i]), setup, overlap)
-        tilt.groups = group_by_depth(tilt, setup)
-        tilt.bg = smooth_log_background(tilt.profiles.mean((0, 1)), setup.k,
-                                        local_range_per_A=(0.8 * setup.k_low, 1.25 * setup.k_high))
-        tilt.snr = torch.ones_like(setup.k)
-        tilts.append(tilt)
-    return tilts
+@dataclass(frozen=True)
+class CtfSeriesPlan:
+    """What a tilt series' estimation needs before its images: the fit's setup, the tilt angles (°), the tilt
+    axis per tilt (°), the images' ``(h, w)`` (px) and the windows' overlap. With it the images can be
+    streamed: :func:`tilt_spectra` reduces each image (or movie) to its window spectra as it comes, and
+    :func:`fit_tilt_series_ctf` fits the series from those alone."""
+
+    setup: Setup
+    tilt_angles_deg: tuple[float, ...]
+    axes_deg: torch.Tensor
+    image_shape: tuple[int, int]
+    overlap: float
+
+
+def plan_tilt_series_ctf(image_shape, pixel_size_A: float, tilt_angles_deg, tilt_axis_angle_deg, voltage_kV: float,
+                         cs_mm: float, amplitude_contrast: float, window_px: int = 512,
+                         resolution_range_A=(30.0, 7.0), defocus_range_A=(5000.0, 80000.0), defocus_grid=(2, 2),
+                         hand="auto", *, overlap: float = 0.5) -> CtfSeriesPlan:
+    """The plan of an estimation (:func:`estimate_tilt_series_ctf` for the arguments) of images of
+    ``image_shape`` ``(h, w)`` px, one per tilt angle; the settings are checked here."""
+    tilt_list = [float(a) for a in torch.as_tensor(tilt_angles_deg, dtype=F64).reshape(-1)]
+    image_shape = (int(image_shape[0]), int(image_shape[1]))
+    validate_inputs(len(tilt_list), image_shape, pixel_size_A, tilt_list, window_px, resolution_range_A,
+                    defocus_range_A, defocus_grid, hand, amplitude_contrast)
+    axes = _axes_per_tilt(tilt_axis_angle_deg, len(tilt_list))
+    setup = make_setup(pixel_size_A, window_px, voltage_kV, cs_mm, amplitude_contrast, resolution_range_A,
+                       defocus_range_A, _max_depth_offset_A(image_shape, pixel_size_A, axes, tilt_list))
+    return CtfSeriesPlan(setup, tuple(tilt_list), axes, image_shape, float(overlap))
+
+
+def tilt_spectra(plan: CtfSeriesPlan, index: int, image: torch.Tensor) -> TiltSpectra:
+    """Tilt ``index``'s window spectra (``image`` ``[h, w]``, or ``[frames, h, w]``: frame periodograms
+    summed), grouped by depth, with the pass-1 background and a flat SNR weight. Small: the image can
+    be dropped once this is made."""
+    angle = plan.tilt_angles_deg[index]
+    if tuple(image.shape[-2:]) != plan.image_shape:
+        raise CtfEstimationError(f"image {index} (tilt {angle:g}°) is {tuple(image.shape[-2:])} px, the plan's "
+                                 f"images {plan.image_shape}")
+    if not bool(torch.isfinite(image).all()):
+        raise CtfEstimationError(f"image {index} (tilt {angle:g}°) contains NaN or infinite values")
+    setup = plan.setup
+    tilt = prepare_tilt(image, angle, float(plan.axes_deg[index]), setup, plan.overlap)
+    tilt.groups = group_by_depth(tilt, setup)
+    tilt.bg = smooth_log_background(tilt.profiles.mean((0, 1)), setup.k,
+                                    local_range_per_A=(0.8 * setup.k_low, 1.25 * setup.k_high))
+    tilt.snr = torch.ones_like(setup.k)
+    return tilt
 
 
 def _refit_backgrounds(tilts: list[TiltSpectra], setup: Setup, hand: int, phases_deg) -> None:
@@ -249,14 +284,23 @@ def estimate_tilt_series_ctf(images: torch.Tensor, pixel_size_A: float, tilt_ang
     that handedness, or ``"auto"`` (default) to fit with the one the data clearly support (else −1).
     ``defocus_grid`` ``(gy, gx)``: cells of the local defocus grid.
     """
-    tilt_list = [float(a) for a in torch.as_tensor(tilt_angles_deg, dtype=F64).reshape(-1)]
-    validate_inputs(images, pixel_size_A, tilt_list, window_px, resolution_range_A, defocus_range_A, defocus_grid,
-                    hand, amplitude_contrast)
-    image_shape = (images.shape[-2], images.shape[-1])
-    axes = _axes_per_tilt(tilt_axis_angle_deg, images.shape[0])
-    setup = make_setup(pixel_size_A, window_px, voltage_kV, cs_mm, amplitude_contrast, resolution_range_A,
-                       defocus_range_A, _max_depth_offset_A(image_shape, pixel_size_A, axes, tilt_list))
-    tilts = _prepare_tilts(images, tilt_list, axes, setup, overlap)
-    series = _fit_series(tilts, tilt_list, setup, hand, fit_phase, astigmatism_per_tilt)
+    validate_images(images)
+    plan = plan_tilt_series_ctf((images.shape[-2], images.shape[-1]), pixel_size_A, tilt_angles_deg,
+                                tilt_axis_angle_deg, voltage_kV, cs_mm, amplitude_contrast, window_px,
+                                resolution_range_A, defocus_range_A, defocus_grid, hand, overlap=overlap)
+    if images.shape[0] != len(plan.tilt_angles_deg):
+        raise CtfEstimationError(f"{len(plan.tilt_angles_deg)} tilt angles for {images.shape[0]} images")
+    tilts = [tilt_spectra(plan, i, images[i]) for i in range(images.shape[0])]
+    return fit_tilt_series_ctf(plan, tilts, defocus_grid, fit_phase, hand, astigmatism_per_tilt=astigmatism_per_tilt,
+                               fit_resolution_threshold=fit_resolution_threshold)
+
+
+def fit_tilt_series_ctf(plan: CtfSeriesPlan, tilts: list[TiltSpectra], defocus_grid=(2, 2), fit_phase: bool = False,
+                        hand="auto", *, astigmatism_per_tilt: bool = False,
+                        fit_resolution_threshold: float = FIT_RESOLUTION_THRESHOLD) -> TiltSeriesCtf:
+    """The series' fit from every tilt's :func:`tilt_spectra` (in the plan's tilt order)."""
+    if len(tilts) != len(plan.tilt_angles_deg):
+        raise CtfEstimationError(f"{len(tilts)} tilts' spectra for {len(plan.tilt_angles_deg)} tilt angles")
+    series = _fit_series(tilts, list(plan.tilt_angles_deg), plan.setup, hand, fit_phase, astigmatism_per_tilt)
     grid = tuple(int(g) for g in defocus_grid)
-    return _per_tilt_outputs(series, setup, image_shape, grid, fit_resolution_threshold)
+    return _per_tilt_outputs(series, plan.setup, plan.image_shape, grid, fit_resolution_threshold)

@@ -62,12 +62,16 @@ class Setup:
         return self.models[key]
 
 
-def validate_inputs(images, pixel_size_A, tilt_angles_deg, window_px, resolution_range_A, defocus_range_A,
-                    defocus_grid, hand, amplitude_contrast):
+def validate_images(images) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise CtfEstimationError(f"images must be a tensor [n, h, w] (or [n, frames, h, w]), got {shape}")
-    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+
+
+def validate_inputs(n_images, image_shape, pixel_size_A, tilt_angles_deg, window_px, resolution_range_A,
+                    defocus_range_A, defocus_grid, hand, amplitude_contrast):
+    """The estimation's settings for ``n_images`` images of ``image_shape`` ``(h, w)`` px."""
+    n, (h, w) = int(n_images), (int(image_shape[0]), int(image_shape[1]))
     if n < 1:
         raise CtfEstimationError("images: the tilt series has no images")
     if len(tilt_angles_deg) != n:
