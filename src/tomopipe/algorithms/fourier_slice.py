@@ -43,6 +43,32 @@ def gridding_kernel(n: int, p: int, device=None) -> torch.Tensor:
 
 if _HAVE_NUMBA:
 
+    @numba.njit(inline="always", fastmath=True, cache=True)
+    def _trilinear(vol_re, vol_im, qx, qy, qz):  # pragma: no cover - compiled
+        """Trilinear sample (re, im) of a half spectrum [P, P, P//2+1] (DC at index 0, z and y wrapped) at
+        (qx, qy, qz) in voxels, inside the sphere; a point with qx < 0 is read at its Friedel mate."""
+        p = vol_re.shape[0]
+        sign = 1.0
+        if qx < 0:
+            qx, qy, qz, sign = -qx, -qy, -qz, -1.0
+        x0 = int(qx)
+        fy = math.floor(qy)
+        fz = math.floor(qz)
+        wx, wy, wz = qx - x0, qy - fy, qz - fz
+        y0 = int(fy) % p
+        z0 = int(fz) % p
+        y1 = (y0 + 1) % p
+        z1 = (z0 + 1) % p
+        re = 0.0
+        im = 0.0
+        for zi, wzz in ((z0, 1.0 - wz), (z1, wz)):
+            for yi, wyy in ((y0, 1.0 - wy), (y1, wy)):
+                w0 = wzz * wyy * (1.0 - wx)
+                w1 = wzz * wyy * wx
+                re += w0 * vol_re[zi, yi, x0] + w1 * vol_re[zi, yi, x0 + 1]
+                im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
+        return re, sign * im
+
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _slices_numba(vol_re, vol_im, rot, scale, n, out_re, out_im):  # pragma: no cover - compiled
         """Trilinear central slices; volume [P, P, P//2+1] with the DC at index 0 (wrapped z, y)."""
@@ -64,27 +90,7 @@ if _HAVE_NUMBA:
                         out_re[b, iy, ix] = 0.0
                         out_im[b, iy, ix] = 0.0
                         continue
-                    sign = 1.0
-                    if qx < 0:
-                        qx, qy, qz, sign = -qx, -qy, -qz, -1.0
-                    x0 = int(qx)
-                    fy = math.floor(qy)
-                    fz = math.floor(qz)
-                    wx, wy, wz = qx - x0, qy - fy, qz - fz
-                    y0 = int(fy) % p
-                    z0 = int(fz) % p
-                    y1 = (y0 + 1) % p
-                    z1 = (z0 + 1) % p
-                    re = 0.0
-                    im = 0.0
-                    for zi, wzz in ((z0, 1.0 - wz), (z1, wz)):
-                        for yi, wyy in ((y0, 1.0 - wy), (y1, wy)):
-                            w0 = wzz * wyy * (1.0 - wx)
-                            w1 = wzz * wyy * wx
-                            re += w0 * vol_re[zi, yi, x0] + w1 * vol_re[zi, yi, x0 + 1]
-                            im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
-                    out_re[b, iy, ix] = re
-                    out_im[b, iy, ix] = sign * im
+                    out_re[b, iy, ix], out_im[b, iy, ix] = _trilinear(vol_re, vol_im, qx, qy, qz)
 
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -106,27 +112,7 @@ if _HAVE_NUMBA:
                     out_re[b, j] = 0.0
                     out_im[b, j] = 0.0
                     continue
-                sign = 1.0
-                if qx < 0:
-                    qx, qy, qz, sign = -qx, -qy, -qz, -1.0
-                x0 = int(qx)
-                fy = math.floor(qy)
-                fz = math.floor(qz)
-                wx, wy, wz = qx - x0, qy - fy, qz - fz
-                y0 = int(fy) % p
-                z0 = int(fz) % p
-                y1 = (y0 + 1) % p
-                z1 = (z0 + 1) % p
-                re = 0.0
-                im = 0.0
-                for zi, wzz in ((z0, 1.0 - wz), (z1, wz)):
-                    for yi, wyy in ((y0, 1.0 - wy), (y1, wy)):
-                        w0 = wzz * wyy * (1.0 - wx)
-                        w1 = wzz * wyy * wx
-                        re += w0 * vol_re[zi, yi, x0] + w1 * vol_re[zi, yi, x0 + 1]
-                        im += w0 * vol_im[zi, yi, x0] + w1 * vol_im[zi, yi, x0 + 1]
-                out_re[b, j] = re
-                out_im[b, j] = sign * im
+                out_re[b, j], out_im[b, j] = _trilinear(vol_re, vol_im, qx, qy, qz)
 
 
 def sample_half_spectrum(flat: torch.Tensor, p: int, q: torch.Tensor) -> torch.Tensor:

@@ -74,5 +74,15 @@ class RunContext:
         return self.executor.map(function, tasks, desc=desc or self.step_name, log_path=str(self.log_path),
                                  verbose=self.verbose)
 
+    @property
+    def task_placement(self) -> str:
+        """Where :meth:`map` runs tasks (:attr:`tomopipe.engine.executors.Executor.task_placement`)."""
+        return self.executor.task_placement
+
+    @property
+    def executor_description(self) -> str:
+        """The executor in words, for logs (e.g. ``local (2 processes)``)."""
+        return self.executor.describe()
+
     def fail(self, message: str) -> None:
         raise TomopipeError(f"step {self.step_name!r}: {message}")

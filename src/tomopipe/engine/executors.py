@@ -68,6 +68,9 @@ class Executor:
     largest peak resident memory of a worker during one task (:meth:`take_worker_peak_rss`)."""
 
     name = "executor"
+    #: where ``map`` runs tasks: "this process", "fresh workers" (new processes per call) or
+    #: "persistent workers" (processes that keep their memory between calls)
+    task_placement = "this process"
     _worker_peak_rss_bytes = 0
 
     def _note_worker_peak(self, peak_bytes: int) -> None:
@@ -98,6 +101,7 @@ class LocalExecutor(Executor):
             raise TomopipeError(f"--jobs must be at least 1, got {jobs}")
         self.jobs = jobs
         self.name = f"local ({jobs} process{'es' if jobs > 1 else ''})"
+        self.task_placement = "fresh workers" if jobs > 1 else "this process"
 
     def map(self, function, tasks, desc="", log_path=None, verbose=False):
         tasks = list(tasks)
@@ -119,6 +123,8 @@ class LocalExecutor(Executor):
 
 class DaskExecutor(Executor):
     """Tasks on a Dask cluster: ``address`` of a running scheduler, or ``"local"`` for a LocalCluster."""
+
+    task_placement = "persistent workers"
 
     def __init__(self, address: str, workers: int | None = None):
         from distributed import Client, LocalCluster

@@ -142,14 +142,10 @@ class HalfLoader:
         return series
 
 
-def _searches_in_workers(executor) -> bool:
-    """Whether the pose searches go to the executor's workers (module docstring): on Dask, whose workers
-    persist; on a local pool of more than one process only with ``FAN_OUT_ON_LOCAL_POOLS`` (the engine's
-    executors: LocalExecutor has ``jobs``, DaskExecutor a ``client``)."""
-    jobs = getattr(executor, "jobs", None)
-    if isinstance(jobs, int):
-        return FAN_OUT_ON_LOCAL_POOLS and jobs > 1
-    return hasattr(executor, "client")
+def _searches_in_workers(task_placement: str) -> bool:
+    """Whether the pose searches go to the executor's workers (module docstring): to persistent (Dask)
+    workers, and to fresh local ones only with ``FAN_OUT_ON_LOCAL_POOLS``."""
+    return task_placement == "persistent workers" or (FAN_OUT_ON_LOCAL_POOLS and task_placement == "fresh workers")
 
 
 def _reference(ctx, pixel_A: float, crop_px: int) -> tuple[dict[int, torch.Tensor] | torch.Tensor, str]:
@@ -259,7 +255,7 @@ class AutoRefine(Step):
                                   p["offset_step_px"] * pixel_A, p["tilt_prior_deg"], p["max_iterations"])
         log.info("auto-refine: %s", note)
         search_map, loaders = None, None
-        if _searches_in_workers(ctx.executor):
+        if _searches_in_workers(ctx.task_placement):
             halves = [{h: [r for r in rows if int(r["half_set"]) == h] for h in (1, 2)} for _, rows in groups]
             loaders = [{h: HalfLoader.of(ctx.resolve, half[h], attrs, ts, p["mask_diameter_A"] / pixel_A, device)
                         for h in (1, 2)} for (ts, _), half in zip(groups, halves)]
@@ -267,7 +263,8 @@ class AutoRefine(Step):
             def search_map(tasks):
                 return ctx.map(search_task, tasks, desc="auto-refine search")
 
-            log.info("auto-refine: pose searches on %s, one task per tilt series and half", ctx.executor.describe())
+            log.info("auto-refine: pose searches on %s, one task per tilt series and half",
+                     ctx.executor_description)
         start = time.perf_counter()
         result = auto_refine(series, reference, mask, settings, device, search_map=search_map, loaders=loaders)
         seconds = time.perf_counter() - start
